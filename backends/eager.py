@@ -1,0 +1,38 @@
+"""Eager backend: run a captured graph as a plain PyTorch function, for training and inference.
+
+The graph is lifted (state tensors are inputs), so a program binds the adapted model's
+current tensors at every call: `.to()`, `load_state_dict` and optimizers all act on the one
+set of parameters every cached graph shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from peftc.capture import CapturedGraph
+
+# (module, attribute) holding a tensor: looked up at call time, so replaced buffers are seen
+TensorRef = tuple[nn.Module, str]
+
+
+class EagerProgram:
+    def __init__(self, captured: CapturedGraph, resolve: Callable[[str], TensorRef]):
+        self.captured = captured
+        self.state = [resolve(name) for name in captured.state_names()]
+        self.mutated = [resolve(name) for name in captured.mutated_state]
+
+    def __call__(self, flat_inputs: list[Any]) -> Any:
+        state = [getattr(module, attr) for module, attr in self.state]
+        outputs = self.captured.gm(*state, *flat_inputs)
+        n = len(self.mutated)
+        if n:
+            # buffers the model updates in place (BatchNorm running stats) come back as outputs
+            with torch.no_grad():
+                for (module, attr), value in zip(self.mutated, outputs[:n]):
+                    getattr(module, attr).copy_(value)
+        return pytree.tree_unflatten(list(outputs[n:]), self.captured.out_spec)

@@ -1,0 +1,28 @@
+"""peftc: parameter-efficient fine-tuning as a graph-rewriting compiler.
+
+    import peftc
+    am = peftc.apply(model, {"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+                             "target_modules": ["q_proj", "v_proj"]})
+    am.save_adapter("out/")            # PEFT's format
+    am2 = peftc.load(model, "out/")    # also loads adapters saved by PEFT
+"""
+
+from .checkpoint import load
+from .config import AdapterConfig, LoraConfig, load_config
+from .errors import CaptureError, CheckpointError, ConfigError, PeftcError, TargetError
+from .model import AdaptedModel, apply
+
+__all__ = [
+    "AdaptedModel",
+    "AdapterConfig",
+    "CaptureError",
+    "CheckpointError",
+    "ConfigError",
+    "LoraConfig",
+    "PeftcError",
+    "TargetError",
+    "apply",
+    "load",
+    "load_config",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,258 @@
+"""Capture: trace a model into a lifted aten-level fx graph with torch.export.
+
+The graph is kept in lifted form: every parameter and buffer is a placeholder tagged with
+its fully qualified name (`STATE`), every user input a placeholder tagged with its position
+in the flattened call (`USER`). A graph is then a pure function of (state, inputs): the
+adapted model owns the tensors and binds them at call time, so devices, dtypes,
+`load_state_dict` and DDP act on one set of parameters shared by all captured graphs.
+
+A graph is specialised on its call signature (which kwargs, non-tensor values, dtypes) and
+on the module mode (train/eval): `signature_key` names that, `accepts` checks the shapes,
+the way torch.compile guards a compiled frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._sympy.numbers import int_oo
+
+from .errors import CaptureError
+
+STATE = "peftc_state"  # placeholder meta: FQN of the parameter/buffer it stands for
+USER = "peftc_user"  # placeholder meta: index into the flattened user inputs
+
+SYNTH_BATCH, SYNTH_SEQ = 2, 13  # batch >= 2 (1 specialises); seq distinct from batch (duck sizing)
+
+
+@dataclass
+class CapturedGraph:
+    """A lifted graph plus what is needed to call it like the original module."""
+
+    gm: torch.fx.GraphModule
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    mutated_state: list[str]  # FQNs the first len() graph outputs are written back to
+    training: bool
+    input_checks: list[tuple[Any, ...]] = field(default_factory=list)
+    ranges: dict[sympy.Symbol, tuple[int, float]] = field(default_factory=dict)
+
+    def state_names(self) -> list[str]:
+        return [n.meta[STATE] for n in self.gm.graph.find_nodes(op="placeholder") if STATE in n.meta]
+
+    def accepts(self, flat_inputs: list[Any]) -> bool:
+        """Do these inputs satisfy the shapes the graph was specialised on?"""
+        if len(flat_inputs) != len(self.input_checks):
+            return False
+        bound: dict[sympy.Symbol, int] = {}
+        deferred: list[tuple[sympy.Expr, int]] = []
+        for value, check in zip(flat_inputs, self.input_checks):
+            if check[0] == "value":
+                if isinstance(value, torch.Tensor) or value != check[1]:
+                    return False
+                continue
+            if not isinstance(value, torch.Tensor) or value.dtype != check[1] or value.dim() != len(check[2]):
+                return False
+            for size, dim in zip(value.shape, check[2]):
+                if isinstance(dim, int):
+                    if size != dim:
+                        return False
+                elif isinstance(dim, sympy.Symbol):
+                    if bound.setdefault(dim, size) != size:
+                        return False
+                    lo, hi = self.ranges.get(dim, (0, float("inf")))
+                    if not lo <= size <= hi:
+                        return False
+                else:
+                    deferred.append((dim, size))
+        return all(int(expr.subs(bound)) == size for expr, size in deferred)
+
+
+def signature_key(flat_inputs: list[Any], spec: pytree.TreeSpec, training: bool) -> tuple:
+    """What a graph is specialised on besides shapes: structure, constants, dtypes, devices, mode."""
+    leaves = tuple(
+        ("T", v.dtype, v.dim(), v.device.type) if isinstance(v, torch.Tensor) else ("V", _hashable(v))
+        for v in flat_inputs
+    )
+    return (training, str(spec), leaves)
+
+
+def _hashable(v: Any) -> Any:
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return repr(v)
+
+
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:
+    """Flatten a call the way the graph was captured: kwargs in sorted key order."""
+    return pytree.tree_flatten((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
+
+
+def is_transformers_model(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def default_call_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """Kwargs peftc adds to every call: transformers models run without a KV cache in a graph."""
+    if is_transformers_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+        return {"use_cache": False}
+    return {}
+
+
+def synthesize_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Example inputs for a transformers model, from its config; others must pass their own."""
+    if not is_transformers_model(model):
+        raise CaptureError(
+            f"{type(model).__name__} is not a transformers model, so peftc cannot synthesise example "
+            "inputs: pass example_inputs=(tensor, ...) or a dict of keyword tensors (batch >= 2)"
+        )
+    main = getattr(model, "main_input_name", "input_ids")
+    vocab = getattr(model.config, "vocab_size", None)
+    if main != "input_ids" or not vocab:
+        raise CaptureError(
+            f"{type(model).__name__} takes {main!r}; peftc only synthesises input_ids for text models: "
+            "pass example_inputs={...} with tensors of the right shapes (batch >= 2)"
+        )
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (SYNTH_BATCH, SYNTH_SEQ), generator=gen).to(device)
+    return {"input_ids": ids}
+
+
+def _dynamic_dims(value: Any, transformers_model: bool) -> Any:
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    # batch is dynamic everywhere; for transformers models the sequence dim too
+    dims = range(min(value.dim(), 2)) if transformers_model else range(1)
+    return {d: Dim.AUTO for d in dims}
+
+
+@contextlib.contextmanager
+def module_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Put every submodule in `training` mode for the trace and restore each flag after."""
+    before = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in before.items():
+            m.training = flag
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -> CapturedGraph:
+    """Export `model(*args, **kwargs)` in the given mode into a lifted, tagged graph."""
+    kwargs = {k: kwargs[k] for k in sorted(kwargs)}
+    hf = is_transformers_model(model)
+    dynamic = tuple(
+        pytree.tree_map(lambda v: _dynamic_dims(v, hf), a, is_leaf=lambda x: isinstance(x, torch.Tensor))
+        for a in list(args) + list(kwargs.values())
+    )
+    try:
+        with module_mode(model, training):
+            ep = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic)
+    except Exception as e:  # torch.export raises many types; all mean "could not trace"
+        raise CaptureError(_explain_export_failure(model, e, hf)) from e
+    return _lift(ep, training)
+
+
+def _explain_export_failure(model: torch.nn.Module, e: Exception, hf: bool) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()][:12]
+    where = _user_frame(e)
+    hint = (
+        "for transformers models pass use_cache=False (peftc does by default) and check the "
+        "example inputs' shapes (batch >= 2)"
+        if hf
+        else "pass example_inputs that exercise the forward you want adapted (batch >= 2), and "
+        "avoid data-dependent Python control flow on tensor values in forward()"
+    )
+    return (
+        f"torch.export could not trace {type(model).__name__}"
+        + (f" at {where}" if where else "")
+        + f": {type(e).__name__}: "
+        + "\n  ".join(lines)
+        + f"\nhint: {hint}"
+    )
+
+
+def _user_frame(e: BaseException) -> str | None:
+    """The innermost frame of the traceback outside torch, naming the construct that failed."""
+    frames = traceback.extract_tb(e.__traceback__)
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename and "peftc" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno} ({frame.line})"
+    return None
+
+
+def _lift(ep: torch.export.ExportedProgram, training: bool) -> CapturedGraph:
+    gm = ep.graph_module
+    sig = ep.graph_signature
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    user_index = 0
+    for spec, node in zip(sig.input_specs, placeholders):
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            node.meta[STATE] = spec.target
+        elif spec.kind == InputKind.USER_INPUT:
+            node.meta[USER] = user_index
+            user_index += 1
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            # constants belong to the graph, not the model: hold them on the GraphModule
+            attr = f"_peftc_const_{node.name}"
+            setattr(gm, attr, ep.constants[spec.target])
+            with gm.graph.inserting_before(node):
+                get = gm.graph.get_attr(attr)
+            get.meta = dict(node.meta)
+            node.replace_all_uses_with(get)
+            gm.graph.erase_node(node)
+        else:
+            raise CaptureError(f"unsupported exported input kind {spec.kind} for {spec.arg}")
+
+    mutated = []
+    for spec in sig.output_specs:
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            mutated.append(spec.target)
+        elif spec.kind not in (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT):
+            raise CaptureError(f"unsupported exported output kind {spec.kind}")
+    gm.recompile()
+
+    ranges = {}
+    for sym, vr in ep.range_constraints.items():
+        lo = 0 if vr.lower in (-int_oo, -sympy.oo) else int(vr.lower)
+        hi = float("inf") if vr.upper in (int_oo, sympy.oo) else int(vr.upper)
+        ranges[sym] = (lo, hi)
+    checks = []
+    for node in placeholders:
+        if USER not in node.meta:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims = [d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in val.shape]
+            dims = [int(d) if isinstance(d, sympy.Integer) else d for d in dims]
+            checks.append(("tensor", val.dtype, dims))
+        else:
+            checks.append(("value", val))
+    return CapturedGraph(
+        gm=gm,
+        in_spec=ep.call_spec.in_spec,
+        out_spec=ep.call_spec.out_spec,
+        mutated_state=mutated,
+        training=training,
+        input_checks=checks,
+        ranges=ranges,
+    )

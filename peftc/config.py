@@ -1,0 +1,223 @@
+"""Adapter configs with PEFT's field names and defaults (as in `adapter_config.json`).
+
+A config is a dataclass per method, registered under its PEFT `peft_type`. Fields PEFT has
+but peftc does not implement are accepted at their default and rejected otherwise, so a
+PEFT checkpoint's config loads, and a setting peftc would ignore is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError, closest
+
+CONFIG_NAME = "adapter_config.json"
+PEFT_VERSION = "0.21.2"  # the PEFT release whose config format peftc writes
+
+_REGISTRY: dict[str, type[AdapterConfig]] = {}
+
+
+def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    _REGISTRY[cls.peft_type_name] = cls
+    return cls
+
+
+def registered_configs() -> dict[str, type[AdapterConfig]]:
+    return dict(_REGISTRY)
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every PEFT method config."""
+
+    peft_type_name: ClassVar[str] = ""
+    # fields PEFT defines that peftc does not implement: only their default is accepted
+    unsupported: ClassVar[tuple[str, ...]] = ()
+    # task types whose PEFT wrapper adds behaviour peftc does not implement yet
+    unsupported_task_types: ClassVar[tuple[str, ...]] = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+    # run-time only fields PEFT leaves out of adapter_config.json
+    not_saved: ClassVar[tuple[str, ...]] = ("runtime_config",)
+
+    task_type: str | None = None
+    peft_type: str | None = None
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.peft_type is None:
+            self.peft_type = self.peft_type_name
+        if self.peft_type != self.peft_type_name:
+            raise ConfigError(f"peft_type {self.peft_type!r} given to {type(self).__name__}")
+        if self.task_type in self.unsupported_task_types:
+            raise ConfigError(
+                f"task_type={self.task_type!r}: PEFT adds the classification head to modules_to_save "
+                "for this task type, which peftc does not implement yet; leave task_type unset "
+                "(the adapters are identical) or use CAUSAL_LM/FEATURE_EXTRACTION"
+            )
+        defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
+        for name in self.unsupported:
+            value = getattr(self, name)
+            if value != defaults[name] and not (value in (None, {}, []) and defaults[name] in (None, {}, [])):
+                raise ConfigError(
+                    f"config field {name}={value!r} is not supported by peftc yet "
+                    f"(only the default {defaults[name]!r} is)"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `adapter_config.json` content, as PEFT writes it."""
+        out = dataclasses.asdict(self)
+        for name in self.not_saved:
+            out.pop(name, None)
+        out["peft_version"] = out.get("peft_version") or PEFT_VERSION
+        for key, value in out.items():
+            if isinstance(value, (set, tuple)):
+                out[key] = sorted(value) if isinstance(value, set) else list(value)
+        return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> AdapterConfig:
+    """Build the config named by `data["peft_type"]`; unknown fields are an error naming `source`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if peft_type is None:
+        raise ConfigError(f"{source}: missing field 'peft_type' (one of {sorted(_REGISTRY)})")
+    peft_type = str(peft_type).upper()
+    if peft_type not in _REGISTRY:
+        raise ConfigError(f"{source}: peft_type {peft_type!r} is not supported; supported: {sorted(_REGISTRY)}")
+    cls = _REGISTRY[peft_type]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        hints = {k: closest(k, names, 1) for k in unknown}
+        raise ConfigError(
+            f"{source}: unknown field(s) for {peft_type}: "
+            + ", ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
+        )
+    try:
+        return cls(**{**data, "peft_type": peft_type})
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(config: AdapterConfig | dict | str | os.PathLike) -> AdapterConfig:
+    """Accept a config object, a dict, or a path to an `adapter_config.json` (or its folder)."""
+    if isinstance(config, AdapterConfig):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(dict(config))
+    if _looks_like_peft_config(config):
+        return config_from_dict(config.to_dict(), source=type(config).__name__)
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return config_from_dict(data, source=path)
+
+
+def _looks_like_peft_config(obj: Any) -> bool:
+    # a peft.PeftConfig, recognised without importing peft (never a dependency)
+    return hasattr(obj, "to_dict") and hasattr(obj, "peft_type") and not isinstance(obj, (str, os.PathLike))
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """PEFT's `LoraConfig`, same fields and defaults."""
+
+    peft_type_name: ClassVar[str] = "LORA"
+    unsupported: ClassVar[tuple[str, ...]] = (
+        "modules_to_save", "trainable_token_indices", "megatron_config", "eva_config", "corda_config",
+        "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
+        "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora",
+        "arrow_config", "kasa_config", "ensure_weight_tying", "loftq_config",
+    )
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    use_dora: bool = False
+    velora_config: Any = None
+    alora_invocation_tokens: Any = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Any = None
+    layer_replication: Any = None
+    runtime_config: Any = None
+    lora_bias: bool = False
+    target_parameters: Any = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.target_modules is None:
+            raise ConfigError("target_modules is required (PEFT's per-architecture defaults are not used)")
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        for name, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias != "none":
+            raise ConfigError(f"bias={self.bias!r} is not supported by peftc yet (only 'none')")
+        init = self.init_lora_weights
+        if not (init is True or init is False or (isinstance(init, str) and init.lower() == "gaussian")):
+            raise ConfigError(
+                f"init_lora_weights={init!r} is not supported by peftc yet (True, False or 'gaussian')"
+            )
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            # PEFT rejects this too: the rslora scale of a pattern rank is ambiguous
+            raise ConfigError("use_rslora cannot be combined with rank_pattern or alpha_pattern")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern needs layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError("layers_to_transform needs target_modules as a list, not a regex string")
+
+
+register_config(LoraConfig)

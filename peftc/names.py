@@ -1,0 +1,35 @@
+"""PEFT's parameter names, in one place.
+
+Live (in the adapted model's state dict) an adapter tensor is
+`base_model.model.<module>.<group>.<adapter>[.<leaf>]`, e.g. `...q_proj.lora_A.default.weight`
+or `...embed_tokens.lora_embedding_A.default`; saved (adapter_model.safetensors) it is the
+same key without the adapter segment. The base weight of an adapted module lives at
+`<module>.base_layer.<name>`, as under PEFT's module swap.
+"""
+
+from __future__ import annotations
+
+PREFIX = "base_model.model."
+BASE_LAYER = "base_layer"
+
+
+def live_key(module_path: str, group: str, adapter: str, leaf: str | None) -> str:
+    return f"{PREFIX}{module_path}.{group}.{adapter}" + (f".{leaf}" if leaf else "")
+
+
+def saved_key(module_path: str, group: str, leaf: str | None) -> str:
+    return f"{PREFIX}{module_path}.{group}" + (f".{leaf}" if leaf else "")
+
+
+def base_key(param_fqn: str, adapted_modules: set[str]) -> str:
+    """Where a base model tensor lives in the adapted model: under base_layer if its module is adapted."""
+    module, _, name = param_fqn.rpartition(".")
+    if module in adapted_modules:
+        return f"{PREFIX}{module}.{BASE_LAYER}.{name}"
+    return PREFIX + param_fqn
+
+
+def split_module(key: str) -> tuple[str, str]:
+    """('a.b.c', 'weight') from 'a.b.c.weight'."""
+    module, _, name = key.rpartition(".")
+    return module, name
