@@ -8,6 +8,7 @@ PEFT checkpoint's config loads, and a setting peftc would ignore is never silent
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.peft_type is None:
             self.peft_type = self.peft_type_name
+        if self.peft_version is None:
+            self.peft_version = PEFT_VERSION
         if self.peft_type != self.peft_type_name:
             raise ConfigError(f"peft_type {self.peft_type!r} given to {type(self).__name__}")
         if self.task_type in self.unsupported_task_types:
@@ -75,7 +78,6 @@ class AdapterConfig:
         out = dataclasses.asdict(self)
         for name in self.not_saved:
             out.pop(name, None)
-        out["peft_version"] = out.get("peft_version") or PEFT_VERSION
         for key, value in out.items():
             if isinstance(value, (set, tuple)):
                 out[key] = sorted(value) if isinstance(value, set) else list(value)
@@ -94,6 +96,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> AdapterCon
     """Build the config named by `data["peft_type"]`; unknown fields are an error naming `source`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    # enums (PEFT's PeftType/TaskType) by their value
+    data = {k: v.value if isinstance(v, enum.Enum) else v for k, v in data.items()}
     peft_type = data.get("peft_type")
     if peft_type is None:
         raise ConfigError(f"{source}: missing field 'peft_type' (one of {sorted(_REGISTRY)})")

@@ -183,6 +183,12 @@ class AdaptedModel(nn.Module):
             for path, mas in self._adapters.items()
         }
 
+    def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
+        # .to()/.half()/.cuda(): graphs bake dtypes and devices in, so capture anew
+        super()._apply(fn, recurse)
+        self._graphs.clear()
+        return self
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         program, flat = self._program(args, {**self._call_defaults, **kwargs})
         return program(flat)

