@@ -160,16 +160,61 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -
     """Export `model(*args, **kwargs)` in the given mode into a lifted, tagged graph."""
     kwargs = {k: kwargs[k] for k in sorted(kwargs)}
     hf = is_transformers_model(model)
-    dynamic = tuple(
-        pytree.tree_map(lambda v: _dynamic_dims(v, hf), a, is_leaf=lambda x: isinstance(x, torch.Tensor))
-        for a in list(args) + list(kwargs.values())
-    )
     try:
-        with module_mode(model, training):
+        with module_mode(model, training), _named_extra_kwargs(model, kwargs):
+            dynamic = _dynamic_shapes(model, args, kwargs, hf)
             ep = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as e:  # torch.export raises many types; all mean "could not trace"
         raise CaptureError(_explain_export_failure(model, e, hf)) from e
     return _lift(ep, training)
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, hf: bool) -> dict | tuple:
+    """Dynamic dims per argument, keyed by forward's parameter names as torch.export binds the call
+    (a tuple would be matched in signature order, not in the order the kwargs are passed)."""
+
+    def spec(a: Any) -> Any:
+        return pytree.tree_map(lambda v: _dynamic_dims(v, hf), a, is_leaf=lambda x: isinstance(x, torch.Tensor))
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except TypeError:  # a call that does not fit forward: let torch.export report it
+        return tuple(spec(a) for a in list(args) + list(kwargs.values()))
+    return {name: spec(value) for name, value in bound.items()}
+
+
+@contextlib.contextmanager
+def _named_extra_kwargs(model: torch.nn.Module, kwargs: dict) -> Iterator[None]:
+    """Name the call's extra kwargs as keyword-only parameters of forward for the trace.
+
+    torch.export (seen in 2.13) mis-pairs dynamic_shapes with inputs that land in a `**kwargs`
+    parameter (transformers' output_attentions, Trainer's num_items_in_batch) and fails; a forward
+    whose signature names them runs the same code without that path.
+    """
+    sig = inspect.signature(model.forward)
+    params = list(sig.parameters.values())
+    extra = [k for k in kwargs if k not in sig.parameters]
+    if not extra or not any(p.kind is p.VAR_KEYWORD for p in params):
+        yield
+        return
+    forward = model.forward
+
+    def named(*a: Any, **kw: Any) -> Any:
+        return forward(*a, **kw)
+
+    named.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in params if p.kind is not p.VAR_KEYWORD]
+        + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
+    )
+    shadowed = model.__dict__.get("forward")  # an instance-level forward (accelerate hooks) is kept
+    model.forward = named
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del model.forward
+        else:
+            model.forward = shadowed
 
 
 def _explain_export_failure(model: torch.nn.Module, e: Exception, hf: bool) -> str:

@@ -184,7 +184,11 @@ def load(
     from .model import AdaptedModel
 
     directory = os.fspath(directory)
-    config = load_config(os.path.join(directory, CONFIG_NAME))
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        what = "no such folder" if not os.path.isdir(directory) else f"no {CONFIG_NAME} in it"
+        raise CheckpointError(f"{directory}: {what}")
+    config = load_config(config_path)
     config.inference_mode = not is_trainable
     am = AdaptedModel(model, config, adapter_name, example_inputs, training=model.training and is_trainable)
     load_adapter_weights(am, directory, adapter_name)

@@ -12,6 +12,7 @@ nothing here changes the user's model's `requires_grad` or values.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,6 +96,8 @@ class AdaptedModel(nn.Module):
         for path, kind in kinds.items():
             self._add_module_adapter(self._source.get_submodule(path), path, adapter_name, method, kind, config)
 
+        # callers that inspect forward's signature (Trainer's column filter) see the model's own
+        self.forward = functools.update_wrapper(functools.partial(AdaptedModel.forward, self), self._source.forward)
         args, kwargs = _split_inputs(synthesize_inputs(model) if example_inputs is None else example_inputs)
         self._program(args, {**self._call_defaults, **kwargs})
 
@@ -184,10 +187,15 @@ class AdaptedModel(nn.Module):
         }
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
-        # .to()/.half()/.cuda(): graphs bake dtypes and devices in, so capture anew
+        # .to()/.half()/.cuda(): graphs bake dtypes and devices in, so capture anew if any moved
+        before = self._placement()
         super()._apply(fn, recurse)
-        self._graphs.clear()
+        if self._placement() != before:
+            self._graphs.clear()
         return self
+
+    def _placement(self) -> set[tuple[torch.dtype, torch.device]]:
+        return {(t.dtype, t.device) for t in (*self.parameters(), *self.buffers())}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         program, flat = self._program(args, {**self._call_defaults, **kwargs})
