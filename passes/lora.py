@@ -163,20 +163,13 @@ def _cast_like(b: SiteBuilder, x: torch.fx.Node, like: torch.fx.Node) -> torch.f
     return b.call(aten.to.dtype, x, dst)
 
 
-def _conv_args(node: torch.fx.Node) -> list:
-    """conv2d(x, w, b, stride, padding, dilation, groups) / convolution(..., transposed, out_pad, groups)."""
-    return list(node.args)
-
-
 def _conv_geometry(node: torch.fx.Node) -> tuple[list[int], list[int]]:
-    args = _conv_args(node)
-    stride = args[3] if len(args) > 3 else [1, 1]
-    padding = args[4] if len(args) > 4 else [0, 0]
-    return list(stride), list(padding)
+    """stride and padding of conv2d(x, w, b, stride, padding, ...) / convolution(...), defaults filled in."""
+    args = node.args
+    return list(args[3]) if len(args) > 3 else [1, 1], list(args[4]) if len(args) > 4 else [0, 0]
 
 
 def _conv_groups(node: torch.fx.Node) -> int:
-    args = _conv_args(node)
-    if node.target == aten.convolution.default:
-        return args[8]
-    return args[6] if len(args) > 6 else 1
+    if node.target == aten.convolution.default:  # (x, w, b, stride, padding, dilation, transposed, out_pad, groups)
+        return node.args[8]
+    return node.args[6] if len(node.args) > 6 else 1

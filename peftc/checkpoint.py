@@ -31,8 +31,8 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> str:
     return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
 
 
-def adapter_state_dict(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's parameters under PEFT's saved keys."""
+def adapter_state_dict(model: Any, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The adapter's parameters (live, not copies) under PEFT's saved keys."""
     out = {}
     for path, mas in model.targeted_modules.items():
         for ma in mas:
@@ -40,7 +40,7 @@ def adapter_state_dict(model: Any, adapter_name: str) -> dict[str, torch.Tensor]
                 continue
             for (group, leaf), (_, tensor) in ma.tensors.items():
                 if isinstance(tensor, nn.Parameter):
-                    out[names.saved_key(path, group, leaf)] = tensor.detach()
+                    out[names.saved_key(path, group, leaf)] = tensor
     return out
 
 
@@ -77,7 +77,7 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str) ->
         raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {sorted(model.peft_config)}")
     out_dir = adapter_dir(directory, adapter_name)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
     config_text = json.dumps(_config_json(model, adapter_name), indent=2, sort_keys=True)
 
     def write_json(tmp: str) -> None:
@@ -111,14 +111,7 @@ def load_adapter_weights(model: Any, directory: str, adapter_name: str) -> None:
     """Load `adapter_model.safetensors` into the adapter, after checking every key and shape."""
     path = os.path.join(directory, WEIGHTS_NAME)
     saved = read_weights(path)
-    expected: dict[str, torch.Tensor] = {}
-    for module_path, mas in model.targeted_modules.items():
-        for ma in mas:
-            if ma.adapter != adapter_name:
-                continue
-            for (group, leaf), (_, tensor) in ma.tensors.items():
-                if isinstance(tensor, nn.Parameter):
-                    expected[names.saved_key(module_path, group, leaf)] = tensor
+    expected = adapter_state_dict(model, adapter_name)
     base = dict(model.named_parameters(remove_duplicate=False))
 
     missing = sorted(set(expected) - set(saved))
