@@ -146,7 +146,8 @@ class Lora(Method):
                 h = b.call(aten.conv2d.default, h, tensors[B], None, [1, 1], [0, 0], [1, 1], groups)
             else:
                 h = b.call(aten.linear.default, b.call(aten.linear.default, x, tensors[A]), tensors[B])
-        delta = _cast_like(b, b.call(aten.mul.Tensor, h, scale), y)
+        # the delta is in the adapter's dtype (fp32 over a bf16/fp16 base): cast back, as PEFT does
+        delta = _cast(b, b.call(aten.mul.Tensor, h, scale), _dtype(scale), _dtype(y))
         return b.call(aten.add.Tensor, y, delta)
 
 
@@ -155,12 +156,15 @@ def _dtype(node: torch.fx.Node) -> torch.dtype | None:
     return val.dtype if isinstance(val, torch.Tensor) else None
 
 
-def _cast_like(b: SiteBuilder, x: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
-    """Cast `x` to `like`'s dtype where they differ (fp32 adapters over a low-precision base)."""
-    src, dst = _dtype(x), _dtype(like)
+def _cast(b: SiteBuilder, x: torch.fx.Node, src: torch.dtype | None, dst: torch.dtype | None) -> torch.fx.Node:
     if src is None or dst is None or src == dst:
         return x
     return b.call(aten.to.dtype, x, dst)
+
+
+def _cast_like(b: SiteBuilder, x: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+    """Cast `x` to `like`'s dtype where they differ (fp32 adapters over a low-precision base)."""
+    return _cast(b, x, _dtype(x), _dtype(like))
 
 
 def _conv_geometry(node: torch.fx.Node) -> tuple[list[int], list[int]]:

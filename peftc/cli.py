@@ -183,11 +183,11 @@ def graph_report(am: Any) -> str:
 def cmd_apply(args: argparse.Namespace) -> int:
     import peftc
 
-    model, model_path = load_model(args.model)
     config_path = args.config or DEFAULT_CONFIG
     if os.path.isdir(config_path):
         config_path = os.path.join(config_path, "adapter_config.json")
-    config = peftc.load_config(config_path)  # names the file and field on any problem
+    config = peftc.load_config(config_path)  # first, so a bad config fails before the model loads
+    model, model_path = load_model(args.model)
     base_params = sum(p.numel() for p in model.parameters())
 
     start = time.perf_counter()

@@ -29,5 +29,8 @@ class CheckpointError(PeftcError, ValueError):
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates most similar to `name`, for 'did you mean' messages."""
     candidates = list(candidates)
-    by_suffix = [c for c in candidates if c.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
-    return (by_suffix or difflib.get_close_matches(name, candidates, n=n, cutoff=0.0))[:n]
+    # compare last segments ("q_proj" vs "query"), then show full names that end that way
+    segments = sorted({c.rsplit(".", 1)[-1] for c in candidates})
+    near = difflib.get_close_matches(name.rsplit(".", 1)[-1], segments, n=n, cutoff=0.3)
+    shown = [c for seg in near for c in candidates if c.rsplit(".", 1)[-1] == seg][:n]
+    return shown or difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)

