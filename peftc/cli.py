@@ -182,10 +182,11 @@ def graph_report(am: Any) -> str:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     import peftc
+    from peftc.config import CONFIG_NAME
 
     config_path = args.config or DEFAULT_CONFIG
     if os.path.isdir(config_path):
-        config_path = os.path.join(config_path, "adapter_config.json")
+        config_path = os.path.join(config_path, CONFIG_NAME)
     config = peftc.load_config(config_path)  # first, so a bad config fails before the model loads
     model, model_path = load_model(args.model)
     base_params = sum(p.numel() for p in model.parameters())
