@@ -150,6 +150,35 @@ class Lora(Method):
         delta = _cast(b, b.call(aten.mul.Tensor, h, scale), _dtype(scale), _dtype(y))
         return b.call(aten.add.Tensor, y, delta)
 
+    def fold(
+        self,
+        kind: str,
+        config: LoraConfig,
+        module: nn.Module,
+        tensors: dict[TensorKey, torch.Tensor],
+        base: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        scale = tensors[SCALE]
+        if kind == "embedding":  # weight (num, dim) = (B @ A).T
+            delta = (tensors[EMB_B] @ tensors[EMB_A]).T
+        elif kind == "conv2d":
+            delta = _conv_delta(module, tensors[A], tensors[B])
+        else:
+            delta = tensors[B] @ tensors[A]
+            if kind == "conv1d":  # Conv1D stores its weight as (in, out)
+                delta = delta.T
+        return {"weight": base["weight"] + delta * scale}
+
+
+def _conv_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The weight-space update of conv(conv(x, A), B): B (out, r, 1, 1) composed with A (r, in, kh, kw)."""
+    if module.groups > 1:
+        raise ConfigError(
+            f"cannot merge LoRA into a Conv2d with groups={module.groups}: the adapter's update is not a "
+            "grouped kernel (PEFT's merge is not exact there either); keep the adapter unmerged"
+        )
+    return torch.einsum("or,rikl->oikl", b.flatten(1), a)
+
 
 def _dtype(node: torch.fx.Node) -> torch.dtype | None:
     val = node.meta.get("val")

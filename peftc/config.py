@@ -28,6 +28,8 @@ def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
 
 
 def registered_configs() -> dict[str, type[AdapterConfig]]:
+    import peftc.passes  # noqa: F401  (each method's module registers its config on import)
+
     return dict(_REGISTRY)
 
 
@@ -98,13 +100,14 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> AdapterCon
         raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
     # enums (PEFT's PeftType/TaskType) by their value
     data = {k: v.value if isinstance(v, enum.Enum) else v for k, v in data.items()}
+    registry = registered_configs()
     peft_type = data.get("peft_type")
     if peft_type is None:
-        raise ConfigError(f"{source}: missing field 'peft_type' (one of {sorted(_REGISTRY)})")
+        raise ConfigError(f"{source}: missing field 'peft_type' (one of {sorted(registry)})")
     peft_type = str(peft_type).upper()
-    if peft_type not in _REGISTRY:
-        raise ConfigError(f"{source}: peft_type {peft_type!r} is not supported; supported: {sorted(_REGISTRY)}")
-    cls = _REGISTRY[peft_type]
+    if peft_type not in registry:
+        raise ConfigError(f"{source}: peft_type {peft_type!r} is not supported; supported: {sorted(registry)}")
+    cls = registry[peft_type]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

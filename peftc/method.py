@@ -3,7 +3,9 @@
 A method is data plus functions:
   - `config_cls`: its config (PEFT field names and defaults);
   - `layer_kind` / `create`: which modules it adapts and their parameters + initialisation;
-  - `emit`: the subgraph inserted beside the base op (the unmerged, activation-path form).
+  - `emit`: the subgraph inserted beside the base op (the unmerged, activation-path form);
+  - `fold`: the module's merged tensors (W + delta, or the method's transform of W), where the
+    method is mergeable.
 Folding, dispatch, save/load and export are written against this, never per method.
 """
 
@@ -38,6 +40,7 @@ class Method(ABC):
     groups: tuple[str, ...]  # parameter groups as PEFT names them (the saved key's last segments)
     layer_types: dict[str, str]  # kind -> the module type it stands for, for messages and the README
     site_ops: dict[str, tuple[str, ...]]  # kind -> aten ops (overload packet names) a site of it may be
+    mergeable: bool = True  # whether `fold` is defined
 
     @abstractmethod
     def layer_kind(self, module: nn.Module) -> str | None:
@@ -59,6 +62,22 @@ class Method(ABC):
         training: bool,
     ) -> torch.fx.Node:
         """Insert the adapter after the base op whose current output is `y`; return the new output."""
+
+    def fold(
+        self,
+        kind: str,
+        config: AdapterConfig,
+        module: nn.Module,
+        tensors: dict[TensorKey, torch.Tensor],
+        base: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The module's tensors with this adapter merged in, exactly as `emit` computes.
+
+        `base` holds the module's current "weight" (and "bias" when it has one) in its own layout;
+        return the entries the adapter changes. Everything arrives in fp32 (fp64 stays fp64) and
+        the caller casts the result to the base dtype once, so methods never round twice.
+        """
+        raise NotImplementedError(f"{self.peft_type} adapters cannot be merged into the base weights")
 
 
 @dataclass

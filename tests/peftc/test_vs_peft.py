@@ -16,6 +16,7 @@ import torch
 
 import peftc
 from tests import zoo
+from tests.oracle import TOL, assert_same_outputs, example, loss_of, second_inputs, tensors, train_inputs
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
@@ -23,9 +24,7 @@ pytestmark = [
 ]
 
 R, ALPHA = 4, 12  # scale 3, so a wrong alpha/r would show
-TOL = {"atol": 1e-5, "rtol": 1e-5}
 CASES = list(zoo.FACTORIES)
-CAUSAL_LM = ("llama", "gpt2")
 
 
 def lora_dict(case: zoo.Case, **extra: Any) -> dict[str, Any]:
@@ -38,53 +37,6 @@ def peft_config(case: zoo.Case, **extra: Any) -> peft.LoraConfig:
     fields = lora_dict(case, **extra)
     del fields["peft_type"]
     return peft.LoraConfig(**fields)
-
-
-def tensors(out: Any) -> dict[str, torch.Tensor]:
-    """The tensor fields of a model output (a bare tensor or an HF ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return {"output": out}
-    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-
-
-def assert_same_outputs(got: Any, want: Any) -> None:
-    got, want = tensors(got), tensors(want)
-    assert set(got) == set(want)
-    for key in got:
-        torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m, k=key: f"{k}: {m}")
-
-
-def loss_of(case: zoo.Case, out: Any) -> torch.Tensor:
-    if case.name in CAUSAL_LM:
-        return out.loss
-    # every float output, so that adapters feeding only a secondary output (BERT's pooler) get grads
-    return sum(t.float().mean() for t in tensors(out).values() if t.is_floating_point())
-
-
-def second_inputs(case: zoo.Case) -> dict[str, Any] | tuple:
-    """Inputs with the same call signature but other sizes along the dims peftc keeps dynamic
-    (batch everywhere; the sequence too for transformers models)."""
-    gen = torch.Generator().manual_seed(11)
-    if case.transformers:
-        ids = torch.randint(1, zoo.VOCAB, (2, 6), generator=gen)
-        mask = torch.ones_like(ids)
-        mask[1, 4:] = 0  # a padded row
-        out = {"input_ids": ids, "attention_mask": mask}
-        return {k: out[k] for k in case.inputs}
-    (x,) = case.inputs
-    if not x.is_floating_point():  # token ids
-        return (torch.randint(1, zoo.VOCAB, (7, x.shape[1]), generator=gen),)
-    return (torch.randn(7, *x.shape[1:], generator=gen),)
-
-
-def train_inputs(case: zoo.Case) -> dict[str, Any] | tuple:
-    if case.name in CAUSAL_LM:
-        return {**case.inputs, "labels": case.inputs["input_ids"]}
-    return case.inputs
-
-
-def example(case: zoo.Case, inputs: Any) -> Any:
-    return None if case.transformers and set(inputs) == {"input_ids"} else inputs
 
 
 @dataclass
