@@ -26,9 +26,10 @@ class EagerProgram:
         self.state = [resolve(name) for name in captured.state_names()]
         self.mutated = [resolve(name) for name in captured.mutated_state]
 
-    def __call__(self, flat_inputs: list[Any]) -> Any:
+    def __call__(self, flat_inputs: list[Any], extras: dict[str, Any] | None = None) -> Any:
         state = [getattr(module, attr) for module, attr in self.state]
-        outputs = self.captured.gm(*state, *flat_inputs)
+        extra = [extras[name] for name in self.captured.extra_inputs] if self.captured.extra_inputs else []
+        outputs = self.captured.gm(*state, *flat_inputs, *extra)
         n = len(self.mutated)
         if n:
             # buffers the model updates in place (BatchNorm running stats) come back as outputs

@@ -37,6 +37,8 @@ def insert_adapters(
                 b.reroute(new)
                 y = new
                 modified = True
+            if not site.node.users:  # a method recomputed the op (IA3 feed-forward, OFT): drop the old one
+                gm.graph.erase_node(site.node)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, modified)

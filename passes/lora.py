@@ -4,10 +4,15 @@ Parameters, names and initialisation follow PEFT's `lora.Linear`, `lora.Embeddin
 `lora.Conv2d` (transformers' Conv1D is a Linear stored transposed): same shapes, same
 distributions, drawn in the same order. The scale is a tensor input of the graph, so changing
 it never re-captures or recompiles.
+
+Variants, as PEFT's config fields select them: `use_dora` (passes/dora.py), `lora_bias` (a bias
+on B, scaled with it), and the inits that decompose the base weight, PiSSA and OLoRA
+(passes/lora_init.py), whose residual base weight the adapted model keeps as a new tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -15,15 +20,20 @@ import torch.fx
 import torch.nn as nn
 
 from peftc.config import LoraConfig
-from peftc.errors import ConfigError
-from peftc.graph import SiteBuilder
-from peftc.method import AdapterTensors, Method, TensorKey
+from peftc.errors import CheckpointError, ConfigError
+from peftc.graph import SiteBuilder, cast, cast_like, dtype_of
+from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype
 from peftc.sites import Site
 from peftc.targets import pattern_value
+
+from .dora import MAGNITUDE, eager, emit_dora, fold_dora, lora_weight, out_first, weight_norm
+from .lora_init import decompose
+from .lora_mixed import emit_mixed_lora
 
 aten = torch.ops.aten
 
 A, B = ("lora_A", "weight"), ("lora_B", "weight")
+B_BIAS = ("lora_B", "bias")  # lora_bias=True
 EMB_A, EMB_B = ("lora_embedding_A", None), ("lora_embedding_B", None)
 SCALE = ("lora_scaling", None)
 
@@ -45,10 +55,20 @@ def _linear_like(shape: tuple[int, ...]) -> torch.Tensor:
     return w
 
 
+def _bias_like(weight: torch.Tensor) -> torch.Tensor:
+    """The bias a fresh nn.Linear / nn.ConvNd draws after `weight`: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(weight[0].numel())
+    return torch.empty(weight.shape[0]).uniform_(-bound, bound)
+
+
+def _factors(kind: str) -> tuple[TensorKey, TensorKey]:
+    return (EMB_A, EMB_B) if kind == "embedding" else (A, B)
+
+
 class Lora(Method):
     peft_type = "LORA"
     config_cls = LoraConfig
-    groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     layer_types = {
         "linear": "nn.Linear",
         "conv1d": "transformers Conv1D",
@@ -75,6 +95,7 @@ class Lora(Method):
 
     def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
         r, alpha = lora_rank_alpha(config, module_name)
+        scale = lora_scale(config, r, alpha)
         w = module.weight
         if kind == "embedding":
             fan_in, fan_out = w.shape  # (num_embeddings, dim)
@@ -89,10 +110,12 @@ class Lora(Method):
                 f"r={r} for module {module_name!r} ({self.layer_types[kind]} {tuple(w.shape)}) is larger than "
                 f"the layer's dimensions ({fan_in} in, {fan_out} out): the update could not be low-rank"
             )
-        init = config.init_lora_weights
+        init, base = config.init_lora_weights, {}
         if kind == "embedding":
+            if config.lora_bias:
+                raise ConfigError(f"lora_bias=True for module {module_name!r}: PEFT has no bias for Embedding LoRA")
             a, b = torch.randn(r, fan_in), torch.randn(fan_out, r)
-            if init is not False:
+            if init is not False:  # also for PiSSA/OLoRA, which PEFT's Embedding does not implement
                 nn.init.zeros_(a)
                 nn.init.normal_(b)
             params = {EMB_A: a, EMB_B: b}
@@ -103,22 +126,34 @@ class Lora(Method):
                         f"r={r} for module {module_name!r}: PEFT's LoRA for a Conv2d with groups={module.groups} "
                         "needs r divisible by groups"
                     )
+                if config.use_dora and module.groups > 1:
+                    raise ConfigError(f"use_dora=True for module {module_name!r}: DoRA needs a Conv2d with groups=1")
                 a = _linear_like((r, w.shape[1] * module.groups, *w.shape[2:]))
                 b = _linear_like((fan_out, r // module.groups, 1, 1))
             else:
                 a, b = _linear_like((r, fan_in)), _linear_like((fan_out, r))
-            if init is True:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            elif isinstance(init, str):  # "gaussian"
-                nn.init.normal_(a, std=1 / r)
-            if init is not False:
-                nn.init.zeros_(b)
             params = {A: a, B: b}
+            if config.lora_bias:
+                params[B_BIAS] = _bias_like(b)
+            if config.init_method in ("pissa", "olora"):
+                params[A], params[B], base["weight"] = decompose(config, module_name, kind, w, r, scale)
+            elif init is not False:
+                if init is True:
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                else:  # "gaussian"
+                    nn.init.normal_(a, std=1 / r)
+                for key in (B, B_BIAS):
+                    if key in params:
+                        nn.init.zeros_(params[key])
         # PEFT keeps float adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
-        dtype = w.dtype if w.dtype == torch.float64 else torch.float32
+        dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
-        scale = torch.tensor(lora_scale(config, r, alpha), dtype=dtype, device=w.device)
-        return AdapterTensors(params=params, buffers={SCALE: scale})
+        scale = torch.tensor(scale, dtype=dtype, device=w.device)
+        if config.use_dora:  # m starts at the norm of the (residual) base weight plus the initial update
+            key_a, key_b = _factors(kind)
+            lw = lora_weight(eager, kind, params[key_a], params[key_b])
+            params[MAGNITUDE] = weight_norm(eager, kind, base.get("weight", w).detach().to(dtype), lw, scale)
+        return AdapterTensors(params=params, buffers={SCALE: scale}, base=base)
 
     def emit(
         self,
@@ -131,24 +166,42 @@ class Lora(Method):
         training: bool,
     ) -> torch.fx.Node:
         scale = tensors[SCALE]
+        key_a, key_b = _factors(kind)
+        dropped = training and config.lora_dropout > 0 and kind != "embedding"  # PEFT's Embedding has no dropout
+        x = site.input if kind == "embedding" else cast_like(b, site.input, tensors[A])
+        if dropped:
+            x = b.call(aten.dropout.default, x, config.lora_dropout, True)
         if kind == "embedding":
             a_t = b.call(aten.t.default, tensors[EMB_A])
-            h = b.call(aten.embedding.default, a_t, site.input, *site.node.args[2:])
+            h = b.call(aten.embedding.default, a_t, x, *site.node.args[2:])
             h = b.call(aten.matmul.default, h, b.call(aten.t.default, tensors[EMB_B]))
+        elif kind == "conv2d":
+            stride, padding = _conv_geometry(site.node)
+            groups = _conv_groups(site.node)
+            h = b.call(aten.conv2d.default, x, tensors[A], None, stride, padding)
+            h = b.call(aten.conv2d.default, h, tensors[B], tensors.get(B_BIAS), [1, 1], [0, 0], [1, 1], groups)
         else:
-            x = _cast_like(b, site.input, tensors[A])
-            if training and config.lora_dropout > 0:
-                x = b.call(aten.dropout.default, x, config.lora_dropout, True)
-            if kind == "conv2d":
-                stride, padding = _conv_geometry(site.node)
-                groups = _conv_groups(site.node)
-                h = b.call(aten.conv2d.default, x, tensors[A], None, stride, padding)
-                h = b.call(aten.conv2d.default, h, tensors[B], None, [1, 1], [0, 0], [1, 1], groups)
-            else:
-                h = b.call(aten.linear.default, b.call(aten.linear.default, x, tensors[A]), tensors[B])
+            h = b.call(aten.linear.default, b.call(aten.linear.default, x, tensors[A]), tensors[B], tensors.get(B_BIAS))
+        if config.use_dora:
+            lw = lora_weight(b.call, kind, tensors[key_a], tensors[key_b])
+            return emit_dora(b, site, y, kind, x, h, lw, tensors[MAGNITUDE], scale, dropped)
         # the delta is in the adapter's dtype (fp32 over a bf16/fp16 base): cast back, as PEFT does
-        delta = _cast(b, b.call(aten.mul.Tensor, h, scale), _dtype(scale), _dtype(y))
+        delta = cast(b, b.call(aten.mul.Tensor, h, scale), dtype_of(scale), dtype_of(y))
         return b.call(aten.add.Tensor, y, delta)
+
+    def emit_mixed(
+        self,
+        b: SiteBuilder,
+        site: Site,
+        y: torch.fx.Node,
+        kind: str,
+        slots: list[tuple[dict[TensorKey, torch.fx.Node], LoraConfig] | None],
+        index: torch.fx.Node,
+        training: bool,
+    ) -> torch.fx.Node | None:
+        if kind not in ("linear", "conv1d"):
+            return None  # embedding and conv2d take the generic per-sample form
+        return emit_mixed_lora(b, site, y, slots, index, training, (A, B, SCALE))
 
     def fold(
         self,
@@ -158,42 +211,53 @@ class Lora(Method):
         tensors: dict[TensorKey, torch.Tensor],
         base: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
+        if kind == "conv2d" and module.groups > 1:
+            raise ConfigError(
+                f"cannot merge LoRA into a Conv2d with groups={module.groups}: the adapter's update is not a "
+                "grouped kernel (PEFT's merge is not exact there either); keep the adapter unmerged"
+            )
         scale = tensors[SCALE]
-        if kind == "embedding":  # weight (num, dim) = (B @ A).T
-            delta = (tensors[EMB_B] @ tensors[EMB_A]).T
-        elif kind == "conv2d":
-            delta = _conv_delta(module, tensors[A], tensors[B])
-        else:
-            delta = tensors[B] @ tensors[A]
-            if kind == "conv1d":  # Conv1D stores its weight as (in, out)
-                delta = delta.T
-        return {"weight": base["weight"] + delta * scale}
+        key_a, key_b = _factors(kind)
+        lw = lora_weight(eager, kind, tensors[key_a], tensors[key_b])
+        merged = base["weight"] + out_first(eager, kind, lw) * scale
+        if config.use_dora:
+            merged = fold_dora(kind, merged, base["weight"], lw, tensors[MAGNITUDE], scale)
+        out = {"weight": merged}
+        if B_BIAS in tensors:
+            if "bias" not in base:
+                raise ConfigError(
+                    f"cannot merge lora_bias=True into a {type(module).__name__} without a bias (PEFT cannot either); "
+                    "keep the adapter unmerged"
+                )
+            out["bias"] = base["bias"] + tensors[B_BIAS] * scale
+        return out
 
+    def subtract_mutated_init(
+        self,
+        config: LoraConfig,
+        tensors: dict[TensorKey, torch.Tensor],
+        initial: dict[TensorKey, torch.Tensor],
+    ) -> dict[TensorKey, torch.Tensor]:
+        # W_res + s·BA = W + s·(BA - B0·A0) = W + s·[B | -B0]·[A ; A0]: a LoRA of twice the rank
+        if config.use_dora or config.lora_bias:
+            raise CheckpointError("only plain LoRA adapters convert against their initial adapter (no DoRA, lora_bias)")
+        out = {}
+        for key, value in tensors.items():
+            rows = key in (A, EMB_A)
+            out[key] = torch.cat([value, initial[key] if rows else -initial[key]], dim=0 if rows else 1)
+        return out
 
-def _conv_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The weight-space update of conv(conv(x, A), B): B (out, r, 1, 1) composed with A (r, in, kh, kw)."""
-    if module.groups > 1:
-        raise ConfigError(
-            f"cannot merge LoRA into a Conv2d with groups={module.groups}: the adapter's update is not a "
-            "grouped kernel (PEFT's merge is not exact there either); keep the adapter unmerged"
+    def subtracted_config(self, config: LoraConfig) -> LoraConfig:
+        # twice the rank at the same scale; init True, so loading it decomposes nothing
+        factor = math.sqrt(2) if config.use_rslora else 2
+        return dataclasses.replace(
+            config,
+            init_lora_weights=True,
+            r=2 * config.r,
+            lora_alpha=config.lora_alpha * factor,
+            rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+            alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         )
-    return torch.einsum("or,rikl->oikl", b.flatten(1), a)
-
-
-def _dtype(node: torch.fx.Node) -> torch.dtype | None:
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) else None
-
-
-def _cast(b: SiteBuilder, x: torch.fx.Node, src: torch.dtype | None, dst: torch.dtype | None) -> torch.fx.Node:
-    if src is None or dst is None or src == dst:
-        return x
-    return b.call(aten.to.dtype, x, dst)
-
-
-def _cast_like(b: SiteBuilder, x: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
-    """Cast `x` to `like`'s dtype where they differ (fp32 adapters over a low-precision base)."""
-    return _cast(b, x, _dtype(x), _dtype(like))
 
 
 def _conv_geometry(node: torch.fx.Node) -> tuple[list[int], list[int]]:

@@ -47,6 +47,7 @@ class CapturedGraph:
     training: bool
     input_checks: list[tuple[Any, ...]] = field(default_factory=list)
     ranges: dict[sympy.Symbol, tuple[int, float]] = field(default_factory=dict)
+    extra_inputs: tuple[str, ...] = ()  # inputs a rewrite added after the user's (e.g. "adapter_index")
 
     def state_names(self) -> list[str]:
         return [n.meta[STATE] for n in self.gm.graph.find_nodes(op="placeholder") if STATE in n.meta]

@@ -10,42 +10,81 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import names
-from .config import CONFIG_NAME, load_config
-from .errors import CheckpointError
+from .config import CONFIG_NAME, AdapterConfig, load_config
+from .errors import CheckpointError, ConfigError, TargetError
+from .method import TensorKey
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # PEFT's older format: loaded only on request (allow_pickle=True)
+# config fields that do not make a saved adapter a different one (see `_refuse_other_adapter`)
+VOLATILE_FIELDS = ("peft_version", "inference_mode")
 
 
 def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> str:
     """PEFT's layout: the default adapter in the folder itself, others in a subfolder."""
     directory = os.fspath(directory)
+    # the name becomes one folder name: nothing may be read or written outside `directory`
+    if adapter_name in ("", ".", "..") or os.path.isabs(adapter_name) or any(
+        sep in adapter_name for sep in ("/", "\\", os.sep)
+    ):
+        raise CheckpointError(f"adapter name {adapter_name!r} is not a plain folder name: its files would not "
+                              f"stay inside {directory}")
     return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
 
 
-def adapter_state_dict(model: Any, adapter_name: str) -> dict[str, nn.Parameter]:
-    """The adapter's parameters (live, not copies) under PEFT's saved keys."""
-    out = {}
-    for path, mas in model.targeted_modules.items():
+def _module_params(model: Any, adapter_name: str) -> Iterator[tuple[Any, dict[TensorKey, nn.Parameter]]]:
+    """(module adapter, its parameters by key) for each module the adapter is placed on."""
+    for mas in model.targeted_modules.values():
         for ma in mas:
-            if ma.adapter != adapter_name:
-                continue
-            for (group, leaf), (_, tensor) in ma.tensors.items():
-                if isinstance(tensor, nn.Parameter):
-                    out[names.saved_key(path, group, leaf)] = tensor
+            if ma.adapter == adapter_name:
+                yield ma, {key: t for key, (_, t) in ma.tensors.items() if isinstance(t, nn.Parameter)}
+
+
+def adapter_state_dict(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's parameters, and the shared tensors its method saves (VeRA's projections), live
+    (not copies) under PEFT's saved keys."""
+    out = {names.saved_key(ma.module_path, *key): t
+           for ma, params in _module_params(model, adapter_name) for key, t in params.items()}
+    for ma, _ in _module_params(model, adapter_name):
+        if ma.method.saves_shared(ma.config):
+            out.update({names.shared_saved_key(*key): model.get_buffer(fqn)
+                        for key, (fqn, _) in ma.tensors.items() if names.is_shared(fqn)})
     return out
 
 
-def _config_json(model: Any, adapter_name: str) -> dict[str, Any]:
-    data = model.peft_config[adapter_name].to_dict()
+def _subtract_mutated_init(model: Any, adapter_name: str, initial_dir: str | os.PathLike
+                           ) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
+    """PEFT's `path_initial_model_for_weight_conversion`: the adapter as one for the original base
+    weights, from its values now and those saved in `initial_dir` right after its init (PiSSA/OLoRA)."""
+    path = os.path.join(os.fspath(initial_dir), WEIGHTS_NAME)
+    initial = read_weights(path)
+    out, method = {}, None
+    for ma, params in _module_params(model, adapter_name):
+        now = {key: t.detach().cpu() for key, t in params.items()}
+        keys = {key: names.saved_key(ma.module_path, *key) for key in now}
+        bad = [k for key, k in keys.items() if k not in initial or initial[k].shape != now[key].shape]
+        if bad:
+            raise CheckpointError(f"{path} is not the initial state of adapter {adapter_name!r}: "
+                                  f"keys missing or of other shapes: {_listing(bad)}")
+        then = {key: initial[k].to(now[key].dtype) for key, k in keys.items()}
+        method = ma.method
+        out.update({keys[key]: t for key, t in method.subtract_mutated_init(ma.config, now, then).items()})
+    return out, method.subtracted_config(model.peft_config[adapter_name])
+
+
+def _config_json(model: Any, config: AdapterConfig) -> dict[str, Any]:
+    data = config.to_dict()
     source = model.get_base_model()
     data["inference_mode"] = True  # as PEFT writes it
     name_or_path = getattr(getattr(source, "config", None), "_name_or_path", None)
@@ -71,14 +110,25 @@ def _atomic_write(path: str, write: Any) -> str:
     return tmp
 
 
-def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str) -> str:
-    """Save one adapter; returns the folder written."""
+def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str,
+                 path_initial_model_for_weight_conversion: str | os.PathLike | None = None, *,
+                 overwrite: bool = False) -> str:
+    """Save one adapter; returns the folder written. With `path_initial_model_for_weight_conversion`,
+    save PEFT's conversion of a PiSSA/OLoRA adapter (see `_subtract_mutated_init`). A folder that
+    already holds another adapter (other config, base model or weight shapes) is an error unless
+    `overwrite`; saving the same adapter again replaces its files."""
+    out_dir = adapter_dir(directory, adapter_name)
     if adapter_name not in model.peft_config:
         raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {sorted(model.peft_config)}")
-    out_dir = adapter_dir(directory, adapter_name)
+    state, config = adapter_state_dict(model, adapter_name), model.peft_config[adapter_name]
+    if path_initial_model_for_weight_conversion is not None:
+        state, config = _subtract_mutated_init(model, adapter_name, path_initial_model_for_weight_conversion)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    config_data = _config_json(model, config)
+    config_text = json.dumps(config_data, indent=2, sort_keys=True)
+    if not overwrite:
+        _refuse_other_adapter(out_dir, config_data, tensors)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
-    config_text = json.dumps(_config_json(model, adapter_name), indent=2, sort_keys=True)
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -91,15 +141,95 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str) ->
     except BaseException:
         os.unlink(tmp_weights)
         raise
-    os.replace(tmp_weights, weights_path)
-    os.replace(tmp_config, config_path)
+    _replace_pair((tmp_weights, weights_path), (tmp_config, config_path))
     return out_dir
 
 
+def _replace_pair(first: tuple[str, str], second: tuple[str, str]) -> None:
+    """Rename two temp files into place; if the second rename fails, put the first file's old
+    version back, so a failed save never leaves new weights beside an old config."""
+    (tmp1, path1), (tmp2, path2) = first, second
+    backup = _atomic_write(path1, lambda tmp: _link_or_copy(path1, tmp)) if os.path.exists(path1) else None
+    try:
+        os.replace(tmp1, path1)
+        try:
+            os.replace(tmp2, path2)
+        except BaseException:
+            if backup is None:  # there was no file before: there is none after
+                os.unlink(path1)
+            else:
+                os.replace(backup, path1)
+            raise
+    finally:
+        for leftover in (tmp1, tmp2, backup):
+            if leftover is not None and os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """`dst` becomes another name for `src`'s file (a copy where hard links are not supported)."""
+    os.unlink(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _normalised(value: Any) -> Any:
+    """A config value compared by meaning: lists of names in any order are the same list."""
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return sorted(value, key=str)
+    return value
+
+
+def _refuse_other_adapter(out_dir: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Raise if `out_dir` holds an adapter other than the one about to be saved there."""
+    config_path, weights_path = os.path.join(out_dir, CONFIG_NAME), os.path.join(out_dir, WEIGHTS_NAME)
+    reasons = []
+    if os.path.exists(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                there = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            there, reasons = {}, [f"its {CONFIG_NAME} is unreadable ({e})"]
+        there = there if isinstance(there, dict) else {}
+        for key in sorted(set(there) | set(config)):
+            if key in VOLATILE_FIELDS:
+                continue
+            old, new = there.get(key), config.get(key)
+            if key in ("base_model_name_or_path", "auto_mapping") and (old is None or new is None):
+                continue  # one side did not record it: no evidence of another base model
+            if _normalised(old) != _normalised(new):
+                reasons.append(f"{key}={old!r} there, {new!r} now")
+    if os.path.exists(weights_path):
+        try:
+            with safe_open(weights_path, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            shapes, reasons = None, [*reasons, f"its {WEIGHTS_NAME} is unreadable ({e})"]
+        if shapes is not None and shapes != {k: tuple(v.shape) for k, v in tensors.items()}:
+            reasons.append(f"its {WEIGHTS_NAME} has other keys or shapes")
+    if reasons:
+        raise CheckpointError(
+            f"{out_dir} already holds a different adapter ({'; '.join(reasons[:4])}): not overwriting it; "
+            "save elsewhere, or pass overwrite=True to replace it"
+        )
+
+
+def weights_file(directory: str | os.PathLike, allow_pickle: bool = False) -> str:
+    """The adapter's weights file in `directory`: the safetensors file, or with `allow_pickle` (and
+    no safetensors file) PEFT's older pickle file."""
+    path, pickle_path = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, PICKLE_NAME)
+    return pickle_path if allow_pickle and not os.path.exists(path) and os.path.exists(pickle_path) else path
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".bin"):
+        return _read_pickle(path)
     if not os.path.exists(path):
-        bin_path = os.path.join(os.path.dirname(path), "adapter_model.bin")
-        extra = f" (found {bin_path}: pickle checkpoints are not loaded)" if os.path.exists(bin_path) else ""
+        bin_path = os.path.join(os.path.dirname(path), PICKLE_NAME)
+        extra = (f" (found {bin_path}: a pickle checkpoint, loaded only with allow_pickle=True, and only from a "
+                 "source you trust)" if os.path.exists(bin_path) else "")
         raise CheckpointError(f"{path}: no such file{extra}")
     try:
         return load_file(path)
@@ -107,9 +237,25 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_adapter_weights(model: Any, directory: str, adapter_name: str) -> None:
+def _read_pickle(path: str) -> dict[str, torch.Tensor]:
+    """A pickled state dict, unpickled with `weights_only=True`: tensors and plain containers only,
+    so a file that would run code is refused rather than executed."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden objects; EOFError, RuntimeError for damaged files
+        # torch's message opens with advice to load unsafely; the reason follows "WeightsUnpickler error:"
+        text = str(e).partition("WeightsUnpickler error:")[2] or str(e)
+        reason = next((line.strip().split(". ")[0] for line in text.splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {reason}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise CheckpointError(f"{path}: expected a dict of named tensors, got {type(data).__name__}")
+    return data
+
+
+def load_adapter_weights(model: Any, directory: str, adapter_name: str, allow_pickle: bool = False) -> None:
     """Load `adapter_model.safetensors` into the adapter, after checking every key and shape."""
-    path = os.path.join(directory, WEIGHTS_NAME)
+    path = weights_file(directory, allow_pickle)
     saved = read_weights(path)
     expected = adapter_state_dict(model, adapter_name)
     base = dict(model.named_parameters(remove_duplicate=False))
@@ -162,27 +308,39 @@ def _listing(keys: list[str], n: int = 8) -> str:
     return shown + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
 
 
+def read_config(directory: str | os.PathLike) -> Any:
+    """The `adapter_config.json` of an adapter folder, as a config object."""
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        what = "no such folder" if not os.path.isdir(directory) else f"no {CONFIG_NAME} in it"
+        raise CheckpointError(f"{directory}: {what}")
+    return load_config(config_path)
+
+
 def load(
     model: nn.Module,
     directory: str | os.PathLike,
     adapter_name: str = "default",
     is_trainable: bool = False,
     example_inputs: Any = None,
+    allow_pickle: bool = False,
 ) -> Any:
     """Apply the adapter saved in `directory` (by peftc or by PEFT) to `model`.
 
     As `PeftModel.from_pretrained`: adapters are frozen and the model in eval mode unless
-    `is_trainable=True`.
+    `is_trainable=True`. A folder with only PEFT's older `adapter_model.bin` (a pickle) loads only
+    with `allow_pickle=True`, through `torch.load(weights_only=True)`.
     """
     from .model import AdaptedModel
 
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        what = "no such folder" if not os.path.isdir(directory) else f"no {CONFIG_NAME} in it"
-        raise CheckpointError(f"{directory}: {what}")
-    config = load_config(config_path)
+    adapter_dir(directory, adapter_name)  # the name check save applies, before anything is read
+    config = read_config(directory)
     config.inference_mode = not is_trainable
-    am = AdaptedModel(model, config, adapter_name, example_inputs, training=model.training and is_trainable)
-    load_adapter_weights(am, directory, adapter_name)
+    try:
+        am = AdaptedModel(model, config, adapter_name, example_inputs, training=model.training and is_trainable)
+    except (ConfigError, TargetError) as e:  # the saved config does not fit this model: name the file
+        raise type(e)(f"{os.path.join(directory, CONFIG_NAME)}: {e}") from None
+    load_adapter_weights(am, directory, adapter_name, allow_pickle)
     return am

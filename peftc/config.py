@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -157,10 +158,12 @@ class LoraConfig(AdapterConfig):
     peft_type_name: ClassVar[str] = "LORA"
     unsupported: ClassVar[tuple[str, ...]] = (
         "modules_to_save", "trainable_token_indices", "megatron_config", "eva_config", "corda_config",
-        "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
-        "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora",
-        "arrow_config", "kasa_config", "ensure_weight_tying", "loftq_config",
+        "lora_ga_config", "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config",
+        "layer_replication", "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
+        "ensure_weight_tying", "loftq_config",
     )
+    # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
+    init_choices: ClassVar[str] = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -214,10 +217,13 @@ class LoraConfig(AdapterConfig):
         if self.bias != "none":
             raise ConfigError(f"bias={self.bias!r} is not supported by peftc yet (only 'none')")
         init = self.init_lora_weights
-        if not (init is True or init is False or (isinstance(init, str) and init.lower() == "gaussian")):
-            raise ConfigError(
-                f"init_lora_weights={init!r} is not supported by peftc yet (True, False or 'gaussian')"
-            )
+        if not (init is True or init is False or self.init_method in ("gaussian", "pissa", "olora")):
+            raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet ({self.init_choices})")
+        if self.lora_bias and init not in (True, False):
+            # as PEFT: a bias on lora_B has no place in an init that decomposes the base weight
+            raise ConfigError(f"lora_bias=True needs init_lora_weights True or False, got {init!r}")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias=True cannot be combined with use_dora=True (PEFT rejects it too)")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
             # PEFT rejects this too: the rslora scale of a pattern rank is ambiguous
             raise ConfigError("use_rslora cannot be combined with rank_pattern or alpha_pattern")
@@ -225,6 +231,22 @@ class LoraConfig(AdapterConfig):
             raise ConfigError("layers_pattern needs layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("layers_to_transform needs target_modules as a list, not a regex string")
+
+    @property
+    def init_method(self) -> str | None:
+        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', or None for True/False and unknown values."""
+        init = self.init_lora_weights
+        if not isinstance(init, str):
+            return None
+        if init.lower() in ("gaussian", "olora"):
+            return init.lower()
+        return "pissa" if init == "pissa" or self.pissa_niter is not None else None
+
+    @property
+    def pissa_niter(self) -> int | None:
+        """n of init_lora_weights='pissa_niter_<n>' (PEFT's fast randomized SVD), else None."""
+        match = re.fullmatch(r"pissa_niter_(\d+)", str(self.init_lora_weights))
+        return int(match.group(1)) if match else None
 
 
 register_config(LoraConfig)

@@ -7,6 +7,7 @@ provenance survives the rewrite.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +15,10 @@ import torch
 import torch.fx
 
 from .capture import STATE, USER
+from .sites import ADAPTER
 
 aten = torch.ops.aten
 
-ADAPTER = "peftc_adapter"  # node meta on inserted nodes: (module_path, adapter, method)
 
 
 def add_state_input(gm: torch.fx.GraphModule, fqn: str, example: torch.Tensor) -> torch.fx.Node:
@@ -35,6 +36,19 @@ def add_state_input(gm: torch.fx.GraphModule, fqn: str, example: torch.Tensor) -
     node.meta[STATE] = fqn
     node.meta["val"] = torch.empty(example.shape, dtype=example.dtype, device="meta")
     return node
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of `gm`'s graph (node meta shallow-copied, constants shared):
+    rewrites run on copies, so one capture serves every variant (adapters, folded, mixed)."""
+    return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def drop_unused_state(gm: torch.fx.GraphModule, candidates: list[torch.fx.Node]) -> None:
+    """Remove those of `candidates` (state placeholders) that no node reads any more."""
+    for node in dict.fromkeys(candidates):
+        if not node.users:
+            gm.graph.erase_node(node)
 
 
 def _node_name(fqn: str) -> str:
@@ -68,3 +82,25 @@ class SiteBuilder:
 def adapter_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """Every node a rewrite inserted."""
     return [n for n in graph.nodes if ADAPTER in n.meta]
+
+
+def dtype_of(node: torch.fx.Node) -> torch.dtype | None:
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def cast(b: SiteBuilder, x: torch.fx.Node, src: torch.dtype | None, dst: torch.dtype | None) -> torch.fx.Node:
+    """`x` converted from `src` to `dst` (no node when they agree or are unknown)."""
+    if src is None or dst is None or src == dst:
+        return x
+    return b.call(aten.to.dtype, x, dst)
+
+
+def cast_like(b: SiteBuilder, x: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+    """Cast `x` to `like`'s dtype where they differ (fp32 adapters over a low-precision base)."""
+    return cast(b, x, dtype_of(x), dtype_of(like))
+
+
+def shape_of(b: SiteBuilder, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """`node`'s (possibly symbolic) shape as graph values, for reshapes back to it."""
+    return [b.call(aten.sym_size.int, node, d) for d in range(node.meta["val"].dim())]

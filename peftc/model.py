@@ -1,9 +1,13 @@
 """The adapted model: one PEFT-shaped parameter tree, and a cache of rewritten graphs.
 
     model --capture--> graph --select/adapt--> adapted graph --eager backend--> outputs
+                            +-fold---------> merged graph
+                            +-dispatch-----> mixed-adapter graph (adapter_index input)
 
 `AdaptedModel` never runs the user's modules: it captures them once per call signature and
-mode, rewrites the capture, and runs the graph on its own tensors. Its state-dict keys are
+mode, and keeps that base graph; each variant (the active adapters, merged adapters, a
+mixed batch, adapters disabled) is a rewrite of a copy of it, so switching adapters never
+re-captures. Graphs run on the adapted model's own tensors. Its state-dict keys are
 PEFT's (`base_model.model.<path>.base_layer.weight`, `...lora_A.default.weight`); base
 tensors share storage with the user's model but are separate, frozen Parameter objects, so
 nothing here changes the user's model's `requires_grad` or values.
@@ -11,9 +15,13 @@ nothing here changes the user's model's `requires_grad` or values.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
-from collections.abc import Iterator
+import os
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +29,9 @@ import torch.nn as nn
 
 from peftc.backends.eager import EagerProgram, TensorRef
 from peftc.passes import METHODS, insert_adapters
+from peftc.passes.dispatch import BASE_ONLY, dispatch_adapters
+from peftc.passes.fold import fold_adapters
+from peftc.passes.remat import RematPlan, checkpoint_layers, remat_plan
 
 from . import names
 from .capture import (
@@ -33,8 +44,9 @@ from .capture import (
     synthesize_inputs,
 )
 from .config import AdapterConfig, load_config
-from .errors import ConfigError, TargetError
-from .method import Method, ModuleAdapter
+from .errors import ConfigError, PeftcError, TargetError
+from .graph import copy_graph_module
+from .method import Method, ModuleAdapter, TensorKey
 from .targets import resolve_all_linear, select_targets
 
 
@@ -75,26 +87,28 @@ class AdaptedModel(nn.Module):
         training: bool | None = None,
     ):
         super().__init__()
-        if adapter_name in ("", None) or "." in adapter_name or "/" in adapter_name:
-            raise ConfigError(f"adapter name {adapter_name!r} must be a non-empty name without '.' or '/'")
-        method = METHODS[config.peft_type]
-        config = resolve_all_linear(copy.deepcopy(config), model)
-        self.peft_config: dict[str, AdapterConfig] = {adapter_name: config}
-        self.active_adapter = adapter_name
+        self.peft_config: dict[str, AdapterConfig] = {}
         self.training = model.training if training is None else training
         self._call_defaults = default_call_kwargs(model)
-        self._graphs: dict[tuple, list[EagerProgram]] = {}
+        self._active: list[str] = []
+        self._disabled = False
+        self._remat: RematPlan | None = None  # gradient checkpointing: train graphs get the remat pass
+        self._merged: dict[str, dict[str, str]] = {}  # module path -> {"weight": fqn of the merged tensor}
+        self._merged_adapters: list[str] = []
+        self._padded: set[str] = set()  # adapters hot-swapped in at a smaller rank (zero-padded)
+        # base graphs (named by the source's FQNs), and the rewritten programs run from them
+        self._captures: dict[tuple, list[CapturedGraph]] = {}
+        self._programs: dict[tuple, EagerProgram] = {}
 
-        kinds = self._layer_kinds(model, method, config)
         # captures trace a structural copy whose tensors are this model's own (no data copied): the
         # user's model is never mutated, and later changes to it cannot desync the graphs
         self.__dict__["_source"] = _structural_copy(model)
         self.base_model = Slot(type(model).__name__)
         self.base_model.add_module("model", Slot(type(model).__name__))
-        self._tree_name = self._register_base(self._source, set(kinds))
+        self._tree_name = self._register_base(self._source, set())
         self._adapters: dict[str, list[ModuleAdapter]] = {}
-        for path, kind in kinds.items():
-            self._add_module_adapter(self._source.get_submodule(path), path, adapter_name, method, kind, config)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
 
         # callers that inspect forward's signature (Trainer's column filter) see the model's own
         self.forward = functools.update_wrapper(functools.partial(AdaptedModel.forward, self), self._source.forward)
@@ -108,7 +122,7 @@ class AdaptedModel(nn.Module):
         kinds = {}
         for path in select_targets(config, model):
             module = model.get_submodule(path)
-            kind = method.layer_kind(module)
+            kind = method.module_kind(config, path, module)
             if kind is None:
                 raise TargetError(
                     f"module {path!r} ({type(module).__name__}) matches target_modules but {method.peft_type} "
@@ -131,6 +145,22 @@ class AdaptedModel(nn.Module):
                     _set_tensor(self, tree_name[fqn], buf, name not in module._non_persistent_buffers_set)
         return tree_name
 
+    def _rename_base(self) -> None:
+        """Move base tensors to PEFT's names for the modules adapted now (`<module>.base_layer.<name>`)."""
+        adapted = set(self._adapters)
+        for fqn, old in list(self._tree_name.items()):
+            new = names.base_key(fqn, adapted)
+            if new == old:
+                continue
+            module, attr = self._resolve(old)
+            tensor = getattr(module, attr)
+            persistent = attr not in module._non_persistent_buffers_set
+            delattr(module, attr)
+            _set_tensor(self, new, tensor, persistent)
+            self._tree_name[fqn] = new
+        _prune_empty_slots(self)
+        self._programs.clear()
+
     def _sync_source(self) -> None:
         """Point the source copy at the tree's current tensors (`.to()` replaces buffers, loads may swap)."""
         for fqn, tree_fqn in self._tree_name.items():
@@ -140,7 +170,8 @@ class AdaptedModel(nn.Module):
             table[attr] = getattr(*self._resolve(tree_fqn))
 
     def _add_module_adapter(
-        self, module: nn.Module, path: str, adapter: str, method: Method, kind: str, config: AdapterConfig
+        self, module: nn.Module, path: str, adapter: str, method: Method, kind: str, config: AdapterConfig,
+        shared: dict[TensorKey, tuple[str, torch.Tensor]],
     ) -> None:
         created = method.create(config, path, module, kind)
         tensors = {}
@@ -151,7 +182,30 @@ class AdaptedModel(nn.Module):
             tensors[key] = (names.live_key(path, *_group_leaf(key, adapter)), value)
         for fqn, tensor in tensors.values():
             _set_tensor(self, fqn, tensor, persistent=False)
+        for key, (fqn, tensor) in shared.items():
+            # PEFT's state dict lists a shared tensor under each module too: the module holding it is
+            # registered there as well (one BufferDict, many parents), so both keys name one tensor
+            holder, _ = names.split_module(fqn)  # base_model.vera_A (holding .<adapter>)
+            alias, _ = names.split_module(names.live_key(path, *_group_leaf(key, adapter)))  # <path>.vera_A
+            parent, child = names.split_module(alias)
+            self.get_submodule(parent).add_module(child, self.get_submodule(holder))
+            tensors[key] = (fqn, tensor)
+        for leaf, value in created.base.items():
+            self._replace_base(module, path, leaf, value)
         self._adapters.setdefault(path, []).append(ModuleAdapter(path, adapter, method, kind, config, tensors))
+
+    def _replace_base(self, module: nn.Module, path: str, leaf: str, value: torch.Tensor) -> None:
+        """A new frozen base tensor for `module` (PiSSA/OLoRA's residual), in the tree and the source copy;
+        the graphs read base tensors by tree name, and the user's tensor is left as it was."""
+        old = getattr(module, leaf)
+        if any(p is old for fqn, p in self._source.named_parameters(remove_duplicate=False) if fqn != f"{path}.{leaf}"):
+            raise ConfigError(
+                f"module {path!r}: its {leaf} is tied to another module's, and this adapter's init rewrites it "
+                "(PiSSA/OLoRA would change both uses); target the module without tied weights"
+            )
+        new = nn.Parameter(value, requires_grad=False)
+        _set_tensor(self, self._tree_name[f"{path}.{leaf}"], new)
+        module._parameters[leaf] = new
 
     # -- graphs ---------------------------------------------------------------------------------
 
@@ -159,69 +213,493 @@ class AdaptedModel(nn.Module):
         module_path, attr = names.split_module(fqn)
         return self.get_submodule(module_path), attr
 
-    def _program(self, args: tuple, kwargs: dict) -> tuple[EagerProgram, list[Any]]:
+    def _program(self, args: tuple, kwargs: dict, mixed: bool = False) -> tuple[EagerProgram, list[Any]]:
         flat, spec = flatten_call(args, kwargs)
         key = signature_key(flat, spec, self.training)
-        for program in self._graphs.get(key, []):
-            if program.captured.accepts(flat):
-                return program, flat
-        program = EagerProgram(self._build(args, kwargs), self._resolve)
-        self._graphs.setdefault(key, []).append(program)
+        base = next((c for c in self._captures.get(key, []) if c.accepts(flat)), None)
+        if base is None:
+            self._sync_source()
+            base = capture(self._source, args, kwargs, self.training)
+            self._captures.setdefault(key, []).append(base)
+        variant = self._variant(mixed)
+        program = self._programs.get((id(base), variant))
+        if program is None:
+            program = EagerProgram(self._rewrite(base, variant), self._resolve)
+            self._programs[(id(base), variant)] = program
         return program, flat
 
-    def _build(self, args: tuple, kwargs: dict) -> CapturedGraph:
-        """The pipeline: capture, bind base tensors to the tree, splice in the active adapters."""
-        self._sync_source()
-        captured = capture(self._source, args, kwargs, self.training)
-        for node in captured.gm.graph.find_nodes(op="placeholder"):
+    def _variant(self, mixed: bool) -> tuple:
+        """What the rewrite of a base graph depends on besides the graph itself."""
+        if mixed:
+            return ("mixed", tuple(self.peft_config))
+        if self._disabled:
+            return ("disabled",)
+        return ("active", tuple(self._active), tuple(self._merged_adapters))
+
+    def _rewrite(self, base: CapturedGraph, variant: tuple) -> CapturedGraph:
+        """The pipeline after capture: bind base tensors to the tree, then fold / adapt / dispatch."""
+        gm = copy_graph_module(base.gm)
+        for node in gm.graph.find_nodes(op="placeholder"):
             if STATE in node.meta:
                 node.meta[STATE] = self._tree_name[node.meta[STATE]]
-        captured.mutated_state = [self._tree_name[f] for f in captured.mutated_state]
-        insert_adapters(captured.gm, self._active_adapters(), self.training)
-        return captured
+        extra: tuple[str, ...] = ()
+        if variant[0] == "mixed":
+            dispatch_adapters(gm, self._adapters, list(self.peft_config), self.training)
+            extra = ("adapter_index",)
+        elif variant[0] == "active":
+            if self._merged:
+                fold_adapters(gm, {path: {leaf: (fqn, self._tensor(fqn)) for leaf, fqn in merged.items()}
+                                   for path, merged in self._merged.items()})
+            unmerged = [a for a in self._active if a not in self._merged_adapters]
+            insert_adapters(gm, self._adapters_named(unmerged), self.training)
+        if self._remat is not None and base.training:
+            checkpoint_layers(gm, self._remat)
+        mutated = [self._tree_name[f] for f in base.mutated_state]
+        return dataclasses.replace(base, gm=gm, mutated_state=mutated, extra_inputs=extra)
 
-    def _active_adapters(self) -> dict[str, list[ModuleAdapter]]:
-        return {
-            path: [ma for ma in mas if ma.adapter == self.active_adapter]
-            for path, mas in self._adapters.items()
-        }
+    def _tensor(self, fqn: str) -> torch.Tensor:
+        return getattr(*self._resolve(fqn))
+
+    def _adapters_named(self, adapter_names: Sequence[str]) -> dict[str, list[ModuleAdapter]]:
+        """Module path -> its adapters among `adapter_names`, in the order given."""
+        out = {}
+        for path, mas in self._adapters.items():
+            chosen = [ma for name in adapter_names for ma in mas if ma.adapter == name]
+            if chosen:
+                out[path] = chosen
+        return out
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
         # .to()/.half()/.cuda(): graphs bake dtypes and devices in, so capture anew if any moved
         before = self._placement()
         super()._apply(fn, recurse)
+        self._refresh_adapter_tensors()
         if self._placement() != before:
-            self._graphs.clear()
+            self._captures.clear()
+            self._programs.clear()
         return self
+
+    def _refresh_adapter_tensors(self) -> None:
+        """Point adapters at the tensors registered now: `.to()` makes new buffers, and FSDP2's
+        `fully_shard` / `unshard` / `reshard` register new Parameter objects on the modules."""
+        for mas in self._adapters.values():
+            for ma in mas:
+                ma.tensors = {key: (fqn, self._tensor(fqn)) for key, (fqn, _) in ma.tensors.items()}
 
     def _placement(self) -> set[tuple[torch.dtype, torch.device]]:
         return {(t.dtype, t.device) for t in (*self.parameters(), *self.buffers())}
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        program, flat = self._program(args, {**self._call_defaults, **kwargs})
-        return program(flat)
+    def forward(
+        self, *args: Any, adapter_names: Sequence[str] | None = None, adapter_index: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call like the base model. `adapter_names` (one adapter name per sample, "__base__" for none,
+        as PEFT) or `adapter_index` (int tensor, one entry per sample, -1 for none, indices into
+        `adapter_order`) run a mixed batch: every sample through its own adapter."""
+        if adapter_names is not None and adapter_index is not None:
+            raise ConfigError("pass adapter_names or adapter_index, not both")
+        if adapter_names is not None:
+            adapter_index = self.adapter_index(adapter_names)
+        kwargs = {**self._call_defaults, **kwargs}
+        if adapter_index is None:
+            program, flat = self._program(args, kwargs)
+            return program(flat)
+        program, flat = self._program(args, kwargs, mixed=True)
+        return program(flat, {"adapter_index": self._checked_index(adapter_index, flat)})
+
+    def adapter_index(self, adapter_names: Sequence[str]) -> torch.Tensor:
+        """The `adapter_index` tensor for per-sample adapter names ("__base__": the base model)."""
+        order = self.adapter_order
+        unknown = sorted({n for n in adapter_names if n != BASE_NAME and n not in order})
+        if unknown:
+            raise ConfigError(f"adapter_names: unknown adapter(s) {unknown}; loaded: {order} (or {BASE_NAME!r})")
+        device = next(iter(self.parameters())).device
+        return torch.tensor([BASE_ONLY if n == BASE_NAME else order.index(n) for n in adapter_names], device=device)
+
+    def _checked_index(self, index: torch.Tensor, flat: list[Any]) -> torch.Tensor:
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point():
+            raise ConfigError("adapter_index must be a 1-d integer tensor with one entry per sample")
+        batch = next((v.shape[0] for v in flat if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if batch is not None and index.shape[0] != batch:
+            raise ConfigError(f"adapter_index has {index.shape[0]} entries for a batch of {batch}")
+        n = len(self.adapter_order)
+        if index.numel() and (int(index.min()) < BASE_ONLY or int(index.max()) >= n):
+            raise ConfigError(
+                f"adapter_index entries must be in [-1, {n - 1}] (-1: base model; 0..{n - 1}: {self.adapter_order}), "
+                f"got {index.tolist()}"
+            )
+        return index.to(torch.int64)
 
     @property
     def graphs(self) -> list[CapturedGraph]:
-        """The rewritten graphs captured so far (one per call signature and mode)."""
-        return [p.captured for programs in self._graphs.values() for p in programs]
+        """The rewritten graphs built so far (one per call signature, mode and adapter variant)."""
+        return [p.captured for p in self._programs.values()]
 
     def graph_for(self, *args: Any, **kwargs: Any) -> CapturedGraph:
         """The rewritten graph that a call with these inputs runs (captured if new)."""
         return self._program(args, {**self._call_defaults, **kwargs})[0].captured
 
-    # -- PEFT's API ------------------------------------------------------------------------------
+    # -- adapters (PEFT's API) -------------------------------------------------------------------
+
+    @property
+    def adapter_order(self) -> list[str]:
+        """Loaded adapters in the order `adapter_index` numbers them."""
+        return list(self.peft_config)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig | dict | str) -> None:
+        """Place another adapter (not activated, as in PEFT); any registered method, even beside another."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"an adapter named {adapter_name!r} is already loaded")
+        config = load_config(peft_config)
+        method = METHODS[config.peft_type]
+        config = resolve_all_linear(copy.deepcopy(config), self._source)
+        kinds = self._layer_kinds(self._source, method, config)
+        self.peft_config[adapter_name] = config
+        new = set(kinds) - set(self._adapters)
+        # tensors the method shares across this adapter's modules (VeRA's projections), at the tuner level
+        targets = {path: (self._source.get_submodule(path), kind) for path, kind in kinds.items()}
+        shared = {key: (names.shared_live_key(*_group_leaf(key, adapter_name)), t)
+                  for key, t in method.create_shared(config, targets).items()}
+        for fqn, t in shared.values():
+            _set_tensor(self, fqn, t, persistent=method.saves_shared(config))
+        for path, kind in kinds.items():
+            self._add_module_adapter(self._source.get_submodule(path), path, adapter_name, method, kind, config,
+                                     shared)
+        if new:
+            self._rename_base()
+        self._set_trainable()
+        self._programs.clear()
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load an adapter saved by peftc or PEFT from the folder `model_id` (not activated, as in PEFT)."""
+        from .checkpoint import load_adapter_weights, read_config
+
+        config = read_config(model_id)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            load_adapter_weights(self, model_id, adapter_name)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def hotswap_adapter(self, model_name_or_path: str, adapter_name: str = "default") -> None:
+        """Replace a loaded adapter's weights and scales by a saved adapter's, in place (PEFT's
+        `hotswap_adapter`): same method and targets, each tensor the same size or smaller (a smaller
+        rank is zero-padded, which adds nothing). No graph is captured or rewritten again."""
+        from .checkpoint import WEIGHTS_NAME, adapter_state_dict, read_config, read_weights
+
+        if adapter_name not in self.peft_config:
+            raise ConfigError(f"no adapter named {adapter_name!r} to hot-swap; loaded: {self.adapter_order}")
+        config = read_config(model_name_or_path)
+        live = self.peft_config[adapter_name]
+        where = f"{model_name_or_path}: cannot hot-swap into {adapter_name!r}"
+        if config.peft_type != live.peft_type:
+            raise ConfigError(f"{where}: it is {config.peft_type}, the loaded adapter {live.peft_type}")
+        mas = [ma for mas in self._adapters.values() for ma in mas if ma.adapter == adapter_name]
+        config_targets = resolve_all_linear(copy.deepcopy(config), self._source)
+        targets = self._layer_kinds(self._source, mas[0].method, config_targets)
+        if set(targets) != {ma.module_path for ma in mas}:
+            raise ConfigError(f"{where}: it targets other modules ({_listing_diff(targets, mas)})")
+        saved = read_weights(os.path.join(os.fspath(model_name_or_path), WEIGHTS_NAME))
+        expected = adapter_state_dict(self, adapter_name)
+        if set(saved) != set(expected):
+            raise ConfigError(f"{where}: its tensors differ ({_listing_diff(saved, expected)})")
+        too_big = [k for k, t in saved.items() if t.dim() != expected[k].dim()
+                   or any(a > b for a, b in zip(t.shape, expected[k].shape))]
+        if too_big:
+            raise ConfigError(f"{where}: larger than the loaded adapter at {too_big[:4]}")
+        with torch.random.fork_rng(devices=[]):  # create() draws fresh parameters we discard: keep the RNG as is
+            buffers = {
+                ma.module_path: ma.method.create(config, ma.module_path, self._source.get_submodule(ma.module_path),
+                                                 ma.kind).buffers
+                for ma in mas
+            }
+        with torch.no_grad():
+            for key, t in saved.items():
+                target = expected[key]
+                target.zero_()
+                target[tuple(slice(0, n) for n in t.shape)].copy_(t)
+                if t.shape != target.shape:
+                    self._padded.add(adapter_name)
+            for ma in mas:
+                for key, value in buffers[ma.module_path].items():
+                    ma.tensors[key][1].copy_(value)
+        config.inference_mode = live.inference_mode
+        self.peft_config[adapter_name] = config
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """A new LoRA adapter combining LoRA `adapters` (PEFT's `add_weighted_adapter`, same types and
+        numerics), plus "delta": exactly Σ wᵢ·sᵢ·BᵢAᵢ at scale 1 (see `peftc.combine`)."""
+        from .combine import combined_rank_alpha
+
+        configs = []
+        for name in adapters:
+            if name not in self.peft_config:
+                raise ConfigError(f"adapters: no adapter named {name!r}; loaded: {self.adapter_order}")
+            if self.peft_config[name].peft_type != "LORA":
+                kind = self.peft_config[name].peft_type
+                raise ConfigError(f"adapters: {name!r} is a {kind} adapter; only LoRA adapters combine")
+            configs.append(self.peft_config[name])
+        if len(weights) != len(adapters):
+            raise ConfigError(f"weights has {len(weights)} entries for {len(adapters)} adapters")
+        ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
+        r, alpha = combined_rank_alpha(combination_type, ranks, svd_rank)
+        targets = sorted({path for name in adapters for path, mas in self._adapters.items()
+                          if any(ma.adapter == name for ma in mas)})
+        config = dataclasses.replace(  # targets: exactly the modules any source adapts (a full-match regex)
+            configs[0], r=r, lora_alpha=alpha, target_modules="|".join(re.escape(t) for t in targets),
+            rank_pattern={}, alpha_pattern={}, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
+            # "delta" is exact at scale 1 even for rsLoRA sources (PEFT's combinations keep use_rslora)
+            use_rslora=configs[0].use_rslora and combination_type != "delta",
+        )
+        self.add_adapter(adapter_name, config)
+        try:
+            self._combine_into(adapter_name, adapters, weights, dict(
+                combination_type=combination_type, svd_rank=r, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method, pad_to=r,
+            ))
+        except BaseException:
+            self.delete_adapter(adapter_name)  # no half-made adapter left behind
+            raise
+
+    def _combine_into(
+        self, adapter_name: str, adapters: Sequence[str], weights: Sequence[float], options: dict
+    ) -> None:
+        from .combine import combine_lora
+
+        with torch.no_grad():
+            for mas in self._adapters.values():
+                new = next((ma for ma in mas if ma.adapter == adapter_name), None)
+                sources = [(ma, w) for name, w in zip(adapters, weights) for ma in mas if ma.adapter == name]
+                if new is None or not sources:
+                    continue
+                a_key, b_key = _lora_factor_keys(new)
+                a, b = combine_lora(
+                    [ma.tensors[a_key][1] for ma, _ in sources], [ma.tensors[b_key][1] for ma, _ in sources],
+                    [float(ma.tensors[("lora_scaling", None)][1]) for ma, _ in sources], [w for _, w in sources],
+                    kind=new.kind, **options,
+                )
+                new.tensors[a_key][1].copy_(a)
+                new.tensors[b_key][1].copy_(b)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter, or several (their outputs add up, as in PEFT). Active adapters are
+        trainable unless loaded for inference; the others are frozen."""
+        wanted = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in wanted if n not in self.peft_config]
+        if unknown or not wanted:
+            raise ConfigError(f"unknown adapter(s) {unknown or wanted}; loaded: {self.adapter_order}")
+        self._active = wanted
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        for mas in self._adapters.values():
+            for ma in mas:
+                trainable = ma.adapter in self._active and not ma.config.inference_mode
+                for _, t in ma.tensors.values():
+                    if isinstance(t, nn.Parameter):
+                        t.requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ConfigError(f"no adapter named {adapter_name!r}; loaded: {self.adapter_order}")
+        if adapter_name in self._merged_adapters:
+            self.unmerge_adapter()
+        for path in list(self._adapters):
+            for ma in [ma for ma in self._adapters[path] if ma.adapter == adapter_name]:
+                for fqn, _ in ma.tensors.values():
+                    module, attr = self._resolve(fqn)
+                    if hasattr(module, attr):  # a shared tensor goes with the first of its modules
+                        delattr(module, attr)
+                self._adapters[path].remove(ma)
+            if not self._adapters[path]:
+                del self._adapters[path]
+        del self.peft_config[adapter_name]
+        self._active = [a for a in self._active if a != adapter_name] or self.adapter_order[:1]
+        self._rename_base()
+        self._set_trainable()
+
+    # -- activation checkpointing (transformers' and PEFT's names) --------------------------------
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Recompute each layer's activations in backward: train graphs run every layer (every n-th)
+        through `torch.utils.checkpoint.checkpoint` (kwargs default to `use_reentrant=False`)."""
+        self._remat = remat_plan(self._source, gradient_checkpointing_kwargs, every_n_layers, offload)
+        self._programs.clear()
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """transformers 5's name for `gradient_checkpointing_enable` (what Trainer calls)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._remat = None
+        self._programs.clear()
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._remat is not None
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """`with am.disable_adapter():` calls run the base model alone (PEFT's name)."""
+        before, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = before
+
+    # -- merging ----------------------------------------------------------------------------------
+
+    def merged_tensors(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False,
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+        """Module path -> its tensors with the adapters merged in (new tensors; nothing is written).
+
+        Each method's fold runs in fp32 (fp64 stays fp64) and the result is cast to the base dtype
+        once. With `safe_merge`, a non-finite result is an error naming the layer."""
+        adapter_names = list(self._active if adapter_names is None else adapter_names)
+        unknown = [n for n in adapter_names if n not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"unknown adapter(s) {unknown}; loaded: {self.adapter_order}")
+        out = {}
+        for path, mas in self._adapters_named(adapter_names).items():
+            module = self._source.get_submodule(path)
+            base = {leaf: self._tensor(self._tree_name[f"{path}.{leaf}"])
+                    for leaf in ("weight", "bias") if getattr(module, leaf, None) is not None}
+            work = {leaf: t.detach().to(_compute_dtype(t)) for leaf, t in base.items()}
+            changed: set[str] = set()
+            for ma in mas:
+                if not ma.method.mergeable:
+                    raise ConfigError(f"adapter {ma.adapter!r} ({ma.method.peft_type}) cannot be merged")
+                tensors = {key: t.detach().to(_compute_dtype(t)) for key, (_, t) in ma.tensors.items()}
+                update = ma.method.fold(ma.kind, ma.config, module, tensors, dict(work))
+                work.update(update)
+                changed |= set(update)
+            merged = {leaf: work[leaf].to(base[leaf].dtype) for leaf in sorted(changed)}
+            if safe_merge:
+                for leaf, t in merged.items():
+                    if not torch.isfinite(t).all():
+                        raise PeftcError(
+                            f"merging {', '.join(ma.adapter for ma in mas)} into {path!r} gives non-finite "
+                            f"values in its {leaf}; nothing was merged"
+                        )
+            out[path] = merged
+        return out
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Run with the adapters folded into the weights (PEFT's name). The folded tensors are new;
+        the base weights are untouched, so `unmerge_adapter` is exact to the bit."""
+        merged = self.merged_tensors(adapter_names, safe_merge)
+        self._install_merged(merged, list(self._active if adapter_names is None else adapter_names))
+
+    def unmerge_adapter(self) -> None:
+        for tensors in self._merged.values():
+            for fqn in tensors.values():
+                delattr(*self._resolve(fqn))
+        _prune_empty_slots(self)
+        self._merged, self._merged_adapters = {}, []
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._merged_adapters)
+
+    def fold(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> AdaptedModel:
+        """A new adapted model running with these adapters merged: its graphs have no adapter nodes.
+        It shares every tensor with this one except the merged weights; this model is unchanged."""
+        merged = self.merged_tensors(adapter_names, safe_merge)
+        captures, programs = self._captures, self._programs
+        self._captures, self._programs = {}, {}
+        try:
+            clone = _structural_copy(self, keep_requires_grad=True)
+        finally:
+            self._captures, self._programs = captures, programs
+        clone._captures = {key: list(cs) for key, cs in captures.items()}  # base graphs are never mutated
+        clone._active = list(self._active if adapter_names is None else adapter_names)
+        clone._install_merged(merged, clone._active)
+        return clone
+
+    def _install_merged(self, merged: dict[str, dict[str, torch.Tensor]], adapter_names: list[str]) -> None:
+        self.unmerge_adapter()
+        for path, tensors in merged.items():
+            self._merged[path] = {}
+            for leaf, t in tensors.items():
+                fqn = f"{names.PREFIX}{path}.merged.{leaf}"
+                _set_tensor(self, fqn, t, persistent=False)
+                self._merged[path][leaf] = fqn
+        self._merged_adapters = adapter_names
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """The base model's class with the adapters merged into its weights (PEFT's name and meaning),
+        ready for `save_pretrained` and `generate`. A copy: this adapted model is unchanged; tensors
+        the merge does not touch share storage with the model given to `apply`, as under PEFT."""
+        del progressbar  # merging is one pass over tensors; kept for PEFT's signature
+        merged = self.merged_tensors(adapter_names, safe_merge)
+        self._sync_source()
+        model = _structural_copy(self._source)
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        untied = False
+        for path, tensors in merged.items():
+            module = model.get_submodule(path)
+            for leaf, t in tensors.items():
+                untied |= uses[id(getattr(module, leaf))] > 1
+                module.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
+        if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            # a merged embedding no longer equals the head it was tied to: keep them apart when saved
+            model.config.tie_word_embeddings = False
+        return model.train(self.training)
+
+    def unload(self) -> nn.Module:
+        """The base model without any adapter (PEFT's name): a copy sharing the base tensors."""
+        self._sync_source()
+        return _structural_copy(self._source).train(self.training)
+
+    # -- the rest of PEFT's API ----------------------------------------------------------------------
 
     @property
     def targeted_modules(self) -> dict[str, list[ModuleAdapter]]:
         """Module path -> the adapters placed on it."""
+        self._refresh_adapter_tensors()
         return dict(self._adapters)
 
     def adapter_parameters(self, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        adapter = adapter or self.active_adapter
-        for mas in self._adapters.values():
+        """(name, parameter) of one adapter, or of the active adapters."""
+        wanted = self._active if adapter is None else [adapter]
+        for mas in self.targeted_modules.values():
             for ma in mas:
-                if ma.adapter == adapter:
+                if ma.adapter in wanted:
                     for fqn, t in ma.tensors.values():
                         if isinstance(t, nn.Parameter):
                             yield fqn, t
@@ -243,24 +721,73 @@ class AdaptedModel(nn.Module):
         self._sync_source()
         return self._source
 
-    def save_adapter(self, directory: str, adapter_name: str | None = None) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format."""
+    def save_adapter(self, directory: str, adapter_name: str | None = None,
+                     path_initial_model_for_weight_conversion: str | None = None) -> None:
+        """Write one adapter (default: the active one) as `adapter_config.json` +
+        `adapter_model.safetensors` in PEFT's format and layout. With
+        `path_initial_model_for_weight_conversion` (the folder of the adapter saved right after a
+        PiSSA/OLoRA init), write PEFT's conversion: a plain LoRA for the original base weights."""
         from .checkpoint import save_adapter
 
-        save_adapter(self, directory, adapter_name or self.active_adapter)
+        adapter_name = adapter_name or self._active[0]
+        if adapter_name in self._padded:
+            raise ConfigError(
+                f"adapter {adapter_name!r} was hot-swapped in at a smaller rank and is zero-padded here; "
+                "its checkpoint is the folder it was swapped in from"
+            )
+        save_adapter(self, directory, adapter_name, path_initial_model_for_weight_conversion)
 
-    save_pretrained = save_adapter  # PEFT's name
+    def save_pretrained(self, save_directory: str, selected_adapters: Sequence[str] | None = None,
+                        path_initial_model_for_weight_conversion: str | None = None) -> None:
+        """PEFT's name: every adapter (or the selected ones), "default" in the folder, others in subfolders."""
+        for name in selected_adapters or self.adapter_order:
+            self.save_adapter(save_directory, name, path_initial_model_for_weight_conversion)
 
 
-def _structural_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the module tree whose tensors are fresh frozen Parameters / cloned buffers.
+BASE_NAME = "__base__"  # PEFT's adapter_names entry for "no adapter"
 
-    Parameters share storage with the original (no memory is copied); buffers are cloned because
-    the model may update them in place (BatchNorm statistics). Tied tensors stay tied.
+
+def _check_adapter_name(adapter_name: Any) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name \
+            or "\\" in adapter_name or adapter_name == BASE_NAME:
+        raise ConfigError(f"adapter name {adapter_name!r} must be a non-empty name without '.', '/' or '\\'")
+
+
+def _listing_diff(got: Any, want: Any) -> str:
+    got = set(got)
+    want = {w.module_path if isinstance(w, ModuleAdapter) else w for w in want}
+    extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
+    return f"only in the new one: {extra}; only in the loaded one: {missing}"
+
+
+def _lora_factor_keys(ma: ModuleAdapter) -> tuple[tuple[str, str | None], tuple[str, str | None]]:
+    if ma.kind == "embedding":
+        return ("lora_embedding_A", None), ("lora_embedding_B", None)
+    return ("lora_A", "weight"), ("lora_B", "weight")
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _prune_empty_slots(root: nn.Module) -> None:
+    for name, child in list(root._modules.items()):
+        if isinstance(child, Slot):
+            _prune_empty_slots(child)
+            if not child._modules and not child._parameters and not child._buffers:
+                del root._modules[name]
+
+
+def _structural_copy(model: nn.Module, keep_requires_grad: bool = False) -> nn.Module:
+    """A deep copy of the module tree whose tensors are fresh Parameters / cloned buffers.
+
+    Parameters share storage with the original (no memory is copied) and are frozen unless
+    `keep_requires_grad`; buffers are cloned because the model may update them in place
+    (BatchNorm statistics). Tied tensors stay tied.
     """
     memo: dict[int, Any] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
-        memo.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=False))
+        memo.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=keep_requires_grad and p.requires_grad))
     for _, b in model.named_buffers(remove_duplicate=False):
         memo.setdefault(id(b), b.detach().clone())
     return copy.deepcopy(model, memo)

@@ -17,8 +17,32 @@ def live_key(module_path: str, group: str, adapter: str, leaf: str | None) -> st
     return f"{PREFIX}{module_path}.{group}.{adapter}" + (f".{leaf}" if leaf else "")
 
 
+# groups PEFT saves without their live leaf: DoRA's magnitude is `...lora_magnitude_vector.default.weight`
+# live but `...lora_magnitude_vector` saved (the checkpoint format of its older ParameterDict form)
+SAVED_WITHOUT_LEAF = frozenset({"lora_magnitude_vector"})
+
+
 def saved_key(module_path: str, group: str, leaf: str | None) -> str:
+    if group in SAVED_WITHOUT_LEAF:
+        leaf = None
     return f"{PREFIX}{module_path}.{group}" + (f".{leaf}" if leaf else "")
+
+
+# tensors one adapter shares across its modules (VeRA's projections) live at the tuner level:
+# `base_model.<group>.<adapter>` live, `base_model.<group>` saved
+TUNER = "base_model."
+
+
+def shared_live_key(group: str, adapter: str, leaf: str | None) -> str:
+    return f"{TUNER}{group}.{adapter}" + (f".{leaf}" if leaf else "")
+
+
+def shared_saved_key(group: str, leaf: str | None) -> str:
+    return f"{TUNER}{group}" + (f".{leaf}" if leaf else "")
+
+
+def is_shared(fqn: str) -> bool:
+    return fqn.startswith(TUNER) and not fqn.startswith(PREFIX)
 
 
 def base_key(param_fqn: str, adapted_modules: set[str]) -> str:

@@ -16,6 +16,8 @@ import torch.fx
 
 from .capture import STATE
 
+ADAPTER = "peftc_adapter"  # node meta on nodes a rewrite inserted: (module_path, adapter, method)
+
 aten = torch.ops.aten
 
 # op -> (index of the activation input, index of the weight)
@@ -64,8 +66,8 @@ def find_sites(graph: torch.fx.Graph) -> list[Site]:
     """Every op in `graph` whose weight argument is a model parameter or buffer."""
     sites = []
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in WEIGHT_OPS:
-            continue
+        if node.op != "call_function" or node.target not in WEIGHT_OPS or ADAPTER in node.meta:
+            continue  # ops a rewrite inserted (LoHa's factor products) are not sites
         x_i, w_i = WEIGHT_OPS[node.target]
         if len(node.args) <= max(x_i, w_i):
             continue

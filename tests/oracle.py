@@ -177,6 +177,31 @@ def check_method(case_name: str, config: dict[str, Any], peft_config: peft.PeftC
     """The whole comparison for one method config on one zoo model."""
     pair = make_pair(case_name, config, peft_config)
     check_eval(pair, tol)
+    check_checkpoints(pair, tmp_path, tol)  # before training moves BatchNorm statistics away from a fresh model's
     check_train(pair, tol)
-    check_checkpoints(pair, tmp_path, tol)
     return pair
+
+
+def check_fold(pair: MethodPair, tol: dict[str, float] = TOL) -> dict[str, dict[str, torch.Tensor]]:
+    """Folding, through the fold pass and merge_and_unload: the folded graph has no adapter nodes and
+    computes the adapted outputs; the merged weights equal PEFT's merge_and_unload on the same values.
+    Returns the merged tensors per module."""
+    from peftc.graph import adapter_nodes
+
+    case, am = pair.case, pair.am
+    am.eval()
+    pair.pm.eval()
+    folded = am.fold(safe_merge=True)
+    with torch.no_grad():
+        want = case.call(am)
+        assert_same_outputs(case.call(folded), want, tol)
+        assert all(adapter_nodes(g.gm.graph) == [] for g in folded.graphs)
+        merged_model = am.merge_and_unload()
+        assert_same_outputs(case.call(merged_model), want, tol)
+    merged = am.merged_tensors()
+    theirs = copy.deepcopy(pair.pm).merge_and_unload()
+    for path, tensors in merged.items():
+        module = theirs.get_submodule(path)
+        for leaf, value in tensors.items():
+            torch.testing.assert_close(value, getattr(module, leaf), **tol, msg=lambda m, p=path: f"{p}: {m}")
+    return merged

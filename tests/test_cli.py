@@ -130,3 +130,70 @@ def test_installed_console_script(tmp_path):
     assert shown.returncode == 0 and "MODEL" in shown.stdout and "CONFIG" in shown.stdout
     failed = subprocess.run([script, "apply", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and "not a model folder" in failed.stderr and "Traceback" not in failed.stderr
+
+
+# -- peftc inspect -----------------------------------------------------------------------------------
+
+
+def test_inspect_default_model_reports_sites_op_counts_and_draws(tmp_path, capsys):
+    picture = tmp_path / "rewrite.png"
+    assert main(["inspect", "--draw", str(picture)]) == 0
+    stdout = capsys.readouterr().out
+    assert "12 adapter site(s):" in stdout
+    row = next(line for line in stdout.splitlines() if line.startswith("encoder.layer.0.attention.self.query "))
+    assert row.split()[:6] == ["encoder.layer.0.attention.self.query", "linear", "LORA", "default", "8", "4"]
+    assert "lora_A.default.weight [8, 384], lora_B.default.weight [384, 8]" in row
+    # op counts: two linears, a mul and an add per site, nothing else changed
+    counts = {line.split()[0]: line.split()[1:] for line in stdout.splitlines() if line.startswith("aten.")}
+    assert {op: c[2] for op, c in counts.items()} == {"aten.linear": "+24", "aten.mul.Tensor": "+12",
+                                                      "aten.add.Tensor": "+12"}
+    assert all(int(c[1]) - int(c[0]) == int(c[2]) for c in counts.values())
+    assert "48 inserted at 12 site(s)" in stdout and "warning" not in stdout
+    # the drawn layer (the first site) is listed node by node
+    assert "encoder.layer.0.attention.self.query: the base op, then the inserted nodes" in stdout
+    assert "p_encoder_layer_0_attention_self_query_lora_a_default_weight" in stdout
+    assert f"to {picture}" in stdout
+    assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.fixture
+def tiny_bert(tmp_path) -> tuple[str, str]:
+    """A small BERT saved as a local model folder, and a LoRA config for it."""
+    from tests.zoo import bert
+
+    model_dir = tmp_path / "tiny-bert"
+    bert().model.save_pretrained(model_dir)
+    config = _write(tmp_path / "lora.json", json.dumps(
+        {"peft_type": "LORA", "r": 4, "target_modules": ["query", "value"], "rank_pattern": {"value": 2}}))
+    return str(model_dir), config
+
+
+def test_inspect_local_model_lists_one_layer_and_draws_svg(tiny_bert, tmp_path, capsys):
+    picture = tmp_path / "value.svg"
+    layer = "encoder.layer.1.attention.self.value"
+    assert main(["inspect", *tiny_bert, "--layer", layer, "--draw", str(picture)]) == 0
+    stdout = capsys.readouterr().out
+    assert "4 adapter site(s):" in stdout
+    row = next(line for line in stdout.splitlines() if line.startswith(layer + " "))
+    assert row.split()[:6] == [layer, "linear", "LORA", "default", "2", "4"]
+    listed = stdout.split(f"{layer}: the base op, then the inserted nodes\n")[1].splitlines()[:5]
+    assert [line.split(" = ")[1].split("(")[0] for line in listed] == [
+        "aten.linear.default", "aten.linear.default", "aten.linear.default", "aten.mul.Tensor", "aten.add.Tensor"]
+    text = picture.read_text()
+    assert "<svg" in text and "lora_B.default.weight" in text and layer in text
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("bad_suffix", "rewrite.jpg: --draw writes a .png or .svg file"),
+    ("bad_layer", "no nodes were inserted for module 'encoder.layer.1.attention.self.vlaue'"),
+])
+def test_inspect_user_errors_exit_2_with_one_line(case, expected, tiny_bert, tmp_path, capsys):
+    picture = tmp_path / ("rewrite.jpg" if case == "bad_suffix" else "rewrite.png")
+    argv = ["inspect", *tiny_bert, "--draw", str(picture)]
+    if case == "bad_layer":
+        argv += ["--layer", "encoder.layer.1.attention.self.vlaue"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftc: error: ") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not picture.exists()

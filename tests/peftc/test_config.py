@@ -44,10 +44,10 @@ def test_unknown_field_is_an_error_with_a_suggestion():
 
 
 def test_unsupported_field_is_an_error_not_ignored():
-    with pytest.raises(ConfigError, match="use_dora"):
-        load_config({"peft_type": "LORA", "target_modules": ["q"], "use_dora": True})
+    with pytest.raises(ConfigError, match="layer_replication"):
+        load_config({"peft_type": "LORA", "target_modules": ["q"], "layer_replication": [[0, 1]]})
     with pytest.raises(ConfigError, match="init_lora_weights"):
-        load_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "pissa"})
+        load_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "loftq"})
 
 
 def test_bad_values_name_the_field(tmp_path):

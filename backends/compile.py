@@ -1,0 +1,156 @@
+"""torch.compile backend: switching adapters, changing scales, hot-swapping weights and choosing
+adapters per sample never recompile.
+
+    compiled = peftc.backends.compile.compile_model(am)              # torch.compile(fullgraph=True)
+    compiled(**inputs)                                               # the active adapter
+    am.set_adapter("other"); compiled(**inputs)                      # same compiled code
+    compiled(**inputs, adapter_names=["a", "__base__", "other"])     # a mixed batch, same code
+
+Every call runs one compiled graph: the mixed-adapter graph of the dispatch pass. Adapter
+weights and scales are inputs of that graph, and which adapter a sample uses is its
+`adapter_index` input, so nothing a switch changes is a Python value dynamo could guard on. A
+call with one active adapter runs it with that adapter's index for every sample; with adapters
+disabled, with index -1 (base only). Batch and sequence dims are marked dynamic where the
+captured graph has them symbolic.
+
+What still compiles: a new call signature or mode (it is a new graph), adding or deleting an
+adapter (the mixed graph gains or loses inputs), and the states the mixed graph cannot express,
+several active adapters summed or merged adapters, which compile their own graph once each.
+In training mode with gradients enabled, which adapter parameters require grad is part of what
+dynamo guards on, so activating another adapter for training compiles once for it; in eval mode
+or under `torch.no_grad()` the state is passed detached and that guard never changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from peftc.backends.eager import EagerProgram
+from peftc.passes.dispatch import BASE_ONLY
+
+from peftc.capture import CapturedGraph
+from peftc.errors import ConfigError
+from peftc.graph import copy_graph_module
+
+WRAP_GRAD = torch.ops.higher_order.wrap_with_set_grad_enabled
+
+
+class CompiledModel:
+    """An adapted model's graphs under torch.compile, called like the adapted model itself
+    (including `adapter_names=` / `adapter_index=`). Adapter state is read from the adapted model
+    at every call, so `set_adapter`, `hotswap_adapter`, `load_state_dict` and optimizer steps on it
+    are seen at once."""
+
+    def __init__(self, model: Any, **compile_options: Any):
+        self.model = model
+        self.options = {"fullgraph": True, **compile_options}
+        self._compiled: dict[int, tuple[EagerProgram, EagerProgram]] = {}  # id(program) -> (program, compiled)
+
+    def __call__(
+        self, *args: Any, adapter_names: Sequence[str] | None = None, adapter_index: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        am = self.model
+        if adapter_names is not None and adapter_index is not None:
+            raise ConfigError("pass adapter_names or adapter_index, not both")
+        if adapter_names is not None:
+            adapter_index = am.adapter_index(adapter_names)
+        slot = self._whole_batch_slot() if adapter_index is None else None
+        mixed = adapter_index is not None or slot is not None
+        program, flat = am._program(args, {**am._call_defaults, **kwargs}, mixed=mixed)
+        extras = None
+        if mixed:
+            if adapter_index is None:
+                device = next(iter(am.parameters())).device
+                adapter_index = torch.full((batch_size(flat),), slot, dtype=torch.int64, device=device)
+            extras = {"adapter_index": am._checked_index(adapter_index, flat)}
+        return self._compile(program)(flat, extras)
+
+    def _whole_batch_slot(self) -> int | None:
+        """The adapter_index that runs the model's current state through the mixed graph, or None
+        where it cannot (several active adapters, merged adapters)."""
+        am = self.model
+        if am._disabled:
+            return BASE_ONLY
+        if len(am.active_adapters) == 1 and not am.merged:
+            return am.adapter_order.index(am.active_adapters[0])
+        return None
+
+    def _compile(self, program: EagerProgram) -> EagerProgram:
+        entry = self._compiled.get(id(program))
+        if entry is not None and entry[0] is program:
+            return entry[1]
+        live = {id(p) for p in self.model._programs.values()}  # graphs the model dropped (an adapter added)
+        self._compiled = {k: v for k, v in self._compiled.items() if k in live}
+        gm = copy_graph_module(program.captured.gm)
+        inline_grad_blocks(gm)
+        gm.forward = _compiled_forward(gm, program.captured, self.options)
+        compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model._resolve)
+        self._compiled[id(program)] = (program, compiled)
+        return compiled
+
+
+def compile_model(model: Any, **compile_options: Any) -> CompiledModel:
+    """Compile an adapted model's graphs (`torch.compile(..., fullgraph=True, **compile_options)`,
+    e.g. `backend=`, `mode=`); returns a callable with the adapted model's call convention."""
+    return CompiledModel(model, **compile_options)
+
+
+def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options: dict[str, Any]) -> Callable:
+    compiled = torch.compile(gm.forward, **options)
+    n_state = len(captured.state_names())
+    dynamic = {}  # input position -> the dims the captured graph keeps symbolic
+    for i, check in enumerate(captured.input_checks):
+        if check[0] == "tensor":
+            dims = [d for d, size in enumerate(check[2]) if not isinstance(size, int)]
+            if dims:
+                dynamic[n_state + i] = dims
+    for i, _ in enumerate(captured.extra_inputs):  # adapter_index: one entry per sample
+        dynamic[n_state + len(captured.input_checks) + i] = [0]
+
+    def forward(*inputs: Any) -> Any:
+        if not (captured.training and torch.is_grad_enabled()):
+            # requires_grad is guarded on and set_adapter flips it: state that needs no grad goes in detached
+            inputs = (*(t.detach() for t in inputs[:n_state]), *inputs[n_state:])
+        for position, dims in dynamic.items():
+            torch._dynamo.maybe_mark_dynamic(inputs[position], dims)
+        return compiled(*inputs)
+
+    return forward
+
+
+def inline_grad_blocks(gm: torch.fx.GraphModule) -> int:
+    """Inline the `wrap_with_set_grad_enabled` blocks torch.export leaves (around Llama's rotary
+    embedding), which dynamo cannot trace with fullgraph=True. The blocks only compute from
+    inputs that need no grad, so running them inline gives the same values. Returns how many."""
+    graph = gm.graph
+    count = 0
+    for node in list(graph.find_nodes(op="call_function", target=WRAP_GRAD)):
+        _, body_node, *operands = node.args
+        body = getattr(gm, body_node.target)
+        env = dict(zip(body.graph.find_nodes(op="placeholder"), operands))
+        with graph.inserting_before(node):
+            outputs = graph.graph_copy(body.graph, env)
+        for user in list(node.users):  # operator.getitem(block, i)
+            user.replace_all_uses_with(outputs[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(node)
+        if not body_node.users:
+            graph.erase_node(body_node)
+        count += 1
+    if count:
+        gm.delete_all_unused_submodules()
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def batch_size(flat_inputs: list[Any]) -> int:
+    sizes = [v.shape[0] for v in flat_inputs if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not sizes:
+        raise ConfigError("the call has no batched tensor input to run an adapter per sample on")
+    return sizes[0]

@@ -1,0 +1,343 @@
+"""ONNX Runtime backend: export an adapted model's graph to ONNX, and serve it by adapter name.
+
+    peftc.export_onnx(am, "m.onnx", mode="merged")   # adapters folded into the weights
+    peftc.export_onnx(am, "s.onnx", mode="switch")   # every adapter stacked, `adapter_index` per sample
+    peftc.export_onnx(am, "i.onnx", mode="inputs")   # the active adapter's tensors are graph inputs
+    peftc.save_onnx_adapter(am, "a.safetensors", "a")  # ...fed from a file at run time
+
+    session = OnnxAdapterSession("s.onnx")
+    session.run({"input_ids": ids}, adapter_names=["a", "__base__", "b"])
+
+Each mode exports one of the adapted model's rewritten graphs as it is (the folded graph, the
+mixed-adapter graph of the dispatch pass, the active-adapter graph), through a small module
+whose inputs are the user's tensors (plus `adapter_index`, plus the adapter tensors in
+"inputs" mode) and whose outputs are the model's output tensors, named after their fields
+(`logits`, `last_hidden_state`). The other state tensors become initializers. Batch and
+sequence dims stay dynamic where the captured graph has them symbolic. Switching is standard
+ONNX (Gather of the stacked adapters, MatMul): no custom ops. What the runner needs (mode,
+adapter order, which inputs are adapter tensors) is stored in the model's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from peftc.passes.dispatch import BASE_ONLY
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.export import Dim
+
+from peftc import names
+from peftc.capture import CapturedGraph, synthesize_inputs
+from peftc.errors import CheckpointError, ConfigError
+from peftc.graph import copy_graph_module
+
+from .compile import batch_size, inline_grad_blocks
+
+MODES = ("merged", "switch", "inputs")
+METADATA_KEY = "peftc"
+BASE_NAME = "__base__"  # an adapter_names entry: the base model alone
+ORT_ADAPTER_SUFFIX = ".onnx_adapter"  # ONNX Runtime's adapter format; anything else is safetensors
+
+
+def export_onnx(
+    model: Any,
+    path: str | os.PathLike,
+    mode: str = "merged",
+    example_inputs: Any = None,
+    adapter_names: Sequence[str] | None = None,
+    **export_options: Any,
+) -> str:
+    """Export the adapted `model` to the ONNX file `path` (returned).
+
+    mode "merged": the adapters `adapter_names` (default: the active ones) folded into the
+    weights, no adapter nodes. "switch": every loaded adapter stacked as initializers and an
+    `adapter_index` input (int64, one entry per sample, -1 for the base model alone, else the
+    position in `model.adapter_order`). "inputs": the one active adapter's tensors are graph
+    inputs named by their PEFT keys (`base_model.model.<module>.lora_A.weight`,
+    `...lora_scaling`), fed at run time from a file `save_onnx_adapter` writes.
+
+    `example_inputs` (a dict of keyword tensors or a tuple of positional ones, batch >= 2) names
+    the call to export, e.g. with an attention mask; default: `input_ids` for a transformers
+    model. `export_options` go to `torch.onnx.export` (`opset_version`, `external_data`, ...).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"export mode {mode!r}: choose one of {', '.join(MODES)}")
+    if adapter_names is not None and mode != "merged":
+        raise ConfigError(f"adapter_names chooses what mode='merged' folds; mode={mode!r} exports "
+                          + ("every loaded adapter" if mode == "switch" else "the active adapter"))
+    if mode == "inputs" and (len(model.active_adapters) != 1 or model.merged):
+        raise ConfigError(f"mode='inputs' exports one active, unmerged adapter; active: {model.active_adapters}"
+                          + (" (merged)" if model.merged else ""))
+    args, kwargs = _example_call(model, example_inputs)
+    if mode == "merged":
+        model = model.fold(adapter_names)
+    program, flat = model._program(args, {**model._call_defaults, **kwargs}, mixed=mode == "switch")
+    captured = program.captured
+    state = set(captured.state_names())
+    adapter_keys = {fqn: key for fqn, key in _adapter_input_keys(model).items() if fqn in state} if mode == "inputs" \
+        else {}
+
+    entry = _Entry(captured, model, flat, adapter_keys)
+    user_names = _user_input_names(args, kwargs, flat)
+    index_names = ["adapter_index"] if mode == "switch" else []
+    example = [v for v in flat if isinstance(v, torch.Tensor)]
+    if mode == "switch":
+        example.append(torch.zeros(batch_size(example), dtype=torch.int64))
+    example += [model._tensor(fqn).detach() for fqn in adapter_keys]
+    dynamic = [_dynamic_dims(check) for check in captured.input_checks if check[0] == "tensor"]
+    dynamic += [{0: Dim.AUTO}] * len(index_names) + [None] * len(adapter_keys)
+    output_names = _output_names(captured)
+    metadata = {
+        "mode": mode,
+        "adapters": model.active_adapters if mode != "switch" else model.adapter_order,
+        "inputs": user_names,
+        "adapter_inputs": {key: list(model._tensor(fqn).shape) for fqn, key in adapter_keys.items()},
+        "outputs": output_names,
+    }
+    external_data = export_options.pop("external_data", None)  # None: only past ONNX's 2 GB limit
+    with torch.no_grad():
+        program_onnx = torch.onnx.export(
+            entry, tuple(example), dynamo=True, input_names=[*user_names, *index_names, *adapter_keys.values()],
+            output_names=output_names, dynamic_shapes={"inputs": tuple(dynamic)}, **export_options,
+        )
+    program_onnx.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
+    program_onnx.save(os.fspath(path), external_data=external_data)
+    return os.fspath(path)
+
+
+def save_onnx_adapter(model: Any, path: str | os.PathLike, adapter_name: str | None = None) -> str:
+    """Write one adapter's tensors (default: the active adapter) under the input names of a
+    mode="inputs" export: safetensors, or ONNX Runtime's adapter format for a `.onnx_adapter` path."""
+    adapter_name = adapter_name or model.active_adapters[0]
+    tensors = {key: model._tensor(fqn).detach().cpu().contiguous()
+               for fqn, key in _adapter_input_keys(model, adapter_name).items()}
+    path = os.fspath(path)
+    if path.endswith(ORT_ADAPTER_SUFFIX):
+        import onnxruntime as ort
+
+        adapter = ort.AdapterFormat()
+        adapter.set_adapter_version(1)
+        adapter.set_model_version(1)
+        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(t.numpy()) for k, t in tensors.items()})
+        adapter.export_adapter(path)
+    else:
+        save_file(tensors, path)
+    return path
+
+
+def default_providers() -> list[str]:
+    """CUDA where onnxruntime-gpu has it (the `gpu` extra), else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxAdapterSession:
+    """Serve an exported model with adapter names: `run(inputs, adapter_names=[...])`.
+
+    merged: the adapters are in the weights, so no names. switch: one name per sample among
+    those exported ("__base__": the base model alone). inputs: adapters loaded with
+    `load_adapter(file, name)`, one per run (every sample the same name)."""
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
+                 session_options: Any = None):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(os.fspath(path), session_options,
+                                            providers=list(providers or default_providers()))
+        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if meta is None:
+            raise CheckpointError(f"{path}: not exported by peftc.export_onnx (no {METADATA_KEY!r} metadata)")
+        meta = json.loads(meta)
+        self.mode: str = meta["mode"]
+        self.exported_adapters: list[str] = meta["adapters"]
+        self.input_names: list[str] = meta["inputs"]
+        self.output_names: list[str] = meta["outputs"]
+        self.adapter_inputs: dict[str, list[int]] = meta["adapter_inputs"]
+        device = self.session.get_providers()[0]
+        self._device = "cuda" if device == "CUDAExecutionProvider" else "cpu"
+        self._adapters: dict[str, dict[str, Any]] = {}  # inputs mode: name -> input name -> OrtValue
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The names `run` accepts."""
+        return list(self._adapters) if self.mode == "inputs" else list(self.exported_adapters)
+
+    def load_adapter(self, source: str | os.PathLike, adapter_name: str) -> None:
+        """Load an adapter file written by `save_onnx_adapter` (mode="inputs" exports only). A tensor
+        smaller than the input it feeds (a lower rank) is zero-padded, as in `hotswap_adapter`."""
+        import onnxruntime as ort
+
+        if self.mode != "inputs":
+            raise ConfigError(f"this model was exported with mode={self.mode!r}: its adapters "
+                              f"{self.exported_adapters} are built in; export mode='inputs' to load adapters")
+        tensors = _read_adapter_file(os.fspath(source))
+        missing = sorted(set(self.adapter_inputs) - set(tensors))
+        extra = sorted(set(tensors) - set(self.adapter_inputs))
+        if missing or extra:
+            raise CheckpointError(f"{source}: not an adapter for this model: missing {missing[:3]}, "
+                                  f"unexpected {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
+        values = {}
+        for key, shape in self.adapter_inputs.items():
+            array = _fit(tensors[key], shape, f"{source}: {key}")
+            values[key] = ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
+        self._adapters[adapter_name] = values
+
+    def run(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name for `inputs` (numpy arrays or torch tensors, by input name)."""
+        unknown = sorted(set(inputs) - set(self.input_names))
+        missing = [n for n in self.input_names if n not in inputs]
+        if unknown or missing:
+            raise ConfigError(f"inputs: expected {self.input_names}; missing {missing}, unknown {unknown}")
+        feed = {name: _numpy(inputs[name]) for name in self.input_names}
+        batch = next(a.shape[0] for a in feed.values() if a.ndim > 0)
+        wanted = self._names_for(adapter_names, batch)
+        if self.mode == "switch":
+            order = self.exported_adapters
+            feed["adapter_index"] = np.array([BASE_ONLY if n == BASE_NAME else order.index(n) for n in wanted],
+                                             dtype=np.int64)
+        elif self.mode == "inputs":
+            feed.update(self._adapters[wanted[0]])
+        outputs = self.session.run(self.output_names, feed)
+        return dict(zip(self.output_names, outputs))
+
+    def _names_for(self, adapter_names: str | Sequence[str] | None, batch: int) -> list[str]:
+        """Per-sample adapter names, checked against what this session can run."""
+        if self.mode == "merged":
+            if adapter_names is not None:
+                raise ConfigError(f"this model was exported with {self.exported_adapters} merged into its weights: "
+                                  "run it without adapter_names (export mode='switch' to choose per sample)")
+            return []
+        available = self.adapter_names
+        if adapter_names is None:
+            if len(available) != 1:
+                raise ConfigError(f"pass adapter_names: this session has adapters {available}")
+            adapter_names = available[0]
+        wanted = [adapter_names] * batch if isinstance(adapter_names, str) else list(adapter_names)
+        if len(wanted) != batch:
+            raise ConfigError(f"adapter_names has {len(wanted)} entries for a batch of {batch}")
+        allowed = set(available) | ({BASE_NAME} if self.mode == "switch" else set())
+        unknown = sorted(set(wanted) - allowed)
+        if unknown:
+            raise ConfigError(f"adapter_names: unknown adapter(s) {unknown}; this session has {sorted(allowed)}"
+                              + ("" if self.mode == "switch" else " (load_adapter adds more)"))
+        if self.mode == "inputs" and len(set(wanted)) > 1:
+            raise ConfigError(f"a mode='inputs' model runs one adapter per call, got {sorted(set(wanted))}; "
+                              "export mode='switch' for mixed batches")
+        return wanted
+
+
+class _Entry(nn.Module):
+    """Tensors in, tensors out: calls a lifted graph with the model's state as buffers (initializers),
+    the call's constants fixed, and the adapter tensors of `adapter_keys` taken as inputs."""
+
+    def __init__(self, captured: CapturedGraph, model: Any, flat: list[Any], adapter_keys: dict[str, str]):
+        super().__init__()
+        from peftc.model import _set_tensor
+
+        self.gm = copy_graph_module(captured.gm)
+        inline_grad_blocks(self.gm)  # torch.export would keep the block as a subgraph the exporter cannot lower
+        self.state = captured.state_names()
+        self.constants = [None if isinstance(v, torch.Tensor) else v for v in flat]
+        self.adapter_fqns = list(adapter_keys)
+        self.n_mutated = len(captured.mutated_state)
+        self.holder = nn.Module()
+        for fqn in self.state:
+            if fqn not in adapter_keys:
+                _set_tensor(self.holder, fqn, model._tensor(fqn).detach(), persistent=True)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n_user = sum(c is None for c in self.constants)
+        user, rest = iter(inputs[:n_user]), inputs[n_user:]
+        n_index = len(rest) - len(self.adapter_fqns)
+        fed = dict(zip(self.adapter_fqns, rest[n_index:]))
+        state = [fed[fqn] if fqn in fed else self.holder.get_buffer(fqn) for fqn in self.state]
+        flat = [next(user) if c is None else c for c in self.constants]
+        outputs = self.gm(*state, *flat, *rest[:n_index])
+        return tuple(outputs[self.n_mutated:])
+
+
+def _example_call(model: Any, example_inputs: Any) -> tuple[tuple, dict]:
+    from peftc.model import _split_inputs
+
+    if example_inputs is None:
+        example_inputs = synthesize_inputs(model.get_base_model())
+    return _split_inputs(example_inputs)
+
+
+def _adapter_input_keys(model: Any, adapter_name: str | None = None) -> dict[str, str]:
+    """FQN -> input name (its PEFT saved key) of each tensor of one adapter (default: the active one)."""
+    adapter_name = adapter_name or model.active_adapters[0]
+    if adapter_name not in model.adapter_order:
+        raise ConfigError(f"no adapter named {adapter_name!r}; loaded: {model.adapter_order}")
+    keys = {}
+    for mas in model.targeted_modules.values():
+        for ma in mas:
+            if ma.adapter == adapter_name:
+                for key, (fqn, _) in ma.tensors.items():
+                    keys[fqn] = names.shared_saved_key(*key) if names.is_shared(fqn) else names.saved_key(
+                        ma.module_path, *key)
+    return keys
+
+
+def _path_name(path: tuple) -> str:
+    return "_".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _user_input_names(args: tuple, kwargs: dict, flat: list[Any]) -> list[str]:
+    """Input names of the call's tensors: keyword names, `input_<i>` for positional ones."""
+    leaves, _ = pytree.tree_flatten_with_path((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
+    return [("input_" if path[0].idx == 0 else "") + _path_name(path[1:])
+            for (path, _), value in zip(leaves, flat) if isinstance(value, torch.Tensor)]
+
+
+def _output_names(captured: CapturedGraph) -> list[str]:
+    """Output names from the output's structure: field names of an HF output, `output` for a tensor."""
+    structure = pytree.tree_unflatten(list(range(captured.out_spec.num_leaves)), captured.out_spec)
+    named = [_path_name(path) for path, _ in pytree.tree_flatten_with_path(structure)[0]]
+    return ["output" if not n else f"output_{n}" if n[0].isdigit() else n for n in named]
+
+
+def _dynamic_dims(check: tuple) -> dict[int, Any] | None:
+    dims = {d: Dim.AUTO for d, size in enumerate(check[2]) if not isinstance(size, int)}
+    return dims or None
+
+
+def _read_adapter_file(path: str) -> dict[str, np.ndarray]:
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: a folder; load_adapter reads the file save_onnx_adapter writes "
+                              f"(.safetensors or {ORT_ADAPTER_SUFFIX}), which also holds the adapter's scales")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such adapter file")
+    try:
+        if path.endswith(ORT_ADAPTER_SUFFIX):
+            import onnxruntime as ort
+
+            return {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(path).get_parameters().items()}
+        return {k: t.numpy() for k, t in load_file(path).items()}
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read the adapter file ({e})") from None
+
+
+def _fit(array: np.ndarray, shape: list[int], where: str) -> np.ndarray:
+    """`array` in `shape`, zero-padded at the end of each dim where it is smaller."""
+    if list(array.shape) == shape:
+        return np.ascontiguousarray(array)
+    if array.ndim != len(shape) or any(a > s for a, s in zip(array.shape, shape)):
+        raise CheckpointError(f"{where}: shape {list(array.shape)} does not fit the exported {shape}")
+    out = np.zeros(shape, dtype=array.dtype)
+    out[tuple(slice(0, n) for n in array.shape)] = array
+    return out
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

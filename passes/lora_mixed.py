@@ -1,0 +1,71 @@
+"""LoRA's batched lowering for mixed-adapter batches (the dispatch pass asks for it).
+
+Adapters of one site are stacked in the graph (ranks zero-padded to the largest; slot 0 is a
+zero adapter for base-only samples), each sample gathers its A, B and scale, and two batched
+matmuls apply them: Punica/vLLM's BGMV. Stacking happens in the graph from the adapters' own
+parameters, so training reaches each adapter and a hot-swap (an in-place copy) needs no new graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from peftc.config import LoraConfig
+from peftc.graph import SiteBuilder, cast, cast_like, dtype_of, shape_of
+from peftc.method import TensorKey
+from peftc.sites import Site
+
+aten = torch.ops.aten
+
+LoraSlot = tuple[dict[TensorKey, torch.fx.Node], LoraConfig] | None
+
+
+def emit_mixed_lora(
+    b: SiteBuilder,
+    site: Site,
+    y: torch.fx.Node,
+    slots: list[LoraSlot],
+    index: torch.fx.Node,
+    training: bool,
+    keys: tuple[TensorKey, TensorKey, TensorKey],
+) -> torch.fx.Node | None:
+    """y + s[i] * B[i] A[i] x per sample i; `keys` are LoRA's (A, B, scale) tensor keys.
+    None where the batched form does not apply (DoRA, lora_bias, differing dropouts)."""
+    key_a, key_b, key_scale = keys
+    present = [tensors for tensors, _ in filter(None, slots)]
+    configs = [config for _, config in filter(None, slots)]
+    dropouts = {config.lora_dropout if training else 0.0 for config in configs}
+    if len(dropouts) > 1 or any(getattr(c, "use_dora", False) or getattr(c, "lora_bias", False) for c in configs):
+        return None
+    r_max = max(t[key_a].meta["val"].shape[0] for t in present)
+
+    def stacked(key: TensorKey, pad: list[int] | None) -> torch.fx.Node:
+        """Slot 0 and absent adapters are zeros; `pad` (constant_pad_nd widths for the rank dim) or none."""
+        rows = []
+        for slot in slots:
+            t = None if slot is None else slot[0][key]
+            if t is not None and pad is not None:
+                missing = r_max - t.meta["val"].shape[0 if len(pad) == 4 else 1]
+                t = b.call(aten.constant_pad_nd.default, t, [w * missing for w in pad])
+            rows.append(t)
+        zeros = b.call(aten.zeros_like.default, next(t for t in rows if t is not None))
+        table = b.call(aten.stack.default, [zeros, *(zeros if t is None else t for t in rows)])
+        return b.call(aten.index_select.default, table, 0, slot_of)
+
+    slot_of = b.call(aten.add.Scalar, index, 1)  # -1 (base only) -> the zero slot 0
+    batch = b.call(aten.sym_size.int, index, 0)
+    a_rows = stacked(key_a, [0, 0, 0, 1])  # (batch, r_max, in): pad A's rows
+    b_rows = stacked(key_b, [0, 1])  # (batch, out, r_max): pad B's columns
+    scales = stacked(key_scale, None)  # (batch,)
+
+    x = cast_like(b, site.input, present[0][key_a])
+    (p,) = dropouts
+    if p > 0:
+        x = b.call(aten.dropout.default, x, p, True)
+    x = b.call(aten.reshape.default, x, [batch, -1, present[0][key_a].meta["val"].shape[1]])
+    h = b.call(aten.bmm.default, x, b.call(aten.transpose.int, a_rows, 1, 2))
+    h = b.call(aten.bmm.default, h, b.call(aten.transpose.int, b_rows, 1, 2))
+    h = b.call(aten.mul.Tensor, h, b.call(aten.reshape.default, scales, [-1, 1, 1]))
+    h = cast(b, b.call(aten.reshape.default, h, shape_of(b, y)), dtype_of(present[0][key_scale]), dtype_of(y))
+    return b.call(aten.add.Tensor, y, h)
