@@ -12,6 +12,7 @@ package). Bad input is reported as one `peftc: error: ...` line on stderr with e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -233,6 +234,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.draw and os.path.splitext(args.draw)[1].lower() not in (".png", ".svg"):
         raise UserError(f"{args.draw}: --draw writes a .png or .svg file")
+    if args.draw and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--draw needs matplotlib, which is not installed: pip install 'peftc[draw]'")
     _, model, am, elapsed = load_and_apply(args)
     sites = pi.adapter_sites(am)
     layer = args.layer or (sites[0].module_path if sites else None)

@@ -185,13 +185,16 @@ def test_inspect_local_model_lists_one_layer_and_draws_svg(tiny_bert, tmp_path, 
 
 @pytest.mark.parametrize("case, expected", [
     ("bad_suffix", "rewrite.jpg: --draw writes a .png or .svg file"),
+    ("no_matplotlib", "--draw needs matplotlib, which is not installed: pip install 'peftc[draw]'"),
     ("bad_layer", "no nodes were inserted for module 'encoder.layer.1.attention.self.vlaue'"),
 ])
-def test_inspect_user_errors_exit_2_with_one_line(case, expected, tiny_bert, tmp_path, capsys):
+def test_inspect_user_errors_exit_2_with_one_line(case, expected, tiny_bert, tmp_path, capsys, monkeypatch):
     picture = tmp_path / ("rewrite.jpg" if case == "bad_suffix" else "rewrite.png")
     argv = ["inspect", *tiny_bert, "--draw", str(picture)]
     if case == "bad_layer":
         argv += ["--layer", "encoder.layer.1.attention.self.vlaue"]
+    if case == "no_matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec then reports it missing
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("peftc: error: ") and expected in err
