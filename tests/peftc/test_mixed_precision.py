@@ -33,7 +33,7 @@ def _pair(dtype: torch.dtype) -> oracle.MethodPair:
     ref.model.to(dtype)
     am = peftc.apply(case.model, {"peft_type": "LORA", **CONFIG})
     oracle.randomize_adapters(am)
-    pm = peft.get_peft_model(ref.model, peft.LoraConfig(**CONFIG))
+    pm = peft.get_peft_model(ref.model, peft.LoraConfig(**CONFIG)).eval()  # its new LoRA layers start in train mode
     pm.load_state_dict(am.state_dict(), strict=True)
     return oracle.MethodPair(case, ref, am, pm)
 
