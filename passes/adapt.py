@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from peftc.capture import STATE
 from peftc.errors import TargetError
 from peftc.graph import SiteBuilder, add_state_input
 from peftc.method import ModuleAdapter
-from peftc.sites import sites_by_module
+from peftc.sites import ADAPTER, WEIGHT_OPS, Site, module_path, sites_by_module
 
 
 def insert_adapters(
@@ -20,25 +21,50 @@ def insert_adapters(
 ) -> PassResult:
     """Rewrite `gm` in place; `adapters` maps module path -> adapters active there, applied in order."""
     sites = sites_by_module(gm.graph)
-    modified = False
+    modified, replaced = False, []
     for path, module_adapters in adapters.items():
+        if path not in sites:
+            check_unused_weights(gm.graph, path)
         for site in sites.get(path, []):
             y = site.node
             for ma in module_adapters:
-                allowed = ma.method.site_ops[ma.kind]
-                if site.op not in allowed:
-                    raise TargetError(
-                        f"module {path!r} ({ma.method.layer_types[ma.kind]}) is used by aten.{site.op} in the "
-                        f"graph; {ma.method.peft_type} adapts it only at {', '.join('aten.' + o for o in allowed)}"
-                    )
+                check_site_op(site, ma)
                 inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
-                b = SiteBuilder(gm.graph, y, (path, ma.adapter, ma.method.peft_type))
+                b = SiteBuilder(gm.graph, y, (path, ma.adapter, ma.method.peft_type), site.node.name)
                 new = ma.method.emit(b, site, y, ma.kind, inputs, ma.config, training)
                 b.reroute(new)
                 y = new
                 modified = True
-            if not site.node.users:  # a method recomputed the op (IA3 feed-forward, OFT): drop the old one
-                gm.graph.erase_node(site.node)
+            replaced.append(site.node)
+    # a method that recomputes the base op (IA3 feed-forward, OFT) leaves the old op without users, and a
+    # second such adapter at one site leaves the first one's recomputation: drop them
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and not node.users and (ADAPTER in node.meta or node in replaced):
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, modified)
+
+
+def check_site_op(site: Site, ma: ModuleAdapter) -> None:
+    """The op consuming the module's weight is one the method knows how to adapt for this layer kind."""
+    allowed = ma.method.site_ops[ma.kind]
+    if site.op not in allowed:
+        raise TargetError(
+            f"module {site.module_path!r} ({ma.method.layer_types[ma.kind]}) is used by aten.{site.op} in the "
+            f"graph; {ma.method.peft_type} adapts it only at {', '.join('aten.' + o for o in allowed)}"
+        )
+
+
+def check_unused_weights(graph: torch.fx.Graph, path: str) -> None:
+    """A targeted module with no site: fine if the graph never calls it (PEFT also adds adapters that
+    never run), an error if its parameters reach other ops (the adapter would silently do nothing)."""
+    users = sorted({f"aten.{n.target._overloadpacket.__name__}" for n in graph.nodes
+                    if n.op == "call_function" and module_path(n) == path and hasattr(n.target, "_overloadpacket")
+                    and any(a.op == "placeholder" and STATE in a.meta for a in n.all_input_nodes)})
+    if users:
+        adaptable = sorted({"aten." + op._overloadpacket.__name__ for op in WEIGHT_OPS})
+        raise TargetError(
+            f"module {path!r} is targeted, but its parameters reach only {', '.join(users)} in the graph, "
+            f"not an op an adapter can be placed at ({', '.join(adaptable)})"
+        )

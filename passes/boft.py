@@ -23,7 +23,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, register_config
+from peftc.config import AdapterConfig, check_probability, register_config
 from peftc.errors import ConfigError
 from peftc.graph import SiteBuilder, cast, dtype_of
 from peftc.method import AdapterTensors, TensorKey, adapter_dtype
@@ -35,11 +35,9 @@ from .oft import (
     cayley,
     check_conv,
     check_one_of,
-    check_probability,
     check_shared_fields,
     current_base_op,
     eager,
-    rerun_base_op,
     rotate_last_dim,
 )
 
@@ -148,7 +146,7 @@ class BOFT(RotationMethod):
         w_i = WEIGHT_OPS[op.target][1]
         # op's weight is the base weight, or an earlier BOFT adapter's: W R1^T R2^T, PEFT's composition
         weight = rotated_scaled_weight(b.call, cast(b, op.args[w_i], base, adapter), r, scale, blocks, block_size)
-        return rerun_base_op(b, op, {w_i: cast(b, weight, adapter, base)})
+        return b.rerun(op, {w_i: cast(b, weight, adapter, base)})
 
     def fold(
         self,

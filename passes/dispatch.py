@@ -21,6 +21,8 @@ from peftc.graph import SiteBuilder, add_state_input, shape_of
 from peftc.method import ModuleAdapter, TensorKey
 from peftc.sites import Site, sites_by_module
 
+from .adapt import check_site_op
+
 aten = torch.ops.aten
 
 INDEX = "peftc_adapter_index"  # placeholder meta: the per-sample adapter index input
@@ -44,6 +46,7 @@ def dispatch_adapters(
         for site in sites.get(path, []):
             per_slot: list[Slot] = [None] * len(slots)
             for ma in chosen:
+                check_site_op(site, ma)
                 inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
                 per_slot[position[ma.adapter]] = (ma, inputs)
             b = SiteBuilder(gm.graph, site.node, (path, ",".join(ma.adapter for ma in chosen), "DISPATCH"))

@@ -18,15 +18,14 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, register_config
-from peftc.errors import ConfigError
+from peftc.config import AdapterConfig, check_ranks, register_config
 from peftc.graph import SiteBuilder, cast, dtype_of
 from peftc.method import AdapterTensors, TensorKey, adapter_dtype
 from peftc.sites import WEIGHT_OPS, Site
 
 from .boft import check_weight_conv
 from .fold import BIAS_ARG
-from .oft import Call, RotationMethod, check_shared_fields, current_base_op, eager, rerun_base_op
+from .oft import Call, RotationMethod, check_shared_fields, current_base_op, eager
 
 aten = torch.ops.aten
 
@@ -54,8 +53,7 @@ class HRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_shared_fields(self)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_ranks(self)
 
 
 def _normalised(call: Call, v: Any, dim: list[int] | None = None) -> Any:
@@ -128,7 +126,7 @@ class HRA(RotationMethod):
                                          config.apply_GS)}
         if len(op.args) > bias_i and op.args[bias_i] is not None:
             replace[bias_i] = cast(b, op.args[bias_i], base, adapter)
-        return cast(b, rerun_base_op(b, op, replace), adapter, dtype_of(site.input))
+        return cast(b, b.rerun(op, replace), adapter, dtype_of(site.input))
 
     def fold(
         self,

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, register_config
+from peftc.config import AdapterConfig, check_targets, register_config, target_names
 from peftc.errors import ConfigError, TargetError
 from peftc.graph import SiteBuilder, cast, dtype_of
 from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype, in_out_features
@@ -39,11 +39,6 @@ _LAYERS = {
 }
 
 
-def target_names(value: list[str] | str | set | tuple | None) -> list[str] | str | None:
-    """A module-name list as PEFT's configs hold it (a set), in a stable JSON-friendly order."""
-    return sorted(value) if isinstance(value, (set, tuple)) else value
-
-
 @register_config
 @dataclass
 class IA3Config(AdapterConfig):
@@ -61,11 +56,8 @@ class IA3Config(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.target_modules = target_names(self.target_modules)
-        self.exclude_modules = target_names(self.exclude_modules)
+        check_targets(self)
         self.feedforward_modules = target_names(self.feedforward_modules)
-        if self.target_modules is None:
-            raise ConfigError("target_modules is required (PEFT's per-architecture defaults are not used)")
         if self.feedforward_modules is None:
             raise ConfigError(
                 "feedforward_modules is required (PEFT's per-architecture defaults are not used); "
@@ -136,12 +128,7 @@ class IA3(Method):
                 f"module {site.module_path!r}: a feed-forward IA3 adapter scales the layer's input, so only other "
                 "feed-forward IA3 adapters may come before it at the same module"
             )
-        args = list(y.args)
-        args[x_index] = promoted(b, aten.mul.Tensor, y.args[x_index], vector, dtype)
-        new = b.call(y.target, *args, **y.kwargs)
-        if "val" in y.meta:
-            new.meta["val"] = y.meta["val"]
-        return new
+        return b.rerun(y, {x_index: promoted(b, aten.mul.Tensor, y.args[x_index], vector, dtype)})
 
     def fold(
         self,

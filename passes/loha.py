@@ -20,7 +20,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, register_config
+from peftc.config import AdapterConfig, check_probability, check_ranks, check_targets, register_config
 from peftc.errors import ConfigError
 from peftc.graph import SiteBuilder, cast, dtype_of
 from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype
@@ -62,20 +62,10 @@ class LycorisConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if self.target_modules is None:
-            raise ConfigError("target_modules is required (PEFT's per-architecture defaults are not used)")
-        for name, rank in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {rank!r}")
+        check_targets(self)
+        check_ranks(self)
         for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern needs layers_to_transform")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ConfigError("layers_to_transform needs target_modules as a list, not a regex string")
+            check_probability(self, name)
 
 
 class Lycoris(Method):
@@ -104,9 +94,13 @@ class Lycoris(Method):
                 return kind
         return None
 
+    def settings(self, config: LycorisConfig, module_name: str) -> dict[str, float]:
+        return {"r": pattern_value(config.rank_pattern, module_name, config.r),
+                "alpha": pattern_value(config.alpha_pattern, module_name, config.alpha)}
+
     def create(self, config: LycorisConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
-        r = pattern_value(config.rank_pattern, module_name, config.r)
-        alpha = pattern_value(config.alpha_pattern, module_name, config.alpha)
+        settings = self.settings(config, module_name)
+        r, alpha = settings["r"], settings["alpha"]
         w = module.weight
         params = {}
         for key, shape, init in self.parameter_specs(config, r, tuple(w.shape)):

@@ -81,6 +81,12 @@ class Lora(Method):
         "embedding": ("embedding",),
         "conv2d": ("conv2d", "convolution"),
     }
+    variants = {
+        "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d"),
+        "`lora_bias`": ("linear", "conv1d", "conv2d"),
+        "PiSSA init (`init_lora_weights=\"pissa\"`)": ("linear", "conv1d"),
+        "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
+    }
 
     def layer_kind(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Linear):
@@ -92,6 +98,10 @@ class Lora(Method):
         if isinstance(module, nn.Conv2d):
             return "conv2d"
         return None
+
+    def settings(self, config: LoraConfig, module_name: str) -> dict[str, float]:
+        r, alpha = lora_rank_alpha(config, module_name)
+        return {"r": r, "lora_alpha": alpha, "scale": lora_scale(config, r, alpha)}
 
     def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
         r, alpha = lora_rank_alpha(config, module_name)

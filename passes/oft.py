@@ -25,13 +25,11 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, register_config
+from peftc.config import AdapterConfig, check_probability, check_targets, register_config
 from peftc.errors import ConfigError, TargetError
 from peftc.graph import SiteBuilder, cast, dtype_of
 from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype
 from peftc.sites import WEIGHT_OPS, Site
-
-from .ia3 import target_names
 
 aten = torch.ops.aten
 
@@ -87,14 +85,9 @@ class OFTConfig(AdapterConfig):
 def check_shared_fields(config: AdapterConfig) -> None:
     """What every config of the OFT family (OFT, BOFT, HRA) checks: PEFT's target fields, a boolean
     init_weights."""
-    config.target_modules = target_names(config.target_modules)
-    config.exclude_modules = target_names(config.exclude_modules)
-    if config.target_modules is None:
-        raise ConfigError("target_modules is required (PEFT's per-architecture defaults are not used)")
+    check_targets(config)
     if not isinstance(config.init_weights, bool):
         raise ConfigError(f"init_weights must be True or False, got {config.init_weights!r}")
-    if config.layers_pattern and config.layers_to_transform is None:
-        raise ConfigError("layers_pattern needs layers_to_transform")
 
 
 def check_one_of(config: AdapterConfig, a: str, b: str, why: str) -> None:
@@ -106,11 +99,6 @@ def check_one_of(config: AdapterConfig, a: str, b: str, why: str) -> None:
     if (getattr(config, a) == 0) == (getattr(config, b) == 0):
         raise ConfigError(f"set exactly one of {a} ({getattr(config, a)}) and {b} ({getattr(config, b)}) to a "
                           f"non-zero value ({why}; the other is inferred)")
-
-
-def check_probability(config: AdapterConfig, name: str) -> None:
-    if not 0.0 <= getattr(config, name) < 1.0:
-        raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
 
 
 def nearest_divisor(n: int, k: int) -> int:
@@ -246,7 +234,7 @@ class OFT(RotationMethod):
         def rotate_input(v: torch.fx.Node) -> torch.fx.Node:
             return rotate_patches(b, v, site.input, tuple(weight_shape[2:]), rotate) if kind == "conv2d" else rotate(v)
 
-        return rerun_base_op(b, op, {x_i: in_dtype_of(b, op.args[x_i], packed, rotate_input)})
+        return b.rerun(op, {x_i: in_dtype_of(b, op.args[x_i], packed, rotate_input)})
 
     def fold(
         self,
@@ -308,18 +296,6 @@ def current_base_op(site: Site, y: torch.fx.Node, peft_type: str) -> torch.fx.No
             "before adapters of other methods at its site"
         )
     return y
-
-
-def rerun_base_op(b: SiteBuilder, op: torch.fx.Node, replace: dict[int, Any]) -> torch.fx.Node:
-    """The base op `op` again, with the arguments at the positions in `replace` replaced; once rerouted,
-    the original op is left without users."""
-    args = list(op.args)
-    for index, value in replace.items():
-        args[index] = value
-    new = b.call(op.target, *args, **op.kwargs)
-    if "val" in op.meta:
-        new.meta["val"] = op.meta["val"]
-    return new
 
 
 def in_dtype_of(

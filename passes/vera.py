@@ -19,13 +19,12 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, register_config
-from peftc.errors import ConfigError
+from peftc.config import AdapterConfig, check_probability, check_ranks, check_targets, register_config
 from peftc.graph import SiteBuilder, cast_like, dtype_of
 from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype, in_out_features
 from peftc.sites import Site
 
-from .ia3 import promoted, target_names
+from .ia3 import promoted
 
 aten = torch.ops.aten
 
@@ -58,15 +57,9 @@ class VeraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.target_modules = target_names(self.target_modules)
-        if self.target_modules is None:
-            raise ConfigError("target_modules is required (PEFT's per-architecture defaults are not used)")
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern needs layers_to_transform")
+        check_targets(self)
+        check_ranks(self)
+        check_probability(self, "vera_dropout")
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

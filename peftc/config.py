@@ -95,6 +95,38 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
+def target_names(value: list[str] | str | set | tuple | None) -> list[str] | str | None:
+    """A module-name list as PEFT's configs hold it (a set), in a stable JSON-friendly order."""
+    return sorted(value) if isinstance(value, (set, tuple)) else value
+
+
+def check_targets(config: AdapterConfig) -> None:
+    """PEFT's target fields, as every method has them: `target_modules` required (PEFT's per-architecture
+    defaults are not used), sets in a stable order, `layers_*` only with a list of targets."""
+    config.target_modules = target_names(config.target_modules)
+    config.exclude_modules = target_names(config.exclude_modules)
+    if config.target_modules is None:
+        raise ConfigError("target_modules is required (PEFT's per-architecture defaults are not used)")
+    layers = getattr(config, "layers_to_transform", None)  # fields every method but IA3 has
+    if getattr(config, "layers_pattern", None) and layers is None:
+        raise ConfigError("layers_pattern needs layers_to_transform")
+    if isinstance(config.target_modules, str) and layers is not None:
+        raise ConfigError("layers_to_transform needs target_modules as a list, not a regex string")
+
+
+def check_ranks(config: AdapterConfig) -> None:
+    """`r` and every `rank_pattern` entry (where the method has one) are positive integers."""
+    pattern = getattr(config, "rank_pattern", None) or {}
+    for name, rank in {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in pattern.items()}}.items():
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {rank!r}")
+
+
+def check_probability(config: AdapterConfig, name: str) -> None:
+    if not 0.0 <= getattr(config, name) < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
+
+
 def config_from_dict(data: dict[str, Any], source: str = "config") -> AdapterConfig:
     """Build the config named by `data["peft_type"]`; unknown fields are an error naming `source`."""
     if not isinstance(data, dict):
@@ -203,17 +235,9 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if self.target_modules is None:
-            raise ConfigError("target_modules is required (PEFT's per-architecture defaults are not used)")
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        for name, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_targets(self)
+        check_ranks(self)
+        check_probability(self, "lora_dropout")
         if self.bias != "none":
             raise ConfigError(f"bias={self.bias!r} is not supported by peftc yet (only 'none')")
         init = self.init_lora_weights
@@ -227,10 +251,6 @@ class LoraConfig(AdapterConfig):
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
             # PEFT rejects this too: the rslora scale of a pattern rank is ambiguous
             raise ConfigError("use_rslora cannot be combined with rank_pattern or alpha_pattern")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern needs layers_to_transform")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ConfigError("layers_to_transform needs target_modules as a list, not a regex string")
 
     @property
     def init_method(self) -> str | None:

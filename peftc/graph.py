@@ -62,21 +62,40 @@ class SiteBuilder:
     graph: torch.fx.Graph
     anchor: torch.fx.Node
     tag: tuple[str, str, str]
+    site: str | None = None  # the name of the base op these nodes adapt (inspection groups by it)
     nodes: list[torch.fx.Node] = field(default_factory=list)
 
     def call(self, op: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
         with self.graph.inserting_after(self.nodes[-1] if self.nodes else self.anchor):
             node = self.graph.call_function(op, args, kwargs)
         node.meta[ADAPTER] = self.tag
+        node.meta[SITE] = self.site or self.anchor.name
         if "nn_module_stack" in self.anchor.meta:
             node.meta["nn_module_stack"] = dict(self.anchor.meta["nn_module_stack"])
         self.nodes.append(node)
         return node
 
+    def rerun(self, op: torch.fx.Node, replace: dict[int, Any]) -> torch.fx.Node:
+        """The base op `op` again, with the arguments at the positions in `replace` replaced (a method that
+        transforms the op's input or weight: IA3 feed-forward, OFT). Tagged `REISSUED`: it is the site's op,
+        moved, not an inserted one; once rerouted, `op` is left without users and the adapt pass drops it."""
+        args = list(op.args)
+        for index, value in replace.items():
+            args[index] = value
+        new = self.call(op.target, *args, **op.kwargs)
+        new.meta[REISSUED] = True
+        if "val" in op.meta:
+            new.meta["val"] = op.meta["val"]
+        return new
+
     def reroute(self, new: torch.fx.Node) -> None:
         """Make the anchor's consumers read `new`, except the inserted nodes that compute it."""
         inserted = set(self.nodes)
         self.anchor.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inserted)
+
+
+REISSUED = "peftc_reissued"  # node meta on a base op a method ran again in place of the original
+SITE = "peftc_site"  # node meta on inserted nodes: the name of the base op they adapt
 
 
 def adapter_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:

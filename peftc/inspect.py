@@ -29,9 +29,8 @@ import torch.fx
 from . import names
 from .capture import STATE, USER
 from .errors import TargetError, closest
-from .graph import ADAPTER, adapter_nodes
-from .sites import find_sites, module_path
-from .targets import pattern_value
+from .graph import ADAPTER, REISSUED, SITE, adapter_nodes
+from .sites import module_path
 
 
 def as_graph(obj: Any) -> torch.fx.Graph:
@@ -95,17 +94,19 @@ class SiteRecord:
 
 def _groups(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node | None, tuple[str, str, str], list[torch.fx.Node]]]:
     """(base op, tag, inserted nodes) per site and adapter, in graph order."""
-    site_of = {s.node: s for s in find_sites(graph) if ADAPTER not in s.node.meta}
-    last_site: dict[str, torch.fx.Node] = {}
-    groups: dict[tuple[torch.fx.Node | None, tuple], list[torch.fx.Node]] = {}
+    by_name = {n.name: n for n in graph.nodes}
+    groups: dict[tuple[str | None, tuple], list[torch.fx.Node]] = {}
+    reissued: dict[tuple[str | None, tuple], torch.fx.Node] = {}
     for node in graph.nodes:
         tag = node.meta.get(ADAPTER)
         if tag is None:
-            if node in site_of:
-                last_site[site_of[node].module_path] = node
             continue
-        groups.setdefault((last_site.get(tag[0]), tag), []).append(node)
-    return [(base, tag, nodes) for (base, tag), nodes in groups.items()]
+        key = (node.meta.get(SITE), tag)
+        if REISSUED in node.meta:  # the site's op, run again by the method: it stands for the erased original
+            reissued[key] = node
+        else:
+            groups.setdefault(key, []).append(node)
+    return [(reissued.get((site, tag), by_name.get(site)), tag, nodes) for (site, tag), nodes in groups.items()]
 
 
 def _param_groups() -> set[str]:
@@ -122,9 +123,11 @@ def _shape(node: torch.fx.Node) -> tuple[int | torch.SymInt, ...]:
 
 def _rank(model: Any, path: str, adapter: str) -> int | None:
     config = getattr(model, "peft_config", {}).get(adapter)
-    if config is None or not isinstance(getattr(config, "r", None), int):
+    if config is None:
         return None
-    return pattern_value(getattr(config, "rank_pattern", None) or {}, path, config.r)
+    from peftc.passes import METHODS
+
+    return METHODS[config.peft_type].settings(config, path).get("r")
 
 
 def adapter_sites(am_or_graph: Any) -> list[SiteRecord]:
@@ -182,7 +185,8 @@ def graph_diff(base: Any, adapted: Any) -> GraphDiff:
         sites=adapter_sites(adapted),
         before=op_counts(base),
         after=op_counts(adapted_graph),
-        inserted=Counter(op_name(n) for n in adapter_nodes(adapted_graph) if n.op == "call_function"),
+        inserted=Counter(op_name(n) for n in adapter_nodes(adapted_graph)
+                         if n.op == "call_function" and REISSUED not in n.meta),
     )
 
 

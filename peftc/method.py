@@ -22,6 +22,7 @@ from .config import AdapterConfig
 from .errors import CheckpointError
 from .graph import SiteBuilder
 from .sites import Site
+from .targets import pattern_value
 
 # (group, leaf): PEFT's name parts around the adapter name, e.g. ("lora_A", "weight")
 TensorKey = tuple[str, "str | None"]
@@ -74,6 +75,8 @@ class Method(ABC):
     layer_types: dict[str, str]  # kind -> the module type it stands for, for messages and the README
     site_ops: dict[str, tuple[str, ...]]  # kind -> aten ops (overload packet names) a site of it may be
     mergeable: bool = True  # whether `fold` is defined
+    # config-selected variants -> the kinds they support, for the README's method table
+    variants: dict[str, tuple[str, ...]] = {}
 
     def layer_kind(self, module: nn.Module) -> str | None:
         """The kind of layer `module` is for this method, or None if the method cannot adapt it (by default
@@ -85,6 +88,14 @@ class Method(ABC):
         """The kind of the targeted module `module_name` under `config`: its `layer_kind`, unless the
         method treats modules differently by name (IA3's feed-forward modules get kinds of their own)."""
         return self.layer_kind(module)
+
+    def settings(self, config: AdapterConfig, module_name: str) -> dict[str, float]:
+        """The hyperparameters in effect at one module, by PEFT's field names (reports and tables):
+        by default the rank, where the method has one, after `rank_pattern`."""
+        r = getattr(config, "r", None)
+        if not isinstance(r, int):
+            return {}
+        return {"r": pattern_value(getattr(config, "rank_pattern", None) or {}, module_name, r)}
 
     @abstractmethod
     def create(self, config: AdapterConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:

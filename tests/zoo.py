@@ -140,7 +140,7 @@ def cnn() -> Case:
 
 def embedding_model() -> Case:
     torch.manual_seed(0)
-    return Case("embedding", EmbeddingModel().eval(), (_ids(batch=4, seq=6),), ["emb", "proj"], False)
+    return Case("embedding_model", EmbeddingModel().eval(), (_ids(batch=4, seq=6),), ["emb", "proj"], False)
 
 
 FACTORIES = {f.__name__: f for f in (llama, gpt2, bert, bert_seq_cls, minilm, mlp, cnn, embedding_model)}

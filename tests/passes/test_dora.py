@@ -35,9 +35,6 @@ pytestmark = [
 aten = torch.ops.aten
 # every layer kind DoRA has: Linear (all), Conv1D + Embedding (gpt2), Embedding (llama, bert, embedding), Conv2d (cnn)
 CASES = ["llama", "gpt2", "bert", "mlp", "cnn", "embedding_model"]
-# tests/oracle.py's check_checkpoints cannot run on these yet: PEFT also saves an adapted Llama embedding's base
-# weight (save_embedding_layers="auto"), and the embedding model's case name is not its factory's
-NO_CHECKPOINT_CHECK = ("llama", "embedding_model")
 
 
 def dora_pair(case_name: str, training: bool = False, **extra: Any) -> MethodPair:
@@ -81,12 +78,11 @@ def test_dora_matches_peft(name: str, tmp_path: Path):
     # lora_dropout > 0: in training PEFT's DoRA recomputes the base term as W·dropout(x)
     pair = dora_pair(name, lora_dropout=0.3)
     check_eval(pair)
-    if name not in NO_CHECKPOINT_CHECK:
-        check_checkpoints(pair, tmp_path)
-        # PEFT's saved key for the magnitude has neither the adapter name nor the live ".weight"
-        keys = load_file(tmp_path / "peftc" / "adapter_model.safetensors")
-        magnitudes = [k for k in keys if "lora_magnitude_vector" in k]
-        assert magnitudes and all(k.endswith(".lora_magnitude_vector") for k in magnitudes)
+    check_checkpoints(pair, tmp_path)
+    # PEFT's saved key for the magnitude has neither the adapter name nor the live ".weight"
+    keys = load_file(tmp_path / "peftc" / "adapter_model.safetensors")
+    magnitudes = [k for k in keys if "lora_magnitude_vector" in k]
+    assert magnitudes and all(k.endswith(".lora_magnitude_vector") for k in magnitudes)
     check_fold(pair)
     check_train(pair)  # last: it moves BatchNorm statistics, which fold and checkpoints compare from the start
     graph = next(g for g in pair.am.graphs if g.training).gm.graph

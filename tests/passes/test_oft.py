@@ -15,6 +15,7 @@ import peftc
 from peftc.capture import STATE
 from peftc.errors import ConfigError, TargetError
 from peftc.graph import ADAPTER, adapter_nodes
+from peftc.sites import WEIGHT_OPS
 from tests import oracle, zoo
 
 aten = torch.ops.aten
@@ -120,6 +121,9 @@ def check_two_adapters(case_name: str, config: dict, peft_config: peft.PeftConfi
         am.set_adapter(["default", "other"])
         pm.base_model.set_adapter(["default", "other"])
         torch.testing.assert_close(am(x), pm(x), **oracle.TOL)
+        stacked = am.graph_for(x)  # both adapters active
+    # each adapter re-runs the base op on its rotated input or weight; only the last one's run is kept
+    assert all(n.users for n in stacked.gm.graph.nodes if n.op == "call_function" and n.target in WEIGHT_OPS)
 
 
 def check_bf16(case_name: str, config: dict, peft_config: peft.PeftConfig, tol: dict[str, float] | None = None) -> None:
