@@ -37,9 +37,10 @@ def insert_adapters(
                 modified = True
             replaced.append(site.node)
     # a method that recomputes the base op (IA3 feed-forward, OFT) leaves the old op without users, and a
-    # second such adapter at one site leaves the first one's recomputation: drop them
+    # second such adapter at one site leaves the first one's recomputation: drop them (but keep a draw that
+    # only advances the RNG, as BOFT's dropout does to follow PEFT's random stream)
     for node in reversed(list(gm.graph.nodes)):
-        if node.op == "call_function" and not node.users and (ADAPTER in node.meta or node in replaced):
+        if not node.users and (ADAPTER in node.meta or node in replaced) and not node.is_impure():
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()

@@ -48,11 +48,26 @@ def lora_scale(config: LoraConfig, r: int, alpha: float) -> float:
     return alpha / math.sqrt(r) if config.use_rslora else alpha / r
 
 
-def _linear_like(shape: tuple[int, ...]) -> torch.Tensor:
+def linear_like(shape: tuple[int, ...]) -> torch.Tensor:
     """A weight initialised like a fresh nn.Linear / nn.ConvNd (what PEFT's layers start from)."""
     w = torch.empty(shape)
     nn.init.kaiming_uniform_(w, a=math.sqrt(5))
     return w
+
+
+def init_factors(config: LoraConfig, params: dict[TensorKey, torch.Tensor], r: int) -> None:
+    """PEFT's `reset_lora_parameters` for factor pairs (A, B[, B's bias]) drawn like nn.Linear: A redrawn
+    (Kaiming, or N(0, 1/r) for "gaussian"), B zero; False keeps the random draws."""
+    init = config.init_lora_weights
+    if init is False:
+        return
+    if init is True:
+        nn.init.kaiming_uniform_(params[A], a=math.sqrt(5))
+    else:  # "gaussian"
+        nn.init.normal_(params[A], std=1 / r)
+    for key in (B, B_BIAS):
+        if key in params:
+            nn.init.zeros_(params[key])
 
 
 def _bias_like(weight: torch.Tensor) -> torch.Tensor:
@@ -74,18 +89,21 @@ class Lora(Method):
         "conv1d": "transformers Conv1D",
         "embedding": "nn.Embedding",
         "conv2d": "nn.Conv2d",
+        "parameter": "nn.Parameter (2-D, 3-D expert stacks)",  # `target_parameters`: passes/lora_params.py
     }
     site_ops = {
         "linear": ("linear",),
         "conv1d": ("addmm",),
         "embedding": ("embedding",),
         "conv2d": ("conv2d", "convolution"),
+        "parameter": (),  # not an op site: the parameter is rebound inside its module
     }
     variants = {
         "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d"),
         "`lora_bias`": ("linear", "conv1d", "conv2d"),
         "PiSSA init (`init_lora_weights=\"pissa\"`)": ("linear", "conv1d"),
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
+        "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
     }
 
     def layer_kind(self, module: nn.Module) -> str | None:
@@ -138,23 +156,17 @@ class Lora(Method):
                     )
                 if config.use_dora and module.groups > 1:
                     raise ConfigError(f"use_dora=True for module {module_name!r}: DoRA needs a Conv2d with groups=1")
-                a = _linear_like((r, w.shape[1] * module.groups, *w.shape[2:]))
-                b = _linear_like((fan_out, r // module.groups, 1, 1))
+                a = linear_like((r, w.shape[1] * module.groups, *w.shape[2:]))
+                b = linear_like((fan_out, r // module.groups, 1, 1))
             else:
-                a, b = _linear_like((r, fan_in)), _linear_like((fan_out, r))
+                a, b = linear_like((r, fan_in)), linear_like((fan_out, r))
             params = {A: a, B: b}
             if config.lora_bias:
                 params[B_BIAS] = _bias_like(b)
             if config.init_method in ("pissa", "olora"):
                 params[A], params[B], base["weight"] = decompose(config, module_name, kind, w, r, scale)
-            elif init is not False:
-                if init is True:
-                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                else:  # "gaussian"
-                    nn.init.normal_(a, std=1 / r)
-                for key in (B, B_BIAS):
-                    if key in params:
-                        nn.init.zeros_(params[key])
+            else:
+                init_factors(config, params, r)
         # PEFT keeps float adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
         dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}

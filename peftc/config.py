@@ -104,7 +104,8 @@ def check_targets(config: AdapterConfig) -> None:
     """PEFT's target fields, as every method has them: `target_modules` required (PEFT's per-architecture
     defaults are not used), sets in a stable order, `layers_*` only with a list of targets."""
     config.target_modules = target_names(config.target_modules)
-    config.exclude_modules = target_names(config.exclude_modules)
+    if hasattr(config, "exclude_modules"):  # VeRA has none
+        config.exclude_modules = target_names(config.exclude_modules)
     if config.target_modules is None:
         raise ConfigError("target_modules is required (PEFT's per-architecture defaults are not used)")
     layers = getattr(config, "layers_to_transform", None)  # fields every method but IA3 has
@@ -189,9 +190,9 @@ class LoraConfig(AdapterConfig):
 
     peft_type_name: ClassVar[str] = "LORA"
     unsupported: ClassVar[tuple[str, ...]] = (
-        "modules_to_save", "trainable_token_indices", "megatron_config", "eva_config", "corda_config",
+        "modules_to_save", "megatron_config", "eva_config", "corda_config",
         "lora_ga_config", "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config",
-        "layer_replication", "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
+        "layer_replication", "use_bdlora", "arrow_config", "kasa_config",
         "ensure_weight_tying", "loftq_config",
     )
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
@@ -235,9 +236,12 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target_modules is None and self.target_parameters:
+            self.target_modules = []  # PEFT: parameters alone may be targeted
         check_targets(self)
         check_ranks(self)
         check_probability(self, "lora_dropout")
+        check_target_parameters(self)
         if self.bias != "none":
             raise ConfigError(f"bias={self.bias!r} is not supported by peftc yet (only 'none')")
         init = self.init_lora_weights
@@ -267,6 +271,24 @@ class LoraConfig(AdapterConfig):
         """n of init_lora_weights='pissa_niter_<n>' (PEFT's fast randomized SVD), else None."""
         match = re.fullmatch(r"pissa_niter_(\d+)", str(self.init_lora_weights))
         return int(match.group(1)) if match else None
+
+
+def check_target_parameters(config: LoraConfig) -> None:
+    """`target_parameters`: a list of parameter names, without the options PEFT's ParamWrapper refuses
+    (an update on the weight itself has no input to drop out, and no bias or magnitude of its own)."""
+    targets = config.target_parameters
+    if targets is None:
+        return
+    if not isinstance(targets, (list, tuple, set)) or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"target_parameters must be a list of parameter names, got {targets!r}")
+    config.target_parameters = sorted(targets)
+    refused = {"lora_dropout": config.lora_dropout > 0, "use_dora": config.use_dora, "lora_bias": config.lora_bias,
+               "fan_in_fan_out": config.fan_in_fan_out,
+               "init_lora_weights": config.init_method in ("pissa", "olora")}
+    for name, bad in refused.items():
+        if bad:
+            raise ConfigError(f"{name}={getattr(config, name)!r} cannot be combined with target_parameters "
+                              "(PEFT's ParamWrapper refuses it too)")
 
 
 register_config(LoraConfig)

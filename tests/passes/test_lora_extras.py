@@ -36,7 +36,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:(PiSSA|OLoRA) changes the base weights:UserWarning"),
 ]
 
-LINEAR_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"]}  # the zoo's also has embed_tokens
+# the zoo's targets without the embedding (embed_tokens, wte), which has neither a LoRA bias nor PiSSA
+LINEAR_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 
 
 def fields(case_name: str, **extra: Any) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def pair_of(case_name: str, randomize: bool = True, **extra: Any) -> MethodPair:
 
 # -- lora_bias -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "llama", "gpt2"])
 def test_lora_bias_matches_peft(name: str, tmp_path: Path):
     pair = pair_of(name, lora_bias=True)
     biases = [k for k, _ in pair.am.adapter_parameters() if k.endswith(".lora_B.default.bias")]
