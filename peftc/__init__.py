@@ -7,10 +7,12 @@
     am2 = peftc.load(model, "out/")    # also loads adapters saved by PEFT
 """
 
+from .backends.onnx import export_onnx, save_onnx_adapter
 from .checkpoint import load
 from .config import AdapterConfig, LoraConfig, load_config
 from .errors import CaptureError, CheckpointError, ConfigError, PeftcError, TargetError
 from .model import AdaptedModel, apply
+from .optim import create_loraplus_optimizer
 
 __all__ = [
     "AdaptedModel",
@@ -22,7 +24,10 @@ __all__ = [
     "PeftcError",
     "TargetError",
     "apply",
+    "create_loraplus_optimizer",
+    "export_onnx",
     "load",
     "load_config",
+    "save_onnx_adapter",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import threading
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -162,12 +165,42 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -
     kwargs = {k: kwargs[k] for k in sorted(kwargs)}
     hf = is_transformers_model(model)
     try:
-        with module_mode(model, training), _named_extra_kwargs(model, kwargs):
+        with module_mode(model, training), _named_extra_kwargs(model, kwargs), \
+                progress(f"peftc: capturing {type(model).__name__} ({'train' if training else 'eval'})"):
             dynamic = _dynamic_shapes(model, args, kwargs, hf)
             ep = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as e:  # torch.export raises many types; all mean "could not trace"
         raise CaptureError(_explain_export_failure(model, e, hf)) from e
     return _lift(ep, training)
+
+
+@contextlib.contextmanager
+def progress(desc: str, after_s: float = 1.0) -> Iterator[None]:
+    """A tqdm line with the elapsed time while the block runs, shown once it has run `after_s` seconds
+    (one blocking call has no steps to count). Only on a terminal (tqdm's `disable=None`);
+    PEFTC_PROGRESS=0 turns it off."""
+    if os.environ.get("PEFTC_PROGRESS", "1") == "0":
+        yield
+        return
+    from tqdm import tqdm  # the terminal bar: it is refreshed from a helper thread
+
+    done, start = threading.Event(), time.time()
+
+    def show() -> None:
+        if done.wait(after_s):
+            return
+        with tqdm(desc=desc, bar_format="{desc}: {elapsed}", disable=None, leave=False) as bar:
+            bar.start_t = start  # count from the start of the block, not from when the bar appeared
+            while not done.wait(0.5):
+                bar.refresh()
+
+    thread = threading.Thread(target=show, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, hf: bool) -> dict | tuple:
