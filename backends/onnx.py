@@ -85,13 +85,13 @@ def export_onnx(
     adapter_keys = {fqn: key for fqn, key in _adapter_input_keys(model).items() if fqn in state} if mode == "inputs" \
         else {}
 
-    entry = _Entry(captured, model, flat, adapter_keys)
+    entry = _Entry(captured, model, flat, adapter_keys).eval()  # the graph's own mode was fixed at capture
     user_names = _user_input_names(args, kwargs, flat)
     index_names = ["adapter_index"] if mode == "switch" else []
     example = [v for v in flat if isinstance(v, torch.Tensor)]
     if mode == "switch":
         example.append(torch.zeros(batch_size(example), dtype=torch.int64))
-    example += [model._tensor(fqn).detach() for fqn in adapter_keys]
+    example += [_as_input(model._tensor(fqn)) for fqn in adapter_keys]
     dynamic = [_dynamic_dims(check) for check in captured.input_checks if check[0] == "tensor"]
     dynamic += [{0: Dim.AUTO}] * len(index_names) + [None] * len(adapter_keys)
     output_names = _output_names(captured)
@@ -99,10 +99,11 @@ def export_onnx(
         "mode": mode,
         "adapters": model.active_adapters if mode != "switch" else model.adapter_order,
         "inputs": user_names,
-        "adapter_inputs": {key: list(model._tensor(fqn).shape) for fqn, key in adapter_keys.items()},
+        "adapter_inputs": {key: list(_as_input(model._tensor(fqn)).shape) for fqn, key in adapter_keys.items()},
         "outputs": output_names,
     }
     external_data = export_options.pop("external_data", None)  # None: only past ONNX's 2 GB limit
+    export_options.setdefault("verbose", False)
     with torch.no_grad():
         program_onnx = torch.onnx.export(
             entry, tuple(example), dynamo=True, input_names=[*user_names, *index_names, *adapter_keys.values()],
@@ -117,7 +118,7 @@ def save_onnx_adapter(model: Any, path: str | os.PathLike, adapter_name: str | N
     """Write one adapter's tensors (default: the active adapter) under the input names of a
     mode="inputs" export: safetensors, or ONNX Runtime's adapter format for a `.onnx_adapter` path."""
     adapter_name = adapter_name or model.active_adapters[0]
-    tensors = {key: model._tensor(fqn).detach().cpu().contiguous()
+    tensors = {key: _as_input(model._tensor(fqn)).cpu().contiguous()
                for fqn, key in _adapter_input_keys(model, adapter_name).items()}
     path = os.fspath(path)
     if path.endswith(ORT_ADAPTER_SUFFIX):
@@ -192,23 +193,39 @@ class OnnxAdapterSession:
             values[key] = ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
         self._adapters[adapter_name] = values
 
-    def run(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Outputs by name for `inputs` (numpy arrays or torch tensors, by input name)."""
+    def run(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None,
+            adapter_index: Any = None) -> dict[str, np.ndarray]:
+        """Outputs by name for `inputs` (numpy arrays or torch tensors, by input name). A switch-mode
+        model also takes the raw `adapter_index` (-1: base model; i: `exported_adapters[i]`)."""
         unknown = sorted(set(inputs) - set(self.input_names))
         missing = [n for n in self.input_names if n not in inputs]
         if unknown or missing:
             raise ConfigError(f"inputs: expected {self.input_names}; missing {missing}, unknown {unknown}")
         feed = {name: _numpy(inputs[name]) for name in self.input_names}
         batch = next(a.shape[0] for a in feed.values() if a.ndim > 0)
-        wanted = self._names_for(adapter_names, batch)
-        if self.mode == "switch":
-            order = self.exported_adapters
-            feed["adapter_index"] = np.array([BASE_ONLY if n == BASE_NAME else order.index(n) for n in wanted],
-                                             dtype=np.int64)
-        elif self.mode == "inputs":
-            feed.update(self._adapters[wanted[0]])
-        outputs = self.session.run(self.output_names, feed)
-        return dict(zip(self.output_names, outputs))
+        if adapter_index is not None:
+            if adapter_names is not None or self.mode != "switch":
+                raise ConfigError("adapter_index is for mode='switch' models, instead of adapter_names")
+            feed["adapter_index"] = self._checked_index(_numpy(adapter_index), batch)
+        else:
+            wanted = self._names_for(adapter_names, batch)
+            if self.mode == "switch":
+                order = self.exported_adapters
+                feed["adapter_index"] = np.array([BASE_ONLY if n == BASE_NAME else order.index(n) for n in wanted],
+                                                 dtype=np.int64)
+            elif self.mode == "inputs":
+                feed.update(self._adapters[wanted[0]])
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+    def _checked_index(self, index: np.ndarray, batch: int) -> np.ndarray:
+        n = len(self.exported_adapters)
+        if index.ndim != 1 or index.shape[0] != batch or not np.issubdtype(index.dtype, np.integer):
+            raise ConfigError(f"adapter_index must be a 1-d integer array with one entry per sample ({batch}), "
+                              f"got {index.dtype} of shape {list(index.shape)}")
+        if index.size and (index.min() < BASE_ONLY or index.max() >= n):
+            raise ConfigError(f"adapter_index entries must be in [-1, {n - 1}] (-1: base model; 0..{n - 1}: "
+                              f"{self.exported_adapters}), got {index.tolist()}")
+        return index.astype(np.int64)
 
     def _names_for(self, adapter_names: str | Sequence[str] | None, batch: int) -> list[str]:
         """Per-sample adapter names, checked against what this session can run."""
@@ -249,6 +266,7 @@ class _Entry(nn.Module):
         self.state = captured.state_names()
         self.constants = [None if isinstance(v, torch.Tensor) else v for v in flat]
         self.adapter_fqns = list(adapter_keys)
+        self.adapter_shapes = {fqn: model._tensor(fqn).shape for fqn in adapter_keys}
         self.n_mutated = len(captured.mutated_state)
         self.holder = nn.Module()
         for fqn in self.state:
@@ -259,7 +277,7 @@ class _Entry(nn.Module):
         n_user = sum(c is None for c in self.constants)
         user, rest = iter(inputs[:n_user]), inputs[n_user:]
         n_index = len(rest) - len(self.adapter_fqns)
-        fed = dict(zip(self.adapter_fqns, rest[n_index:]))
+        fed = {fqn: t.reshape(self.adapter_shapes[fqn]) for fqn, t in zip(self.adapter_fqns, rest[n_index:])}
         state = [fed[fqn] if fqn in fed else self.holder.get_buffer(fqn) for fqn in self.state]
         flat = [next(user) if c is None else c for c in self.constants]
         outputs = self.gm(*state, *flat, *rest[:n_index])
@@ -287,6 +305,13 @@ def _adapter_input_keys(model: Any, adapter_name: str | None = None) -> dict[str
                     keys[fqn] = names.shared_saved_key(*key) if names.is_shared(fqn) else names.saved_key(
                         ma.module_path, *key)
     return keys
+
+
+def _as_input(t: torch.Tensor) -> torch.Tensor:
+    """An adapter tensor as a graph input and in adapter files: a scalar (a scale) as shape [1], which
+    ONNX Runtime's adapter format requires."""
+    t = t.detach()
+    return t.reshape(1) if t.dim() == 0 else t
 
 
 def _path_name(path: tuple) -> str:

