@@ -21,7 +21,9 @@ from peftc.graph import adapter_nodes
 from tests import zoo
 from tests.oracle import randomize_adapters, tensors
 
-MODELS = ["llama", "gpt2", "bert", "minilm"]
+# each model's exports are shared by its tests, so they run on one xdist worker (--dist loadgroup)
+MODELS = [pytest.param(name, marks=pytest.mark.xdist_group(f"onnx-{name}"))
+          for name in ("llama", "gpt2", "bert", "minilm")]
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 ORT_FORMAT = hasattr(ort, "AdapterFormat")  # ONNX Runtime's own adapter file format (ORT >= 1.20)
 STANDARD_DOMAINS = {"", "ai.onnx"}
@@ -142,6 +144,7 @@ def test_inputs_mode_loads_adapter_files(exports, name: str) -> None:
     assert set(session.adapter_names) == {f"other_{fmt}" for fmt in ex.adapter_files}
 
 
+@pytest.mark.xdist_group("onnx-llama")
 def test_lower_rank_adapter_file_is_padded(exports, tmp_path) -> None:
     ex = exports("llama")
     ex.am.add_adapter("small", {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": ex.case.targets})
@@ -159,6 +162,7 @@ def test_lower_rank_adapter_file_is_padded(exports, tmp_path) -> None:
     assert_matches(session.run(inputs, adapter_names="r2"), want)
 
 
+@pytest.mark.xdist_group("onnx-llama")
 def test_bad_input(exports, tmp_path) -> None:
     ex = exports("llama")
     inputs = ex.inputs()
