@@ -2,10 +2,13 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.distributed.worker OUT
 
-Each rank trains on its slice of every global batch. Rank 0 writes `OUT/results.pt` (adapter
-weights after each run, the losses, how many elements each kind of collective moved, how FSDP2
-sharded the tensors) and saves the adapter in PEFT's format to `OUT/ddp` and `OUT/fsdp`. The helpers here
-are also the single-process reference the tests run in their own process.
+First rank 0 trains the adapter alone on the whole global batches, before any process group
+wrapper touches the model: the single-process reference (one capture fewer than a separate
+reference process, on a 2-core machine where captures dominate). Then each rank trains it from
+the same start on its slice of every global batch. Rank 0 writes `OUT/results.pt` (the model's
+parameter shapes, adapter weights at the start and after each run, the losses, how many elements
+each kind of collective moved, how FSDP2 sharded the tensors) and saves the adapter in PEFT's
+format to `OUT/single`, `OUT/ddp` and `OUT/fsdp`.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ def adapter_weights(am: peftc.AdaptedModel) -> dict[str, torch.Tensor]:
             for name, p in am.adapter_parameters()}
 
 
+def restore(am: peftc.AdaptedModel, weights: dict[str, torch.Tensor]) -> None:
+    """Put the adapter back to `weights` (from `adapter_weights`)."""
+    with torch.no_grad():
+        for name, p in am.adapter_parameters():
+            p.copy_(weights[name])
+
+
 def train(model: torch.nn.Module, am: peftc.AdaptedModel, rank: int = 0, world: int = 1) -> torch.Tensor:
     """STEPS AdamW steps of `model` (`am` or a wrapper of it) on this rank's slice of each global
     batch; returns this rank's losses."""
@@ -97,7 +107,15 @@ def main(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     am = build(GLOBAL_BATCH // world)
     initial = adapter_weights(am)
-    results: dict[str, Any] = {"world": world}
+    results: dict[str, Any] = {
+        "world": world, "steps": STEPS, "initial": initial, "adapters": [n for n, _ in am.adapter_parameters()],
+        "params": {n: (tuple(p.shape), p.requires_grad) for n, p in am.named_parameters()},
+    }
+    if rank == 0:  # the reference; the other rank waits in DDP's first broadcast meanwhile
+        results["single_losses"] = train(am, am).tolist()
+        results["single"] = adapter_weights(am)
+        am.save_adapter(str(out / "single"))
+        restore(am, initial)
 
     ddp = DistributedDataParallel(am)
     with CommSizes() as comm:
@@ -109,9 +127,7 @@ def main(out: Path) -> None:
 
     # FSDP2 on the same model from the same start: the root holds every tensor (the graph runs
     # from the root; submodules are never called), frozen base and trainable adapters in one group
-    with torch.no_grad():
-        for name, p in am.adapter_parameters():
-            p.copy_(initial[name])
+    restore(am, initial)
     fully_shard(am, mesh=init_device_mesh("cpu", (world,)))
     results["fsdp_local_numel"] = {n: (p.to_local().numel(), p.numel()) for n, p in am.named_parameters()}
     with CommSizes() as comm:
