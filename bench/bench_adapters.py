@@ -12,12 +12,11 @@ Eval mode, no_grad, medians of interleaved rounds (see bench_lora.py). Needs `pi
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
 
 import torch
-from bench_lora import build_model, interleaved
+from bench_lora import build_model, interleaved, timing_parser
 
 import peftc
 
@@ -51,13 +50,8 @@ def adapters(base: torch.nn.Module, k: int) -> tuple[peftc.AdaptedModel, torch.n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
+    parser = timing_parser(__doc__, batch=16, rounds=7, warmup=1)
     parser.add_argument("--adapters", default="4,16")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = build_model(tie=True)
@@ -74,7 +68,7 @@ def main() -> None:
         "base": no_grad(lambda: base(input_ids=ids)),
         "folded": no_grad(lambda: folded(input_ids=ids)),
         "unfolded": no_grad(lambda: am(input_ids=ids)),
-    }, args.rounds, 1, args.warmup)
+    }, args.rounds, args.iters, args.warmup)
     rows.append(["fold", f"folded/base {t['folded'] / t['base']:.3f}", f"unfolded/base {t['unfolded'] / t['base']:.3f}",
                  f"base {1e3 * t['base']:.0f} ms", f"max|folded-unfolded| {diff:.1e}", f"IQR {100 * noise:.0f}%"])
     print(rows[-1], flush=True)
@@ -90,7 +84,7 @@ def main() -> None:
             "peftc mixed": no_grad(lambda am=am, names=names: am(input_ids=ids, adapter_names=names)),
             "peft single": no_grad(lambda pm=pm: pm(input_ids=ids)),
             "peft mixed": no_grad(lambda pm=pm, names=names: pm(input_ids=ids, adapter_names=names)),
-        }, args.rounds, 1, args.warmup)
+        }, args.rounds, args.iters, args.warmup)
         rows.append([f"mixed {k}", f"peftc mixed/single {t['peftc mixed'] / t['peftc single']:.3f}",
                      f"peft mixed/single {t['peft mixed'] / t['peft single']:.3f}",
                      f"peftc/peft mixed {t['peftc mixed'] / t['peft mixed']:.3f}",

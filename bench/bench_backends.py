@@ -15,13 +15,12 @@ Export and compile times are printed too (one each). Needs `pip install -e '.[be
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
 import onnxruntime as ort
 import torch
-from bench_lora import build_model, interleaved, timed
+from bench_lora import build_model, interleaved, timed, timing_parser
 from peftc.backends.compile import compile_model
 from peftc.backends.onnx import OnnxAdapterSession
 
@@ -47,14 +46,8 @@ def adapted(base: torch.nn.Module, r: int) -> peftc.AdaptedModel:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=N_ADAPTERS)
-    parser.add_argument("--seq", type=int, default=128)
+    parser = timing_parser(__doc__, batch=N_ADAPTERS, rounds=10)
     parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=1, help="calls per candidate per round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

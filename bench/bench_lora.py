@@ -45,6 +45,18 @@ def build_model(tie: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def timing_parser(doc: str, batch: int, rounds: int, warmup: int = 2) -> argparse.ArgumentParser:
+    """The options every bench shares: the batch shape, interleaved rounds, threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--iters", type=int, default=1, help="calls per candidate per round")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -147,15 +159,9 @@ def bench_config(name: str, base: LlamaForCausalLM, args: argparse.Namespace) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__, batch=4, rounds=10)
     parser.add_argument("--configs", default="qv,all-linear", help="comma list of " + ", ".join(CONFIGS))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=1, help="calls per candidate per round")
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--setup-rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--untied", action="store_true", help="separate lm_head (58M params instead of 42M)")
     args = parser.parse_args()
 

@@ -26,7 +26,7 @@ import tempfile
 import warnings
 
 import torch
-from bench_lora import CONFIGS, build_model, interleaved, train_step
+from bench_lora import CONFIGS, build_model, interleaved, timing_parser, train_step
 from peftc.passes.remat import peak_memory
 
 import peftc
@@ -87,14 +87,8 @@ def bench_config(name: str, base: torch.nn.Module, args: argparse.Namespace) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__, batch=4, rounds=6)
     parser.add_argument("--configs", default="qv", help="comma list of " + ", ".join(CONFIGS))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--iters", type=int, default=1, help="calls per candidate per round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
