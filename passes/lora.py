@@ -8,6 +8,9 @@ it never re-captures or recompiles.
 Variants, as PEFT's config fields select them: `use_dora` (passes/dora.py), `lora_bias` (a bias
 on B, scaled with it), and the inits that decompose the base weight, PiSSA and OLoRA
 (passes/lora_init.py), whose residual base weight the adapted model keeps as a new tensor.
+The config's parts that are not factors beside an op are rewrites of their own, placed by the adapted
+model: `target_parameters` (passes/lora_params.py), `trainable_token_indices` (passes/trainable_tokens.py)
+and `modules_to_save` (passes/modules_to_save.py).
 """
 
 from __future__ import annotations
@@ -83,13 +86,15 @@ def _factors(kind: str) -> tuple[TensorKey, TensorKey]:
 class Lora(Method):
     peft_type = "LORA"
     config_cls = LoraConfig
-    groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+              "trainable_tokens_delta")
     layer_types = {
         "linear": "nn.Linear",
         "conv1d": "transformers Conv1D",
         "embedding": "nn.Embedding",
         "conv2d": "nn.Conv2d",
         "parameter": "nn.Parameter (2-D, 3-D expert stacks)",  # `target_parameters`: passes/lora_params.py
+        "module": "any module (`modules_to_save`)",  # whole-module copies: passes/modules_to_save.py
     }
     site_ops = {
         "linear": ("linear",),
@@ -97,6 +102,7 @@ class Lora(Method):
         "embedding": ("embedding",),
         "conv2d": ("conv2d", "convolution"),
         "parameter": (),  # not an op site: the parameter is rebound inside its module
+        "module": (),
     }
     variants = {
         "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d"),
@@ -104,6 +110,8 @@ class Lora(Method):
         "PiSSA init (`init_lora_weights=\"pissa\"`)": ("linear", "conv1d"),
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
+        "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
+        "`modules_to_save` (and task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS heads): trained copies": ("module",),
     }
 
     def layer_kind(self, module: nn.Module) -> str | None:

@@ -47,7 +47,7 @@ def _module_params(model: Any, adapter_name: str) -> Iterator[tuple[Any, dict[Te
     """(module adapter, its parameters by key) for each module the adapter is placed on."""
     for mas in model.targeted_modules.values():
         for ma in mas:
-            if ma.adapter == adapter_name:
+            if ma.adapter == adapter_name and not getattr(ma, "tied", None):  # a tied head's tensors are saved once
                 yield ma, {key: t for key, (_, t) in ma.tensors.items() if isinstance(t, nn.Parameter)}
 
 

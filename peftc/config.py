@@ -21,6 +21,9 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_VERSION = "0.21.2"  # the PEFT release whose config format peftc writes
 
 _REGISTRY: dict[str, type[AdapterConfig]] = {}
+# task types whose PEFT model adds its head(s) to modules_to_save (PeftModelForSequenceClassification, ...)
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 
 
 def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
@@ -190,11 +193,12 @@ class LoraConfig(AdapterConfig):
 
     peft_type_name: ClassVar[str] = "LORA"
     unsupported: ClassVar[tuple[str, ...]] = (
-        "modules_to_save", "megatron_config", "eva_config", "corda_config",
+        "megatron_config", "eva_config", "corda_config",
         "lora_ga_config", "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config",
         "layer_replication", "use_bdlora", "arrow_config", "kasa_config",
         "ensure_weight_tying", "loftq_config",
     )
+    unsupported_task_types: ClassVar[tuple[str, ...]] = ()  # their heads become modules_to_save, as in PEFT
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
     init_choices: ClassVar[str] = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
 
@@ -238,6 +242,10 @@ class LoraConfig(AdapterConfig):
         super().__post_init__()
         if self.target_modules is None and self.target_parameters:
             self.target_modules = []  # PEFT: parameters alone may be targeted
+        heads = TASK_HEADS.get(self.task_type or "", ())
+        if heads:  # PEFT's model for the task trains its head(s) as copies, and writes them into the config
+            named = list(self.modules_to_save or [])
+            self.modules_to_save = named + [h for h in heads if h not in named]
         check_targets(self)
         check_ranks(self)
         check_probability(self, "lora_dropout")

@@ -30,7 +30,9 @@ def method_table() -> str:
     for peft_type, method in METHODS.items():
         groups = ", ".join(f"`{g}`" for g in method.groups)
         merge = "yes" if method.mergeable else "no"
-        rows.append(f"| {peft_type} | {_kinds(method, list(method.layer_types))} | {merge} | {_mixed(method)} "
+        # the kinds adapted at an op; the rest (rebound parameters, module copies) come with their variant
+        at_ops = [k for k in method.layer_types if method.site_ops[k]]
+        rows.append(f"| {peft_type} | {_kinds(method, at_ops)} | {merge} | {_mixed(method)} "
                     f"| {groups} |")
         for variant, kinds in method.variants.items():
             rows.append(f"| {peft_type}: {variant} | {_kinds(method, kinds)} | {merge} | | |")

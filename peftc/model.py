@@ -31,7 +31,11 @@ from peftc.backends.eager import EagerProgram, TensorRef
 from peftc.passes import METHODS, insert_adapters
 from peftc.passes.dispatch import BASE_ONLY, dispatch_adapters
 from peftc.passes.fold import fold_adapters
+from peftc.passes.lora_params import PARAMETER, LoraParam, ParamAdapter, parameter_targets, rebind_parameters
+from peftc.passes.modules_to_save import CopyAdapter, ModulesToSave, excluded_by_copies, modules_to_save
+from peftc.passes.rebind import partition, rebind_to_tensors
 from peftc.passes.remat import RematPlan, checkpoint_layers, remat_plan
+from peftc.passes.trainable_tokens import TokenAdapter, TrainableTokens, tied_heads, token_targets, wrapper_path
 
 from . import names
 from .capture import (
@@ -46,7 +50,7 @@ from .capture import (
 from .config import AdapterConfig, load_config
 from .errors import ConfigError, PeftcError, TargetError
 from .graph import copy_graph_module
-from .method import Method, ModuleAdapter, TensorKey
+from .method import AdapterTensors, Method, ModuleAdapter, TensorKey
 from .targets import resolve_all_linear, select_targets
 
 
@@ -120,6 +124,9 @@ class AdaptedModel(nn.Module):
     @staticmethod
     def _layer_kinds(model: nn.Module, method: Method, config: AdapterConfig) -> dict[str, str]:
         kinds = {}
+        if config.target_modules == [] and (getattr(config, "target_parameters", None)
+                                            or getattr(config, "trainable_token_indices", None) is not None):
+            return kinds  # parameters or token rows alone are targeted
         for path in select_targets(config, model):
             module = model.get_submodule(path)
             kind = method.module_kind(config, path, module)
@@ -147,7 +154,7 @@ class AdaptedModel(nn.Module):
 
     def _rename_base(self) -> None:
         """Move base tensors to PEFT's names for the modules adapted now (`<module>.base_layer.<name>`)."""
-        adapted = set(self._adapters)
+        adapted = {getattr(ma, "wrapper", ma.module_path) for mas in self._adapters.values() for ma in mas}
         for fqn, old in list(self._tree_name.items()):
             new = names.base_key(fqn, adapted)
             if new == old:
@@ -174,14 +181,7 @@ class AdaptedModel(nn.Module):
         shared: dict[TensorKey, tuple[str, torch.Tensor]],
     ) -> None:
         created = method.create(config, path, module, kind)
-        tensors = {}
-        for key, value in created.params.items():
-            fqn = names.live_key(path, *_group_leaf(key, adapter))
-            tensors[key] = (fqn, nn.Parameter(value, requires_grad=not config.inference_mode))
-        for key, value in created.buffers.items():
-            tensors[key] = (names.live_key(path, *_group_leaf(key, adapter)), value)
-        for fqn, tensor in tensors.values():
-            _set_tensor(self, fqn, tensor, persistent=False)
+        tensors = self._register_created(path, adapter, created, config)
         for key, (fqn, tensor) in shared.items():
             # PEFT's state dict lists a shared tensor under each module too: the module holding it is
             # registered there as well (one BufferDict, many parents), so both keys name one tensor
@@ -193,6 +193,90 @@ class AdaptedModel(nn.Module):
         for leaf, value in created.base.items():
             self._replace_base(module, path, leaf, value)
         self._adapters.setdefault(path, []).append(ModuleAdapter(path, adapter, method, kind, config, tensors))
+
+    def _register_created(self, path: str, adapter: str, created: AdapterTensors, config: AdapterConfig,
+                          ) -> dict[TensorKey, tuple[str, torch.Tensor]]:
+        """Register one adapter's new tensors under PEFT's live names at module `path`."""
+        tensors = {}
+        for key, value in created.params.items():
+            fqn = names.live_key(path, *_group_leaf(key, adapter))
+            tensors[key] = (fqn, nn.Parameter(value, requires_grad=not config.inference_mode))
+        for key, value in created.buffers.items():
+            tensors[key] = (names.live_key(path, *_group_leaf(key, adapter)), value)
+        for fqn, tensor in tensors.values():
+            _set_tensor(self, fqn, tensor, persistent=False)
+        return tensors
+
+    def _parameter_targets(self, adapter: str, config: AdapterConfig, kinds: dict[str, str],
+                           ) -> list[tuple[str, str, str]]:
+        """LoRA's `target_parameters`, checked: (owner module, parameter, PEFT's wrapper path) of each."""
+        if not getattr(config, "target_parameters", None):
+            return []
+        targets = parameter_targets(config, self._source)
+        for other, other_config in self.peft_config.items():
+            theirs = getattr(other_config, "target_parameters", None)
+            if other != adapter and theirs and theirs != config.target_parameters:
+                raise ConfigError(f"adapter {adapter!r} targets parameters {config.target_parameters}, adapter "
+                                  f"{other!r} {theirs}: as in PEFT, adapters on parameters must target the same ones")
+        both = sorted({owner for owner, _, _ in targets} & set(kinds))
+        if both:
+            raise ConfigError(f"modules {both} are targeted both by target_modules and by target_parameters")
+        return targets
+
+    def _token_targets(self, config: AdapterConfig, kinds: dict[str, str]) -> dict[str, list[int]]:
+        """LoRA's `trainable_token_indices`, checked: embedding path -> token ids."""
+        if getattr(config, "trainable_token_indices", None) is None:
+            return {}
+        tokens = token_targets(config, self._source)
+        paths = {*tokens, *(head for path in tokens for head in tied_heads(self._source, path))}
+        for path in paths:
+            if path in kinds or any(not isinstance(ma, TokenAdapter) for ma in self._adapters.get(path, [])):
+                raise ConfigError(f"module {path!r} has trainable_token_indices and is targeted by an adapter too "
+                                  "(PEFT wraps a layer one way or the other); leave it out of target_modules")
+        for path in kinds:
+            if any(isinstance(ma, TokenAdapter) for ma in self._adapters.get(path, [])):
+                raise ConfigError(f"module {path!r} has trainable token rows from another adapter; it cannot be "
+                                  "targeted by target_modules as well")
+        return tokens
+
+    def _copy_targets(self, config: AdapterConfig, tokens: dict[str, list[int]]) -> list[str]:
+        """LoRA's `modules_to_save`, checked: the paths of the modules trained as copies."""
+        if not getattr(config, "modules_to_save", None):
+            return []
+        paths = modules_to_save(config, self._source)
+        for path in paths:
+            if path in tokens:
+                raise ConfigError(f"module {path!r} is in modules_to_save and has trainable_token_indices; "
+                                  "choose one (PEFT refuses both too)")
+            if any(not isinstance(ma, CopyAdapter) for ma in self._adapters.get(path, [])):
+                raise ConfigError(f"module {path!r} is in modules_to_save but another adapter adapts it")
+        return paths
+
+    def _add_token_adapters(self, adapter: str, config: AdapterConfig, tokens: dict[str, list[int]]) -> None:
+        """Trainable rows per embedding; a head tied to it gets an adapter on the same tensors (PEFT's names)."""
+        method = TrainableTokens()
+        for path, indices in tokens.items():
+            created = method.create_rows(path, self._source.get_submodule(path), indices)
+            tensors = self._register_created(wrapper_path(path), adapter, created, config)
+            self._adapters.setdefault(path, []).append(
+                TokenAdapter(wrapper_path(path), adapter, method, "embedding", config, tensors))
+            for head in tied_heads(self._source, path):
+                alias = {key: (names.live_key(wrapper_path(head), *_group_leaf(key, adapter)), t)
+                         for key, (_, t) in tensors.items()}
+                for fqn, t in alias.values():
+                    _set_tensor(self, fqn, t, persistent=False)
+                self._adapters.setdefault(head, []).append(
+                    TokenAdapter(wrapper_path(head), adapter, method, "linear", config, alias, tied=path))
+
+    def _add_param_adapters(self, adapter: str, config: AdapterConfig, targets: list[tuple[str, str, str]]) -> None:
+        """An adapter per targeted parameter, named at PEFT's (nested) wrapper path."""
+        method = LoraParam()
+        for owner, param, path in targets:
+            module = self._source.get_submodule(owner)
+            tensors = self._register_created(path, adapter, method.create_param(config, owner, module, param), config)
+            self._adapters.setdefault(path, []).append(ParamAdapter(
+                path, adapter, method, PARAMETER, config, tensors, owner=owner, param=param,
+                transposed=getattr(module, "is_transposed", False)))
 
     def _replace_base(self, module: nn.Module, path: str, leaf: str, value: torch.Tensor) -> None:
         """A new frozen base tensor for `module` (PiSSA/OLoRA's residual), in the tree and the source copy;
@@ -244,14 +328,20 @@ class AdaptedModel(nn.Module):
                 node.meta[STATE] = self._tree_name[node.meta[STATE]]
         extra: tuple[str, ...] = ()
         if variant[0] == "mixed":
+            if partition(self._adapters, (ParamAdapter, CopyAdapter))[1]:
+                raise ConfigError("mixed batches (adapter_names / adapter_index) do not support target_parameters "
+                                  "(PEFT refuses them too) or modules_to_save yet; call with one active set")
             dispatch_adapters(gm, self._adapters, list(self.peft_config), self.training)
             extra = ("adapter_index",)
         elif variant[0] == "active":
             if self._merged:
-                fold_adapters(gm, {path: {leaf: (fqn, self._tensor(fqn)) for leaf, fqn in merged.items()}
-                                   for path, merged in self._merged.items()})
+                self._fold_merged(gm)
             unmerged = [a for a in self._active if a not in self._merged_adapters]
-            insert_adapters(gm, self._adapters_named(unmerged), self.training)
+            sites, params = partition(self._adapters_named(unmerged), ParamAdapter)
+            sites, copies = partition(sites, CopyAdapter)
+            insert_adapters(gm, sites, self.training)
+            rebind_parameters(gm, [(self._state_names(mas[0].key), mas) for mas in params.values()])
+            rebind_to_tensors(gm, self._copy_bindings(copies))
         if self._remat is not None and base.training:
             checkpoint_layers(gm, self._remat)
         mutated = [self._tree_name[f] for f in base.mutated_state]
@@ -259,6 +349,50 @@ class AdaptedModel(nn.Module):
 
     def _tensor(self, fqn: str) -> torch.Tensor:
         return getattr(*self._resolve(fqn))
+
+    def _rebound_keys(self) -> set[str]:
+        """Source names of the tensors adapters replace inside their module rather than at op sites: targeted
+        parameters, and every parameter of a module trained as copies."""
+        keys = set()
+        for mas in self._adapters.values():
+            for ma in mas:
+                if isinstance(ma, ParamAdapter):
+                    keys.add(ma.key)
+                elif isinstance(ma, CopyAdapter):
+                    keys |= {f"{ma.module_path}.{leaf}" for _, leaf in ma.tensors}
+        return keys
+
+    def _copy_bindings(self, copies: dict[str, list[CopyAdapter]],
+                       ) -> list[tuple[frozenset[str], str, str, torch.Tensor]]:
+        """Each parameter of a module trained as copies, bound to the active adapter's copy (one at most, as PEFT)."""
+        out = []
+        for path, mas in copies.items():
+            if len(mas) > 1:
+                raise ConfigError(f"module {path!r} is in modules_to_save of several active adapters "
+                                  f"({[ma.adapter for ma in mas]}); PEFT allows one at a time")
+            for (_, leaf), (fqn, t) in mas[0].tensors.items():
+                out.append((self._state_names(f"{path}.{leaf}"), path, fqn, t))
+        return out
+
+    def _state_names(self, key: str) -> frozenset[str]:
+        """The tree names of the source tensor `key` and of every tensor tied to it (a graph reads it by one)."""
+        tensor = self._source.get_parameter(key)
+        return frozenset(self._tree_name[fqn] for fqn, p in self._source.named_parameters(remove_duplicate=False)
+                         if p is tensor)
+
+    def _fold_merged(self, gm: torch.fx.GraphModule) -> None:
+        """Rebind adapted modules' sites, and targeted parameters inside their modules, to merged tensors."""
+        rebound = self._rebound_keys()
+        sites: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+        bindings = []
+        for path, merged in self._merged.items():
+            for leaf, fqn in merged.items():
+                if f"{path}.{leaf}" in rebound:
+                    bindings.append((self._state_names(f"{path}.{leaf}"), path, fqn, self._tensor(fqn)))
+                else:
+                    sites.setdefault(path, {})[leaf] = (fqn, self._tensor(fqn))
+        fold_adapters(gm, sites)
+        rebind_to_tensors(gm, bindings)
 
     def _adapters_named(self, adapter_names: Sequence[str]) -> dict[str, list[ModuleAdapter]]:
         """Module path -> its adapters among `adapter_names`, in the order given."""
@@ -363,8 +497,13 @@ class AdaptedModel(nn.Module):
         method = METHODS[config.peft_type]
         config = resolve_all_linear(copy.deepcopy(config), self._source)
         kinds = self._layer_kinds(self._source, method, config)
+        # as PEFT, target_modules skips modules inside those trained as copies
+        kinds = {p: k for p, k in kinds.items() if not excluded_by_copies(p, getattr(config, "modules_to_save", None))}
+        param_targets = self._parameter_targets(adapter_name, config, kinds)
+        tokens = self._token_targets(config, kinds)
+        copies = self._copy_targets(config, tokens)
         self.peft_config[adapter_name] = config
-        new = set(kinds) - set(self._adapters)
+        new = (set(kinds) | {path for *_, path in param_targets} | set(tokens) | set(copies)) - set(self._adapters)
         # tensors the method shares across this adapter's modules (VeRA's projections), at the tuner level
         targets = {path: (self._source.get_submodule(path), kind) for path, kind in kinds.items()}
         shared = {key: (names.shared_live_key(*_group_leaf(key, adapter_name)), t)
@@ -374,6 +513,14 @@ class AdaptedModel(nn.Module):
         for path, kind in kinds.items():
             self._add_module_adapter(self._source.get_submodule(path), path, adapter_name, method, kind, config,
                                      shared)
+        self._add_param_adapters(adapter_name, config, param_targets)
+        self._add_token_adapters(adapter_name, config, tokens)
+        for path in copies:
+            module = self._source.get_submodule(path)
+            tensors = self._register_created(path, adapter_name, ModulesToSave().create(config, path, module, "module"),
+                                             config)
+            self._adapters.setdefault(path, []).append(
+                CopyAdapter(path, adapter_name, ModulesToSave(), "module", config, tensors))
         if new:
             self._rename_base()
         self._set_trainable()
@@ -406,6 +553,8 @@ class AdaptedModel(nn.Module):
         if config.peft_type != live.peft_type:
             raise ConfigError(f"{where}: it is {config.peft_type}, the loaded adapter {live.peft_type}")
         mas = [ma for mas in self._adapters.values() for ma in mas if ma.adapter == adapter_name]
+        if _has_extras(live) or _has_extras(config):
+            raise ConfigError(f"{where}: hot-swapping adapters with {', '.join(EXTRAS)} is not supported yet")
         config_targets = resolve_all_linear(copy.deepcopy(config), self._source)
         targets = self._layer_kinds(self._source, mas[0].method, config_targets)
         if set(targets) != {ma.module_path for ma in mas}:
@@ -461,6 +610,9 @@ class AdaptedModel(nn.Module):
             if self.peft_config[name].peft_type != "LORA":
                 kind = self.peft_config[name].peft_type
                 raise ConfigError(f"adapters: {name!r} is a {kind} adapter; only LoRA adapters combine")
+            if _has_extras(self.peft_config[name]):
+                raise ConfigError(f"adapters: {name!r} has {', '.join(EXTRAS)} set; add_weighted_adapter combines "
+                                  "the low-rank factors of plain LoRA adapters only")
             configs.append(self.peft_config[name])
         if len(weights) != len(adapters):
             raise ConfigError(f"weights has {len(weights)} entries for {len(adapters)} adapters")
@@ -592,15 +744,22 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"unknown adapter(s) {unknown}; loaded: {self.adapter_order}")
         out = {}
         for path, mas in self._adapters_named(adapter_names).items():
+            # an adapter on a parameter (target_parameters) merges into that parameter of its module; a module
+            # trained as copies (modules_to_save) into all of its parameters
+            path = getattr(mas[0], "owner", path)
             module = self._source.get_submodule(path)
+            own = dict(module.named_parameters())
+            leaves = ((mas[0].param,) if isinstance(mas[0], ParamAdapter) else tuple(own)
+                      if isinstance(mas[0], CopyAdapter) else ("weight", "bias"))
             base = {leaf: self._tensor(self._tree_name[f"{path}.{leaf}"])
-                    for leaf in ("weight", "bias") if getattr(module, leaf, None) is not None}
+                    for leaf in leaves if own.get(leaf) is not None or getattr(module, leaf, None) is not None}
             work = {leaf: t.detach().to(_compute_dtype(t)) for leaf, t in base.items()}
             changed: set[str] = set()
             for ma in mas:
                 if not ma.method.mergeable:
                     raise ConfigError(f"adapter {ma.adapter!r} ({ma.method.peft_type}) cannot be merged")
-                tensors = {key: t.detach().to(_compute_dtype(t)) for key, (_, t) in ma.tensors.items()}
+                tensors = {key: t.detach().to(_compute_dtype(t)) if t.is_floating_point() else t.detach()
+                           for key, (_, t) in ma.tensors.items()}  # integer buffers (token ids) stay as they are
                 update = ma.method.fold(ma.kind, ma.config, module, tensors, dict(work))
                 work.update(update)
                 changed |= set(update)
@@ -612,7 +771,9 @@ class AdaptedModel(nn.Module):
                             f"merging {', '.join(ma.adapter for ma in mas)} into {path!r} gives non-finite "
                             f"values in its {leaf}; nothing was merged"
                         )
-            out[path] = merged
+            for leaf, t in merged.items():  # keyed by the module holding each tensor
+                holder, name = names.split_module(f"{path}.{leaf}")
+                out.setdefault(holder, {})[name] = t
         return out
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -699,7 +860,7 @@ class AdaptedModel(nn.Module):
         wanted = self._active if adapter is None else [adapter]
         for mas in self.targeted_modules.values():
             for ma in mas:
-                if ma.adapter in wanted:
+                if ma.adapter in wanted and not getattr(ma, "tied", None):  # a tied head's are the embedding's
                     for fqn, t in ma.tensors.values():
                         if isinstance(t, nn.Parameter):
                             yield fqn, t
@@ -745,6 +906,13 @@ class AdaptedModel(nn.Module):
 
 
 BASE_NAME = "__base__"  # PEFT's adapter_names entry for "no adapter"
+
+
+EXTRAS = ("target_parameters", "trainable_token_indices", "modules_to_save")  # LoRA's non-factor parts
+
+
+def _has_extras(config: AdapterConfig) -> bool:
+    return any(getattr(config, name, None) for name in EXTRAS)
 
 
 def _check_adapter_name(adapter_name: Any) -> None:

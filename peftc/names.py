@@ -11,6 +11,8 @@ from __future__ import annotations
 
 PREFIX = "base_model.model."
 BASE_LAYER = "base_layer"
+TOKEN_ADAPTER = "token_adapter"  # PEFT's wrapper of a layer with trainable token rows
+MODULES_TO_SAVE, ORIGINAL_MODULE = "modules_to_save", "original_module"  # PEFT's ModulesToSaveWrapper
 
 
 def live_key(module_path: str, group: str, adapter: str, leaf: str | None) -> str:
@@ -23,6 +25,8 @@ SAVED_WITHOUT_LEAF = frozenset({"lora_magnitude_vector"})
 
 
 def saved_key(module_path: str, group: str, leaf: str | None) -> str:
+    if group == MODULES_TO_SAVE:  # a module's trained copy is saved under the module's own names
+        return f"{PREFIX}{module_path}.{leaf}"
     if group in SAVED_WITHOUT_LEAF:
         leaf = None
     return f"{PREFIX}{module_path}.{group}" + (f".{leaf}" if leaf else "")
@@ -46,11 +50,22 @@ def is_shared(fqn: str) -> bool:
 
 
 def base_key(param_fqn: str, adapted_modules: set[str]) -> str:
-    """Where a base model tensor lives in the adapted model: under base_layer if its module is adapted."""
+    """Where a base model tensor lives in the adapted model: under base_layer if its module is adapted,
+    once more per nested wrapper (PEFT nests one ParamWrapper per `target_parameters` entry of a module,
+    and `<module>.base_layer` is then adapted too). `adapted_modules` holds adapters' wrapper paths: a
+    module with trainable tokens appears as `<module>.token_adapter`, one trained as copies (modules_to_save)
+    as `<module>.original_module`: its tensors live under that wrapper."""
     module, _, name = param_fqn.rpartition(".")
-    if module in adapted_modules:
-        return f"{PREFIX}{module}.{BASE_LAYER}.{name}"
-    return PREFIX + param_fqn
+    parts = module.split(".") if module else []
+    for i in range(len(parts), 0, -1):  # inside a module trained as copies (`<module>.original_module`)
+        outer = ".".join(parts[:i])
+        if f"{outer}.{ORIGINAL_MODULE}" in adapted_modules:
+            return ".".join([PREFIX + outer, ORIGINAL_MODULE, *parts[i:], name])
+    if module and f"{module}.{TOKEN_ADAPTER}" in adapted_modules:
+        module = f"{module}.{TOKEN_ADAPTER}"
+    while module and module in adapted_modules:
+        module = f"{module}.{BASE_LAYER}"
+    return f"{PREFIX}{module}.{name}" if module else PREFIX + name
 
 
 def split_module(key: str) -> tuple[str, str]:

@@ -1,0 +1,164 @@
+"""LoRA on raw parameters (`target_parameters`): a parameter used by any op (an MoE expert stack read
+by bmm / einsum / indexing) is replaced, inside its module, by W + s·ΔW.
+
+This is PEFT's `lora.ParamWrapper`, as a rewrite at the parameter's placeholder instead of a
+parametrization: the uses of the placeholder by nodes traced inside the owning module read the
+adapted weight; uses elsewhere (a tied copy) keep the base tensor, as PEFT's parametrization is only
+active during the module's forward. Folding is the same rebinding, to W + ΔW computed once.
+
+Shapes and order are PEFT's: a 2-D parameter (out, in) gets lora_A (r, in), lora_B (out, r); a 3-D
+expert stack (E, d1, d2) gets lora_A (r·E, d2), lora_B (d1, r·E), expert e using A's rows e·r..e·r+r
+and B's columns e, e+E, ... (ΔW[e] = B_e·A_e); a module with `is_transposed = True` stores its experts
+the other way round, so A and B trade places (ΔW[e] = (B_e·A_e)ᵀ with A (r·E, d1), B (d2, r·E)).
+Several targeted parameters of one module nest as PEFT's wrappers do: the first registered is the
+innermost, so its adapter lives at `<module>.base_layer...` (one `base_layer` per later one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from peftc.config import LoraConfig
+from peftc.errors import ConfigError, TargetError, closest
+from peftc.graph import SiteBuilder, add_state_input, cast, dtype_of
+from peftc.method import AdapterTensors, Method, ModuleAdapter, TensorKey, adapter_dtype
+from peftc.names import BASE_LAYER
+
+from .dora import Call, eager
+from .lora import SCALE, A, B, init_factors, linear_like, lora_rank_alpha, lora_scale
+from .rebind import rebind_uses
+
+aten = torch.ops.aten
+
+PARAMETER = "parameter"  # the layer kind of a targeted parameter
+
+
+@dataclass
+class ParamAdapter(ModuleAdapter):
+    """A LoRA adapter on one parameter; `module_path` is PEFT's wrapper path (`owner` + `.base_layer`
+    per wrapper nested around it), where its tensors are named."""
+
+    owner: str = ""  # the module holding the parameter
+    param: str = ""  # the parameter's name in it
+    transposed: bool = False  # the owner's `is_transposed`: experts stored (E, in, out)
+
+    @property
+    def key(self) -> str:
+        """The parameter's name in the model."""
+        return f"{self.owner}.{self.param}"
+
+
+def parameter_targets(config: LoraConfig, model: nn.Module) -> list[tuple[str, str, str]]:
+    """(owner module, parameter name, wrapper path) of every parameter `config.target_parameters` names,
+    matched as PEFT does (the full name, or a suffix after a dot), in PEFT's nesting order."""
+    wanted = config.target_parameters or []
+    found: list[tuple[str, str]] = []
+    for owner, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            key = f"{owner}.{name}" if owner else name
+            if key in wanted or any(key.endswith(f".{t}") for t in wanted):
+                if not owner:
+                    raise TargetError(f"target_parameters: {key!r} belongs to the model itself, not to a submodule "
+                                      "(PEFT wraps the module holding a targeted parameter)")
+                found.append((owner, name))
+    if wanted and not found:
+        names = [n for n, _ in model.named_parameters()]
+        hints = "; ".join(f"{t!r} -> {closest(t, names)}" for t in wanted)
+        raise TargetError(f"target_parameters={wanted!r} matched no parameter of {type(model).__name__}; "
+                          f"closest parameter names: {hints}")
+    per_owner: dict[str, list[str]] = {}
+    for owner, name in found:
+        per_owner.setdefault(owner, []).append(name)
+    out = []
+    for owner, params in per_owner.items():
+        for i, name in enumerate(params):  # the last registered wraps all others: it is outermost
+            depth = len(params) - 1 - i
+            out.append((owner, name, ".".join([owner, *[BASE_LAYER] * depth])))
+    return out
+
+
+class LoraParam(Method):
+    """LoRA's `target_parameters` form: not a registered method of its own, the adapted model places it
+    for a LoRA config's parameter targets."""
+
+    peft_type = "LORA"
+    config_cls = LoraConfig
+    groups = ("lora_A", "lora_B")
+    layer_types = {PARAMETER: "nn.Parameter (`target_parameters`)"}
+    site_ops = {PARAMETER: ()}
+
+    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
+        raise NotImplementedError("parameter adapters are made by create_param")
+
+    def create_param(self, config: LoraConfig, owner: str, module: nn.Module, param: str) -> AdapterTensors:
+        key = f"{owner}.{param}"
+        w = getattr(module, param)
+        r, alpha = lora_rank_alpha(config, key)
+        if w.dim() == 2:
+            experts, fan_in, fan_out = 1, w.shape[1], w.shape[0]
+        elif w.dim() == 3:
+            transposed = getattr(module, "is_transposed", False)
+            experts, fan_out, fan_in = (w.shape[0], w.shape[2], w.shape[1]) if transposed else tuple(w.shape)
+        else:
+            raise ConfigError(f"target_parameters: {key!r} is {w.dim()}-D {tuple(w.shape)}; LoRA adapts 2-D "
+                              "weights and 3-D expert stacks only (as PEFT)")
+        # PEFT's factors are an nn.Linear(in, r·E) and an nn.Linear(r·E, out), drawn in that order
+        a, b = linear_like((r * experts, fan_in)), linear_like((fan_out, r * experts))
+        params = {A: a, B: b}
+        init_factors(config, params, r)
+        dtype = adapter_dtype(w)
+        params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
+        scale = torch.tensor(lora_scale(config, r, alpha), dtype=dtype, device=w.device)
+        return AdapterTensors(params=params, buffers={SCALE: scale})
+
+    def emit(self, b: SiteBuilder, site: Any, y: torch.fx.Node, kind: str, tensors: dict, config: LoraConfig,
+             training: bool) -> torch.fx.Node:
+        raise NotImplementedError("parameter adapters are emitted by rebind_parameters")
+
+    def fold(self, kind: str, config: LoraConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
+             base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ((param, w),) = base.items()
+        transposed = getattr(module, "is_transposed", False)
+        return {param: w + delta(eager, tuple(w.shape), transposed, tensors[A], tensors[B]) * tensors[SCALE]}
+
+
+def delta(call: Call, shape: tuple[int, ...], transposed: bool, a: Any, b: Any) -> Any:
+    """ΔW (before scaling) of a parameter of `shape`, in its own layout, from PEFT's lora_A / lora_B."""
+    if len(shape) == 2:
+        return call(aten.mm.default, b, a)
+    experts, (rank_e, a_in), (b_out, _) = shape[0], _shape(a), _shape(b)
+    r = rank_e // experts
+    a3 = call(aten.reshape.default, a, [experts, r, a_in])  # (E, r, in)
+    b3 = call(aten.permute.default, call(aten.reshape.default, b, [b_out, r, experts]), [2, 0, 1])  # (E, out, r)
+    if transposed:
+        return call(aten.bmm.default, call(aten.transpose.int, a3, 1, 2), call(aten.transpose.int, b3, 1, 2))
+    return call(aten.bmm.default, b3, a3)
+
+
+def _shape(x: torch.Tensor | torch.fx.Node) -> tuple[int, ...]:
+    return tuple(x.meta["val"].shape if isinstance(x, torch.fx.Node) else x.shape)
+
+
+def rebind_parameters(gm: torch.fx.GraphModule, adapters: list[tuple[frozenset[str], list[ParamAdapter]]]) -> None:
+    """Rewrite `gm` in place: each targeted parameter (by its state names) reads W + Σ s·ΔW inside its
+    module, its adapters applied in order."""
+    for fqns, mas in adapters:
+        inputs = [{key: add_state_input(gm, t_fqn, t) for key, (t_fqn, t) in ma.tensors.items()} for ma in mas]
+
+        def build(b: SiteBuilder, w: torch.fx.Node, mas: list[ParamAdapter] = mas, inputs: list = inputs) -> Any:
+            shape = tuple(w.meta["val"].shape)
+            for ma, tensors in zip(mas, inputs):
+                d = delta(b.call, shape, ma.transposed, tensors[A], tensors[B])
+                d = cast(b, b.call(aten.mul.Tensor, d, tensors[SCALE]), dtype_of(tensors[SCALE]), dtype_of(w))
+                w = b.call(aten.add.Tensor, w, d)
+            return w
+
+        rebind_uses(gm, fqns, mas[0].owner, build, (mas[0].module_path, ",".join(ma.adapter for ma in mas), "LORA"))
+    gm.graph.lint()
+    gm.recompile()
+

@@ -1,0 +1,76 @@
+"""LoRA's `modules_to_save`: whole modules trained as a copy per adapter (a classifier head).
+
+PEFT's ModulesToSaveWrapper: the module keeps its original at `<module>.original_module.<param>`, each
+adapter a trainable copy at `<module>.modules_to_save.<adapter>.<param>`, saved as `<module>.<param>`.
+Here every parameter of the module is rebound, inside the module, to the active adapter's copy
+(passes/rebind.py); folding is the same rebinding, so a merged copy is just the copy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from peftc.config import LoraConfig
+from peftc.errors import ConfigError
+from peftc.graph import SiteBuilder
+from peftc.method import AdapterTensors, Method, ModuleAdapter, TensorKey
+from peftc.names import MODULES_TO_SAVE, ORIGINAL_MODULE
+
+
+@dataclass
+class CopyAdapter(ModuleAdapter):
+    """One adapter's trainable copy of a whole module (keyed, and named, by the module's path)."""
+
+    @property
+    def wrapper(self) -> str:
+        """Where the module's own tensors live: `<module>.original_module`."""
+        return f"{self.module_path}.{ORIGINAL_MODULE}"
+
+
+class ModulesToSave(Method):
+    """Not a registered method of its own: the adapted model places it for a LoRA config's `modules_to_save`."""
+
+    peft_type = "LORA"
+    config_cls = LoraConfig
+    groups = (MODULES_TO_SAVE,)
+    layer_types = {"module": "any module (a trained copy)"}
+    site_ops = {"module": ()}
+
+    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
+        if any(True for _ in module.buffers()):
+            raise ConfigError(f"modules_to_save: {module_name!r} ({type(module).__name__}) has buffers; peftc trains "
+                              "copies of modules with parameters only")
+        return AdapterTensors(params={(MODULES_TO_SAVE, name): p.detach().clone()
+                                      for name, p in module.named_parameters()})
+
+    def emit(self, b: SiteBuilder, site: object, y: torch.fx.Node, kind: str, tensors: dict, config: LoraConfig,
+             training: bool) -> torch.fx.Node:
+        raise NotImplementedError("module copies are bound by rebind_copies")
+
+    def fold(self, kind: str, config: LoraConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
+             base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {leaf: t.clone() for (_, leaf), t in tensors.items()}
+
+
+def modules_to_save(config: LoraConfig, model: nn.Module) -> list[str]:
+    """Paths of the modules `config.modules_to_save` names (PEFT: a module whose name ends with an entry,
+    the outermost one where they nest; the config already lists the heads its task type adds)."""
+    wanted = list(config.modules_to_save or [])
+    found: list[str] = []
+    for path, _ in model.named_modules():
+        if path and any(path.endswith(w) for w in wanted) and not any(path.startswith(f + ".") for f in found):
+            found.append(path)
+    if wanted and not found:
+        raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}")
+    return found
+
+
+def excluded_by_copies(path: str, wanted: list[str] | None) -> bool:
+    """PEFT leaves a module inside a `modules_to_save` entry out of target_modules."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in wanted or ())
+

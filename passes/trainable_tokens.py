@@ -1,0 +1,117 @@
+"""LoRA's `trainable_token_indices`: chosen rows of an embedding matrix are trained, the rest stay frozen.
+
+PEFT's TrainableTokensLayer: the layer runs on W' = W.index_copy(0, indices, delta), `delta` starting as
+the rows W[indices]; an output head tied to the embedding (GPT-2's `lm_head`) runs on the same W'.
+Here the site's op is run again on W' (the lookup, or the tied head's linear), so it folds to W' itself.
+
+Names are PEFT's: the rows live at `<embedding>.token_adapter.trainable_tokens_delta.<adapter>` (saved
+without the adapter name), the base weight at `<embedding>.token_adapter.base_layer.weight`; a tied head
+shows the same tensors under `<head>.token_adapter....`, and PEFT saves only the embedding's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from peftc.config import LoraConfig
+from peftc.errors import ConfigError
+from peftc.graph import SiteBuilder, cast, dtype_of
+from peftc.method import AdapterTensors, Method, ModuleAdapter, TensorKey, adapter_dtype
+from peftc.names import TOKEN_ADAPTER
+from peftc.sites import WEIGHT_OPS, Site
+
+from .oft import current_base_op
+
+aten = torch.ops.aten
+
+DELTA = ("trainable_tokens_delta", None)
+INDICES = ("token_indices", None)  # a run-time buffer (PEFT keeps the indices as a plain list)
+
+
+@dataclass
+class TokenAdapter(ModuleAdapter):
+    """Trainable rows at one module (the adapted model keys it by the module itself); `module_path` is
+    PEFT's wrapper path, `<module>.token_adapter`. A tied head's adapter shares the embedding's tensors
+    (`tied` names the embedding) and is not saved on its own."""
+
+    tied: str | None = None
+
+
+class TrainableTokens(Method):
+    """Not a registered method of its own: the adapted model places it for a LoRA config's
+    `trainable_token_indices`."""
+
+    peft_type = "LORA"
+    config_cls = LoraConfig
+    groups = ("trainable_tokens_delta",)
+    layer_types = {"embedding": "nn.Embedding", "linear": "nn.Linear (tied to the embedding)"}
+    site_ops = {"embedding": ("embedding",), "linear": ("linear",)}
+
+    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
+        raise NotImplementedError("trainable tokens are made by create_rows")
+
+    def create_rows(self, module_name: str, module: nn.Module, indices: list[int]) -> AdapterTensors:
+        w = module.weight
+        if not indices or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < w.shape[0]
+                              for i in indices):
+            raise ConfigError(f"trainable_token_indices for {module_name!r}: expected token ids in "
+                              f"[0, {w.shape[0]}), got {indices!r}")
+        index = torch.tensor(indices, dtype=torch.int64, device=w.device)
+        rows = w.detach()[index].to(adapter_dtype(w))  # PEFT's init_weights=True: start at the current rows
+        return AdapterTensors(params={DELTA: rows.clone()}, buffers={INDICES: index})
+
+    def emit(self, b: SiteBuilder, site: Site, y: torch.fx.Node, kind: str, tensors: dict[TensorKey, torch.fx.Node],
+             config: LoraConfig, training: bool) -> torch.fx.Node:
+        # after another adapter's rows at this site, `y` is its op again: copy ours into its weight
+        op = current_base_op(site, y, "trainable_token_indices")
+        w_index = WEIGHT_OPS[op.target][1]
+        w = op.args[w_index]
+        rows = cast(b, tensors[DELTA], dtype_of(tensors[DELTA]), dtype_of(w))
+        return b.rerun(op, {w_index: b.call(aten.index_copy.default, w, 0, tensors[INDICES], rows)})
+
+    def fold(self, kind: str, config: LoraConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
+             base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"weight": base["weight"].index_copy(0, tensors[INDICES], tensors[DELTA])}
+
+
+def token_targets(config: LoraConfig, model: nn.Module) -> dict[str, list[int]]:
+    """Module path -> token ids, as PEFT resolves `trainable_token_indices`: a list means the input
+    embedding; a dict maps module names (matched by suffix) to their ids."""
+    wanted = config.trainable_token_indices
+    if wanted is None:
+        return {}
+    if not isinstance(wanted, dict):
+        get = getattr(model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        path = next((name for name, m in model.named_modules() if m is embedding), None) if embedding else None
+        if path is None:
+            raise ConfigError(f"trainable_token_indices={wanted!r}: {type(model).__name__} has no input embedding "
+                              "(get_input_embeddings); name the layer: {'<module name>': [token ids]}")
+        wanted = {path: wanted}
+    out = {}
+    for name, indices in wanted.items():
+        matches = [path for path, m in model.named_modules() if path.endswith(name)]
+        if not matches:
+            raise ConfigError(f"trainable_token_indices: no module named {name!r}")
+        for path in matches:
+            if not isinstance(model.get_submodule(path), nn.Embedding):
+                raise ConfigError(f"trainable_token_indices: {path!r} is a {type(model.get_submodule(path)).__name__};"
+                                  " peftc trains token rows of nn.Embedding layers (and heads tied to them)")
+            out[path] = list(indices)
+    return out
+
+
+def tied_heads(model: nn.Module, embedding: str) -> list[str]:
+    """Linear modules whose weight is the embedding's, where the model ties them (`tie_word_embeddings`)."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return []
+    weight = model.get_submodule(embedding).weight
+    return [path for path, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is weight]
+
+
+def wrapper_path(module_path: str) -> str:
+    return f"{module_path}.{TOKEN_ADAPTER}"
