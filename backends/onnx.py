@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from peftc.passes.dispatch import BASE_ONLY
+from peftc.passes.dispatch import BASE_NAME, BASE_ONLY, slot_indices
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.export import Dim
@@ -43,7 +43,6 @@ from .compile import batch_size, inline_grad_blocks
 
 MODES = ("merged", "switch", "inputs")
 METADATA_KEY = "peftc"
-BASE_NAME = "__base__"  # an adapter_names entry: the base model alone
 ORT_ADAPTER_SUFFIX = ".onnx_adapter"  # ONNX Runtime's adapter format; anything else is safetensors
 
 
@@ -210,9 +209,7 @@ class OnnxAdapterSession:
         else:
             wanted = self._names_for(adapter_names, batch)
             if self.mode == "switch":
-                order = self.exported_adapters
-                feed["adapter_index"] = np.array([BASE_ONLY if n == BASE_NAME else order.index(n) for n in wanted],
-                                                 dtype=np.int64)
+                feed["adapter_index"] = np.array(slot_indices(wanted, self.exported_adapters), dtype=np.int64)
             elif self.mode == "inputs":
                 feed.update(self._adapters[wanted[0]])
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))

@@ -13,6 +13,8 @@ with batch x tokens flattened (GPT-2's Conv1D); rows of one sample stay contiguo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -27,6 +29,12 @@ aten = torch.ops.aten
 
 INDEX = "peftc_adapter_index"  # placeholder meta: the per-sample adapter index input
 BASE_ONLY = -1  # adapter_index entry meaning "no adapter for this sample"
+BASE_NAME = "__base__"  # PEFT's adapter_names entry for the same
+
+
+def slot_indices(adapter_names: Sequence[str], slots: Sequence[str]) -> list[int]:
+    """`adapter_index` entries for per-sample adapter names (already checked to be in `slots` or BASE_NAME)."""
+    return [BASE_ONLY if n == BASE_NAME else slots.index(n) for n in adapter_names]
 
 # the inputs of one adapter at one site, or None where that adapter does not adapt the module
 Slot = tuple[ModuleAdapter, dict[TensorKey, torch.fx.Node]] | None

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from peftc.backends.eager import EagerProgram, TensorRef
 from peftc.passes import METHODS, insert_adapters
-from peftc.passes.dispatch import BASE_ONLY, dispatch_adapters
+from peftc.passes.dispatch import BASE_NAME, BASE_ONLY, dispatch_adapters, slot_indices
 from peftc.passes.fold import fold_adapters
 from peftc.passes.lora_params import PARAMETER, LoraParam, ParamAdapter, parameter_targets, rebind_parameters
 from peftc.passes.modules_to_save import CopyAdapter, ModulesToSave, excluded_by_copies, modules_to_save
@@ -448,7 +448,7 @@ class AdaptedModel(nn.Module):
         if unknown:
             raise ConfigError(f"adapter_names: unknown adapter(s) {unknown}; loaded: {order} (or {BASE_NAME!r})")
         device = next(iter(self.parameters())).device
-        return torch.tensor([BASE_ONLY if n == BASE_NAME else order.index(n) for n in adapter_names], device=device)
+        return torch.tensor(slot_indices(adapter_names, order), device=device)
 
     def _checked_index(self, index: torch.Tensor, flat: list[Any]) -> torch.Tensor:
         if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point():
@@ -905,7 +905,6 @@ class AdaptedModel(nn.Module):
             self.save_adapter(save_directory, name, path_initial_model_for_weight_conversion)
 
 
-BASE_NAME = "__base__"  # PEFT's adapter_names entry for "no adapter"
 
 
 EXTRAS = ("target_parameters", "trainable_token_indices", "modules_to_save")  # LoRA's non-factor parts
