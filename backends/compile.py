@@ -31,6 +31,7 @@ import torch
 import torch.fx
 from peftc.backends.eager import EagerProgram
 from peftc.passes.dispatch import BASE_ONLY
+from peftc.passes.remat import checkpoint_layers
 
 from peftc.capture import CapturedGraph
 from peftc.errors import ConfigError
@@ -88,6 +89,8 @@ class CompiledModel:
         self._compiled = {k: v for k, v in self._compiled.items() if k in live}
         gm = copy_graph_module(program.captured.gm)
         inline_grad_blocks(gm)
+        if program.captured.training and self.model._remat is not None:
+            checkpoint_layers(gm, self.model._remat)  # as the eager program does (dynamo traces checkpoint)
         gm.forward = _compiled_forward(gm, program.captured, self.options)
         compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model._resolve)
         self._compiled[id(program)] = (program, compiled)

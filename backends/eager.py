@@ -13,23 +13,48 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from peftc.passes.attention_masks import elide_attention_masks
+from peftc.passes.recompute_gates import recompute_gated_activations
+from peftc.passes.remat import RematPlan, checkpoint_layers
 
 from peftc.capture import CapturedGraph
+from peftc.graph import copy_graph_module
 
 # (module, attribute) holding a tensor: looked up at call time, so replaced buffers are seen
 TensorRef = tuple[nn.Module, str]
 
 
+def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: bool) -> torch.fx.GraphModule:
+    """What an eager program runs for the graph `gm`: a copy lowered for eager execution. Attention
+    masks that are trivial at run time are dropped (a choice made from tensor values, which only
+    eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
+    otherwise recompute gated activations. None of this changes a value: `gm` stays the graph that
+    inspection, torch.compile and ONNX see."""
+    run = copy_graph_module(gm)
+    elide_attention_masks(run)
+    if training and remat is not None:
+        checkpoint_layers(run, remat)
+    elif training:
+        recompute_gated_activations(run)
+    return run
+
+
 class EagerProgram:
-    def __init__(self, captured: CapturedGraph, resolve: Callable[[str], TensorRef]):
+    """Calls a captured graph with the model's current tensors. `run` is the module called (default:
+    the captured graph itself; the adapted model's programs run its `eager_lowering`)."""
+
+    def __init__(
+        self, captured: CapturedGraph, resolve: Callable[[str], TensorRef], run: torch.fx.GraphModule | None = None
+    ):
         self.captured = captured
+        self.run = captured.gm if run is None else run
         self.state = [resolve(name) for name in captured.state_names()]
         self.mutated = [resolve(name) for name in captured.mutated_state]
 
     def __call__(self, flat_inputs: list[Any], extras: dict[str, Any] | None = None) -> Any:
         state = [getattr(module, attr) for module, attr in self.state]
         extra = [extras[name] for name in self.captured.extra_inputs] if self.captured.extra_inputs else []
-        outputs = self.captured.gm(*state, *flat_inputs, *extra)
+        outputs = self.run(*state, *flat_inputs, *extra)
         n = len(self.mutated)
         if n:
             # buffers the model updates in place (BatchNorm running stats) come back as outputs

@@ -118,16 +118,17 @@ def checkpoint_layers(gm: torch.fx.GraphModule, plan: RematPlan) -> PassResult:
     """Rewrite `gm` in place: each region of `plan.layers` becomes one checkpointed call."""
     regions = find_regions(gm.graph, plan.layers)
     for i, (layer, nodes) in enumerate(regions.items()):
-        _outline(gm, f"remat_{i}", layer, nodes, plan.checkpoint_kwargs)
+        outline(gm, f"remat_{i}", nodes, plan.checkpoint_kwargs).meta[REMAT] = layer
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(regions))
 
 
-def _outline(
-    gm: torch.fx.GraphModule, name: str, layer: str, nodes: list[torch.fx.Node], checkpoint_kwargs: dict[str, Any]
-) -> None:
-    """Move `nodes` (a contiguous span) into a checkpointed sub-GraphModule, called from `gm` as `name`."""
+def outline(
+    gm: torch.fx.GraphModule, name: str, nodes: list[torch.fx.Node], checkpoint_kwargs: dict[str, Any]
+) -> torch.fx.Node:
+    """Move `nodes` (in graph order; no node outside them reads one of them before the last) into a
+    checkpointed sub-GraphModule, called from `gm` as `name` where the last one was; returns the call."""
     inside = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
@@ -143,15 +144,15 @@ def _outline(
     gm.add_submodule(name, Checkpointed(torch.fx.GraphModule(gm, body), checkpoint_kwargs))
 
     graph = gm.graph
-    with graph.inserting_before(nodes[0]):
+    with graph.inserting_before(nodes[-1]):
         call = graph.call_module(name, tuple(inputs))
-        call.meta[REMAT] = layer
         for k, out in enumerate(outputs):
             item = graph.call_function(operator.getitem, (call, k))
             item.meta = dict(out.meta)
             out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in inside)
     for n in reversed(nodes):
         graph.erase_node(n)
+    return call
 
 
 def peak_memory(fn: Callable[[], Any]) -> int:

@@ -27,14 +27,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftc.backends.eager import EagerProgram, TensorRef
+from peftc.backends.eager import EagerProgram, TensorRef, eager_lowering
 from peftc.passes import METHODS, insert_adapters
 from peftc.passes.dispatch import BASE_NAME, BASE_ONLY, dispatch_adapters, slot_indices
 from peftc.passes.fold import fold_adapters
 from peftc.passes.lora_params import PARAMETER, LoraParam, ParamAdapter, parameter_targets, rebind_parameters
 from peftc.passes.modules_to_save import CopyAdapter, ModulesToSave, excluded_by_copies, modules_to_save
 from peftc.passes.rebind import partition, rebind_to_tensors
-from peftc.passes.remat import RematPlan, checkpoint_layers, remat_plan
+from peftc.passes.remat import RematPlan, remat_plan
 from peftc.passes.trainable_tokens import TokenAdapter, TrainableTokens, tied_heads, token_targets, wrapper_path
 
 from . import names
@@ -308,7 +308,9 @@ class AdaptedModel(nn.Module):
         variant = self._variant(mixed)
         program = self._programs.get((id(base), variant))
         if program is None:
-            program = EagerProgram(self._rewrite(base, variant), self._resolve)
+            captured = self._rewrite(base, variant)
+            run = eager_lowering(captured.gm, self._remat, captured.training)
+            program = EagerProgram(captured, self._resolve, run)
             self._programs[(id(base), variant)] = program
         return program, flat
 
@@ -342,8 +344,6 @@ class AdaptedModel(nn.Module):
             insert_adapters(gm, sites, self.training)
             rebind_parameters(gm, [(self._state_names(mas[0].key), mas) for mas in params.values()])
             rebind_to_tensors(gm, self._copy_bindings(copies))
-        if self._remat is not None and base.training:
-            checkpoint_layers(gm, self._remat)
         mutated = [self._tree_name[f] for f in base.mutated_state]
         return dataclasses.replace(base, gm=gm, mutated_state=mutated, extra_inputs=extra)
 
@@ -468,6 +468,12 @@ class AdaptedModel(nn.Module):
     def graphs(self) -> list[CapturedGraph]:
         """The rewritten graphs built so far (one per call signature, mode and adapter variant)."""
         return [p.captured for p in self._programs.values()]
+
+    @property
+    def eager_graphs(self) -> list[tuple[CapturedGraph, torch.fx.GraphModule]]:
+        """Each of `graphs` with the module its eager calls run: the graph after `eager_lowering`
+        (trivial attention masks dropped; train graphs checkpointed or with gated activations recomputed)."""
+        return [(p.captured, p.run) for p in self._programs.values()]
 
     def graph_for(self, *args: Any, **kwargs: Any) -> CapturedGraph:
         """The rewritten graph that a call with these inputs runs (captured if new)."""

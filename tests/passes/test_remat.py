@@ -38,9 +38,8 @@ def _adapted(name: str) -> tuple[zoo.Case, peftc.AdaptedModel]:
 
 
 def _regions(am: peftc.AdaptedModel) -> dict[str, torch.fx.GraphModule]:
-    """Layer path -> the body of its checkpointed region, in the (single) train graph."""
-    (graph,) = [g for g in am.graphs if g.training]
-    gm = graph.gm
+    """Layer path -> the body of its checkpointed region, in what the (single) train graph runs."""
+    (gm,) = [run for graph, run in am.eager_graphs if graph.training]
     calls = [n for n in gm.graph.nodes if REMAT in n.meta]
     assert all(isinstance(gm.get_submodule(n.target), Checkpointed) for n in calls)
     return {n.meta[REMAT]: gm.get_submodule(n.target).body for n in calls}
@@ -88,7 +87,7 @@ def test_every_n_layers_and_eval_graphs_are_not_cut():
     am.eval()
     with torch.no_grad():
         am(**case.inputs)
-    assert all(REMAT not in n.meta for g in am.graphs if not g.training for n in g.gm.graph.nodes)
+    assert all(REMAT not in n.meta for g, run in am.eager_graphs if not g.training for n in run.graph.nodes)
 
 
 def test_peak_memory_is_lower():

@@ -1,0 +1,64 @@
+"""Eager lowering: an attention mask that says nothing beyond "causal" or "attend everywhere" is
+dropped at run time, and SDPA runs as transformers runs it eagerly (`is_causal=True`, or no mask).
+
+torch.export cannot ask whether a mask is trivial (that reads its values), so transformers builds an
+explicit boolean mask in a captured graph even where, run eagerly, it calls SDPA with no mask (no
+padding, query length == key length). The explicit mask costs twice: SDPA turns it into a float
+mask at every call and keeps that for backward (a [batch, 1, seq, seq] float per layer: what peftc
+trained with over PEFT's memory), and its kernel computes the blocks a causal kernel skips.
+
+An eager program can read values, so this pass inserts the check: one comparison per mask per call,
+then SDPA with the mask replaced by (None, is_causal=True) where it is exactly the lower triangle,
+by (None, False) where it is all True, and unchanged otherwise (padding). The result is the same
+attention, computed the way PEFT's model computes it. torch.compile (fullgraph) and ONNX graphs
+cannot hold this data-dependent choice, so only eager programs get the pass; they keep the mask.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def simplified_mask(mask: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for SDPA equal to attending with the boolean `mask`."""
+    if bool(mask.all()):
+        return None, False
+    q, k = mask.shape[-2:]
+    if q == k and torch.equal(mask, torch.ones(q, k, dtype=torch.bool, device=mask.device).tril_().expand_as(mask)):
+        return None, True
+    return mask, False
+
+
+def elide_attention_masks(gm: torch.fx.GraphModule) -> PassResult:
+    """Route each boolean SDPA mask through `simplified_mask` (one check per mask node, shared by every
+    attention that reads it). Rewrites `gm` in place; nested GraphModules (remat regions) are the
+    caller's to pass."""
+    graph = gm.graph
+    checked: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node]] = {}
+    for node in list(graph.find_nodes(op="call_function", target=SDPA)):
+        args = list(node.args) + [None, 0.0, False][len(node.args) - 3:]
+        mask, dropout_p, is_causal = args[3:6]
+        if not isinstance(mask, torch.fx.Node) or is_causal or _dtype(mask) != torch.bool:
+            continue
+        if mask not in checked:
+            with graph.inserting_after(mask):
+                check = graph.call_function(simplified_mask, (mask,))
+            with graph.inserting_after(check):
+                checked[mask] = (graph.call_function(operator.getitem, (check, 0)),
+                                 graph.call_function(operator.getitem, (check, 1)))
+        node.args = (*args[:3], checked[mask][0], dropout_p, checked[mask][1])
+    if checked:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, bool(checked))
+
+
+def _dtype(node: torch.fx.Node) -> torch.dtype | None:
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
