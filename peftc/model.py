@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -80,7 +81,15 @@ def _set_tensor(root: nn.Module, fqn: str, tensor: torch.Tensor, persistent: boo
 
 
 class AdaptedModel(nn.Module):
-    """What `peftc.apply` returns: call it like the original model."""
+    """What `peftc.apply` returns: call it like the original model. Each instance is of a subclass per
+    base model class (`AdaptedLlamaForCausalLM`), whose `forward` signature is the base class's: what
+    tools reading the class rather than the instance see (Trainer's label names)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdaptedModel:
+        model = args[0] if args else kwargs.get("model")
+        if cls is AdaptedModel and model is not None:  # (copy and pickle call __new__ with no arguments)
+            cls = _adapted_class(type(model))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -949,6 +958,25 @@ def _prune_empty_slots(root: nn.Module) -> None:
             _prune_empty_slots(child)
             if not child._modules and not child._parameters and not child._buffers:
                 del root._modules[name]
+
+
+@functools.cache
+def _adapted_class(base: type) -> type[AdaptedModel]:
+    """AdaptedModel's subclass for models of class `base`: its forward declares `base.forward`'s
+    parameters (transformers' Trainer finds `labels` there, as it does through PeftModel)."""
+
+    def forward(self: AdaptedModel, *args: Any, **kwargs: Any) -> Any:
+        return AdaptedModel.forward(self, *args, **kwargs)
+
+    ours = inspect.signature(AdaptedModel.forward).parameters
+    params = list(inspect.signature(base.forward).parameters.values())
+    extra = [ours["adapter_names"], ours["adapter_index"]]
+    tail = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+    head = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD and p.name not in ours]
+    forward.__signature__ = inspect.Signature(head + extra + tail)  # type: ignore[attr-defined]
+    forward.__doc__ = AdaptedModel.forward.__doc__
+    name = f"Adapted{base.__name__}"
+    return type(name, (AdaptedModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
 
 
 def _structural_copy(model: nn.Module, keep_requires_grad: bool = False) -> nn.Module:

@@ -106,9 +106,8 @@ def _trainer(am: peftc.AdaptedModel, out: Path) -> transformers.Trainer:
         save_steps=2,
         use_cpu=True,
         disable_tqdm=True,
-        # Trainer finds label names from the model *class*'s forward signature (AdaptedModel's takes
-        # **kwargs), so evaluate() reports eval_loss only when they are named
-        label_names=["labels"],
+        # no label_names: Trainer finds `labels` in the forward signature of the adapted model's class
+        # (AdaptedLlamaForCausalLM's is LlamaForCausalLM's), so evaluate() reports eval_loss as with PEFT
         # default remove_unused_columns=True: Trainer keeps the dataset columns that the adapted
         # model's forward signature names (the base model's), so input_ids and labels must survive
     )
