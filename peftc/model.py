@@ -517,6 +517,13 @@ class AdaptedModel(nn.Module):
         param_targets = self._parameter_targets(adapter_name, config, kinds)
         tokens = self._token_targets(config, kinds)
         copies = self._copy_targets(config, tokens)
+        with self._all_or_nothing():
+            self._register_adapter(adapter_name, config, method, kinds, param_targets, tokens, copies)
+
+    def _register_adapter(
+        self, adapter_name: str, config: AdapterConfig, method: Method, kinds: dict[str, str],
+        param_targets: list[tuple[str, str, str]], tokens: dict[str, list[int]], copies: list[str],
+    ) -> None:
         self.peft_config[adapter_name] = config
         new = (set(kinds) | {path for *_, path in param_targets} | set(tokens) | set(copies)) - set(self._adapters)
         # tensors the method shares across this adapter's modules (VeRA's projections), at the tuner level
@@ -540,6 +547,25 @@ class AdaptedModel(nn.Module):
             self._rename_base()
         self._set_trainable()
         self._programs.clear()
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """If the block raises (a method's create refusing a layer halfway), put back every module's
+        tensors and submodules, here and in the source copy, and the adapter bookkeeping: adding an
+        adapter either completes or leaves the model as it was."""
+        modules = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set))
+                   for root in (self, self._source) for m in root.modules()]
+        books = dict(self.peft_config), {p: list(mas) for p, mas in self._adapters.items()}, dict(self._tree_name)
+        try:
+            yield
+        except BaseException:
+            for m, *saved in modules:
+                for live, before in zip((m._modules, m._parameters, m._buffers, m._non_persistent_buffers_set), saved):
+                    live.clear()
+                    live.update(before)
+            self.peft_config, self._adapters, self._tree_name = books
+            self._programs.clear()
+            raise
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False) -> None:
         """Load an adapter saved by peftc or PEFT from the folder `model_id` (not activated, as in PEFT)."""

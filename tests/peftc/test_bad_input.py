@@ -348,3 +348,41 @@ def test_safe_merge_refuses_non_finite_adapter_weights(bad: float):
     # an unsafe merge goes ahead, as PEFT's does
     assert not torch.isfinite(am.merge_and_unload().lin1.weight).all()
 
+
+
+@pytest.mark.parametrize("config", [
+    # PiSSA rewrites base weights; VeRA shares tensors across modules
+    {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": "pissa"},
+    {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+], ids=["pissa", "vera"])
+def test_adapter_that_fails_halfway_leaves_the_model_as_it_was(config: dict[str, Any], monkeypatch):
+    from peftc.passes import METHODS
+
+    case = zoo.llama()
+    am = peftc.apply(case.model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]})
+    randomize_adapters(am)
+    before = {k: v.clone() for k, v in am.state_dict().items()}
+    with torch.no_grad():
+        out = case.call(am)
+    method = METHODS[config["peft_type"]]
+    create, calls = method.create, []
+
+    def create_then_fail(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise peftc.ConfigError(f"module {args[1]!r}: refused")
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(method, "create", create_then_fail)
+    with pytest.raises(peftc.ConfigError, match="refused"):
+        am.add_adapter("second", config)
+    assert len(calls) == 3  # two modules were adapted (and PiSSA rewrote their base weights) before it failed
+    after = am.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert list(am.peft_config) == ["default"] and am.adapter_order == ["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(case.call(am), out, rtol=0, atol=0)
+
+    monkeypatch.setattr(method, "create", create)
+    am.add_adapter("second", config)  # the same name is free again, and the adapter goes on whole
+    assert sorted(am.peft_config) == ["default", "second"]
