@@ -344,7 +344,9 @@ def _read_adapter_file(path: str) -> dict[str, np.ndarray]:
         if path.endswith(ORT_ADAPTER_SUFFIX):
             import onnxruntime as ort
 
-            return {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(path).get_parameters().items()}
+            # the arrays view memory the adapter object owns: copy them while it is alive
+            adapter = ort.AdapterFormat.read_adapter(path)
+            return {k: np.array(v.numpy()) for k, v in adapter.get_parameters().items()}
         return {k: t.numpy() for k, t in load_file(path).items()}
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read the adapter file ({e})") from None
