@@ -1,8 +1,32 @@
-"""Test-wide settings: one torch thread per pytest-xdist worker, so workers do not oversubscribe the cores."""
+"""Test-wide settings: one torch thread per pytest-xdist worker, so workers do not oversubscribe the cores;
+and `xdist_group` marks that work under pytest >= 9.2."""
+
+from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Name each grouped test `<nodeid>@<group>`, as pytest-xdist's `--dist loadgroup` means to.
+
+    xdist 3.8 does it by assigning `item._nodeid`, which pytest 9.2's structured node ids no longer
+    read (pytest-dev/pytest-xdist#1386): every group was silently split across workers, each one
+    rebuilding the group's shared fixture (an ONNX export, a torchrun launch). This runs after
+    xdist's hook and does nothing where xdist's suffix took effect."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        suffix = f"@{'_'.join(groups)}"
+        if groups and not item.nodeid.endswith(suffix):
+            from _pytest.nodeid import NodeId  # pytest >= 9.2: the versions where xdist's suffix is lost
+
+            item._id = NodeId.parse(item.nodeid + suffix)

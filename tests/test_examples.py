@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# the suite's two longest tests, last in collection order: as a group (--dist loadgroup hands out units of several
+# tests before single tests) they start early, instead of ending the run on one worker while the other idles
+pytestmark = pytest.mark.xdist_group("examples")
 
 
 def _run(script: str, *args: str) -> str:

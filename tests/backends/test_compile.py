@@ -15,6 +15,7 @@ from tests import zoo
 from tests.oracle import assert_same_outputs, randomize_adapters
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+pytestmark = pytest.mark.xdist_group("compile")  # the tests share one compiled model: one worker builds it
 
 
 @pytest.fixture(scope="module")

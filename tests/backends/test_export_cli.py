@@ -1,5 +1,5 @@
-"""`peftc export`: a saved tiny model and two adapters saved by PEFT, exported in switch mode and
-served by name in onnxruntime, against PEFT's own mixed-batch forward on the same weights."""
+"""`peftc export`: a saved tiny GPT-2 (Conv1D layers) and two adapters saved by PEFT, exported in switch
+mode and served by name in onnxruntime, against PEFT's own mixed-batch forward on the same weights."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ from peftc.backends.onnx import OnnxAdapterSession
 from peftc.cli import main
 from tests import zoo
 
+pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")  # PEFT on Conv1D
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("cli")
-    model = zoo.llama().model
+    model = zoo.gpt2().model
     model.save_pretrained(root / "model")
     pm = None
     for i, name in enumerate(["alpha", "beta"]):
-        config = peft.LoraConfig(r=4, lora_alpha=8 * (i + 1), target_modules=["q_proj", "v_proj"])
+        config = peft.LoraConfig(r=4, lora_alpha=8 * (i + 1), target_modules=["c_attn", "c_fc"])
         if pm is None:
             pm = peft.get_peft_model(copy.deepcopy(model), config, adapter_name=name)
         else:

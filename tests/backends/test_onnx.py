@@ -1,7 +1,11 @@
 """ONNX export, run in onnxruntime (CPUExecutionProvider) against eager peftc on the same weights:
 merged (no adapter nodes), switch (standard ops only, a mixed batch per sample) and inputs (an
 adapter loaded from a file without re-export), each at a batch and sequence length other than
-the export's example. Each file is exported once (per test worker) and shared by the tests."""
+the export's example. Each file is exported once and shared by the tests of its model.
+
+An export costs ~10-20 s, so each mode runs on the Llama-like model and on one other architecture, not on
+all: merged on BERT (and MiniLM in tests/test_examples.py), switch on MiniLM (a real pretrained BERT; and
+GPT-2 against PEFT in tests/backends/test_export_cli.py), inputs on GPT-2 (Conv1D's transposed weights)."""
 
 from __future__ import annotations
 
@@ -19,11 +23,9 @@ from safetensors.torch import load_file, save_file
 import peftc
 from peftc.graph import adapter_nodes
 from tests import zoo
+from tests.groups import grouped
 from tests.oracle import randomize_adapters, tensors
 
-# each model's exports are shared by its tests, so they run on one xdist worker (--dist loadgroup)
-MODELS = [pytest.param(name, marks=pytest.mark.xdist_group(f"onnx-{name}"))
-          for name in ("llama", "gpt2", "bert", "minilm")]
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 ORT_FORMAT = hasattr(ort, "AdapterFormat")  # ONNX Runtime's own adapter file format (ORT >= 1.20)
 STANDARD_DOMAINS = {"", "ai.onnx"}
@@ -35,7 +37,8 @@ def lora(targets: list[str], alpha: int) -> dict[str, Any]:
 
 
 class Exported:
-    """One zoo model with two random adapters, exported in every mode, plus adapter files of "other"."""
+    """One zoo model with two random adapters, exported in the modes its tests ask for, plus adapter files of
+    "other"."""
 
     def __init__(self, name: str, folder: str):
         case = getattr(zoo, name)()
@@ -98,7 +101,7 @@ def assert_matches(got: dict[str, np.ndarray], want: dict[str, torch.Tensor], ro
                                    msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", grouped("onnx", ["llama", "bert"]))  # shares `exports`
 def test_merged(exports, name: str) -> None:
     ex = exports(name)
     model = onnx.load(ex.file("merged"))
@@ -111,7 +114,7 @@ def test_merged(exports, name: str) -> None:
     assert_matches(session.run(inputs), ex.eager(inputs, "default"))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", grouped("onnx", ["llama", "minilm"]))  # shares `exports`
 def test_switch_mixed_batch(exports, name: str) -> None:
     ex = exports(name)
     model = onnx.load(ex.file("switch"))
@@ -131,7 +134,7 @@ def test_switch_mixed_batch(exports, name: str) -> None:
                    ex.eager(inputs, adapter_names=["__base__", "other", "other", "default"]))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", grouped("onnx", ["llama", "gpt2"]))  # shares `exports`
 def test_inputs_mode_loads_adapter_files(exports, name: str) -> None:
     ex = exports(name)
     session = OnnxAdapterSession(ex.file("inputs"), providers=["CPUExecutionProvider"])

@@ -25,6 +25,9 @@ from peftc.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 420  # seconds; a launch takes ~15-20 s on an idle 2-core machine
 TOL = {"atol": 1e-5, "rtol": 1e-5}
+# one worker runs the module, so the `runs` launch happens once and two launches (2 processes each) never share
+# the 2 cores (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 def _launch(cmd: list[str], out: Path) -> subprocess.Popen:

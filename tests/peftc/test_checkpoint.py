@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import peftc
 import peftc.checkpoint
 from tests import zoo
+from tests.groups import grouped
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
@@ -81,7 +82,7 @@ class Saved:
     peft_dir: Path
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=grouped("checkpoint", CASES))
 def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Saved:
     name = request.param
     root = tmp_path_factory.mktemp(name)

@@ -16,6 +16,7 @@ import torch
 
 import peftc
 from tests import zoo
+from tests.groups import grouped
 from tests.oracle import TOL, assert_same_outputs, example, loss_of, second_inputs, tensors, train_inputs
 
 pytestmark = [
@@ -66,12 +67,12 @@ def make_pair(name: str, training: bool) -> Pair:
     return Pair(case, am, pm, load_result, snapshot, requires_grad, modes)
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=grouped("vs-peft", CASES))
 def eval_pair(request: pytest.FixtureRequest) -> Pair:
     return make_pair(request.param, training=False)
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=grouped("vs-peft", CASES))
 def train_pair(request: pytest.FixtureRequest) -> Pair:
     return make_pair(request.param, training=True)
 
