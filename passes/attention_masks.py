@@ -22,6 +22,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from peftc.graph import dtype_of
+
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
@@ -37,14 +39,13 @@ def simplified_mask(mask: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
 
 def elide_attention_masks(gm: torch.fx.GraphModule) -> PassResult:
     """Route each boolean SDPA mask through `simplified_mask` (one check per mask node, shared by every
-    attention that reads it). Rewrites `gm` in place; nested GraphModules (remat regions) are the
-    caller's to pass."""
+    attention that reads it); in place."""
     graph = gm.graph
     checked: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node]] = {}
     for node in list(graph.find_nodes(op="call_function", target=SDPA)):
-        args = list(node.args) + [None, 0.0, False][len(node.args) - 3:]
-        mask, dropout_p, is_causal = args[3:6]
-        if not isinstance(mask, torch.fx.Node) or is_causal or _dtype(mask) != torch.bool:
+        kwargs = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs  # args by name
+        mask = kwargs["attn_mask"]
+        if not isinstance(mask, torch.fx.Node) or kwargs["is_causal"] or dtype_of(mask) != torch.bool:
             continue
         if mask not in checked:
             with graph.inserting_after(mask):
@@ -52,13 +53,8 @@ def elide_attention_masks(gm: torch.fx.GraphModule) -> PassResult:
             with graph.inserting_after(check):
                 checked[mask] = (graph.call_function(operator.getitem, (check, 0)),
                                  graph.call_function(operator.getitem, (check, 1)))
-        node.args = (*args[:3], checked[mask][0], dropout_p, checked[mask][1])
+        node.args, node.kwargs = (), {**kwargs, "attn_mask": checked[mask][0], "is_causal": checked[mask][1]}
     if checked:
         graph.lint()
         gm.recompile()
     return PassResult(gm, bool(checked))
-
-
-def _dtype(node: torch.fx.Node) -> torch.dtype | None:
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) else None

@@ -32,7 +32,7 @@ def test_eager_graph_checks_each_mask_once_and_captured_graph_keeps_it():
     assert len(sdpa) == 2  # one per layer
     checks = list(run.graph.find_nodes(op="call_function", target=simplified_mask))
     assert len(checks) == 1  # the layers share one mask, checked once per call
-    assert all(n.args[3].args[0] is checks[0] and n.args[5].args[0] is checks[0] for n in sdpa)
+    assert all(n.kwargs["attn_mask"].args[0] is checks[0] and n.kwargs["is_causal"].args[0] is checks[0] for n in sdpa)
     assert not list(captured.gm.graph.find_nodes(op="call_function", target=simplified_mask))
 
 
