@@ -995,10 +995,10 @@ def _adapted_class(base: type) -> type[AdaptedModel]:
         return AdaptedModel.forward(self, *args, **kwargs)
 
     ours = inspect.signature(AdaptedModel.forward).parameters
-    params = list(inspect.signature(base.forward).parameters.values())
     extra = [ours["adapter_names"], ours["adapter_index"]]
+    params = [p for p in inspect.signature(base.forward).parameters.values() if p.name not in {e.name for e in extra}]
     tail = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
-    head = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD and p.name not in ours]
+    head = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
     forward.__signature__ = inspect.Signature(head + extra + tail)  # type: ignore[attr-defined]
     forward.__doc__ = AdaptedModel.forward.__doc__
     name = f"Adapted{base.__name__}"
