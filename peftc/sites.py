@@ -39,7 +39,12 @@ class Site:
     node: torch.fx.Node  # the op consuming the weight
     module_path: str  # module the op was called from ("" for the root)
     weight: torch.fx.Node  # placeholder of the weight
-    input: torch.fx.Node  # activation (or index) input
+
+    @property
+    def input(self) -> torch.fx.Node:
+        """The activation (or index) input, read from the op now: a rewrite of an earlier site reroutes its
+        consumers, so a value remembered when the site was found could be that site's unadapted output."""
+        return self.node.args[WEIGHT_OPS[self.node.target][0]]
 
     @property
     def op(self) -> str:
@@ -71,9 +76,9 @@ def find_sites(graph: torch.fx.Graph) -> list[Site]:
         x_i, w_i = WEIGHT_OPS[node.target]
         if len(node.args) <= max(x_i, w_i):
             continue
-        weight, x = node.args[w_i], node.args[x_i]
+        weight = node.args[w_i]
         if isinstance(weight, torch.fx.Node) and weight.op == "placeholder" and STATE in weight.meta:
-            sites.append(Site(node=node, module_path=module_path(node), weight=weight, input=x))
+            sites.append(Site(node=node, module_path=module_path(node), weight=weight))
     return sites
 
 
