@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from peftc.backends.eager import EagerProgram, TensorRef, eager_lowering
 from peftc.passes import METHODS, insert_adapters
+from peftc.passes.canonical_linear import linear_from_transposed_matmul
 from peftc.passes.dispatch import BASE_NAME, BASE_ONLY, dispatch_adapters, slot_indices
 from peftc.passes.fold import fold_adapters
 from peftc.passes.lora_params import PARAMETER, LoraParam, ParamAdapter, parameter_targets, rebind_parameters
@@ -313,6 +314,7 @@ class AdaptedModel(nn.Module):
         if base is None:
             self._sync_source()
             base = capture(self._source, args, kwargs, self.training)
+            linear_from_transposed_matmul(base.gm)
             self._captures.setdefault(key, []).append(base)
         variant = self._variant(mixed)
         program = self._programs.get((id(base), variant))

