@@ -141,10 +141,13 @@ class Lora(Method):
             fan_out, fan_in = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
         else:
             fan_out, fan_in = w.shape
-        if r > min(fan_in, fan_out):
+        if r > min(fan_in, fan_out) and config.init_method in ("pissa", "olora"):
+            # any other r is valid, as in PEFT (its own tests use r above a layer's size); only a decomposition
+            # of W cannot give more than min(in, out) components
             raise ConfigError(
-                f"r={r} for module {module_name!r} ({self.layer_types[kind]} {tuple(w.shape)}) is larger than "
-                f"the layer's dimensions ({fan_in} in, {fan_out} out): the update could not be low-rank"
+                f"r={r} for module {module_name!r} ({self.layer_types[kind]} {tuple(w.shape)}): "
+                f"init_lora_weights={config.init_lora_weights!r} takes r components of the weight, which has "
+                f"only {min(fan_in, fan_out)}"
             )
         init, base = config.init_lora_weights, {}
         if kind == "embedding":

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
+import peft
 import pytest
 import torch
+import torch.nn as nn
 from torch.testing import FileCheck
 
 import peftc
 from peftc.capture import STATE, USER
 from peftc.graph import ADAPTER, adapter_nodes
-from tests import zoo
+from tests import oracle, zoo
 
 aten = torch.ops.aten
 
@@ -169,3 +173,34 @@ def test_bf16_base_keeps_fp32_adapters_and_casts_the_delta_back():
     assert all(p.dtype == torch.float32 for _, p in am.adapter_parameters())
     casts = [n for n in adapter_nodes(am.graphs[0].gm.graph) if n.target == aten.to.dtype]
     assert [c.args[1] for c in casts] == [torch.float32, torch.bfloat16]  # x in, delta out
+
+
+class DepthwiseNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, groups=8, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dw(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(("model", "inputs", "targets", "r"), [
+    (zoo.MLP, (torch.randn(4, 12),), ["lin0", "lin1"], 30),  # lin1 is 24 -> 8
+    (zoo.CNN, (torch.randn(2, 3, 10, 10),), ["conv0"], 30),  # 27 inputs
+    (zoo.EmbeddingModel, (torch.randint(1, zoo.VOCAB, (4, 6)),), ["emb"], 20),  # 16 dims
+    (DepthwiseNet, (torch.randn(2, 8, 6, 6),), ["dw"], 32),  # 9 inputs per group; r divisible by groups=8
+])
+def test_rank_above_the_layer_size_is_valid_as_in_peft(model, inputs, targets, r):
+    """PEFT's own custom-model tests use r above a layer's dimensions; PEFT accepts it, so peftc does too."""
+    fields = {"r": r, "lora_alpha": 8, "target_modules": targets, "init_lora_weights": False}
+    torch.manual_seed(0)
+    base = model().eval()
+    ref = copy.deepcopy(base)
+    am = peftc.apply(base, {"peft_type": "LORA", **fields}, example_inputs=inputs)
+    oracle.randomize_adapters(am)
+    pm = peft.get_peft_model(ref, peft.LoraConfig(**fields))
+    pm.load_state_dict(am.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(am(*inputs), pm(*inputs), **oracle.TOL)
+        assert not torch.allclose(am(*inputs), base(*inputs))
