@@ -1,5 +1,5 @@
 """Test-wide settings: one torch thread per pytest-xdist worker, so workers do not oversubscribe the cores;
-and `xdist_group` marks that work under pytest >= 9.2."""
+hypothesis draws the same examples on every run; and `xdist_group` marks that work under pytest >= 9.2."""
 
 from __future__ import annotations
 
@@ -7,9 +7,18 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+# "ci" (the default, what `python -m pytest` and .ci/run use): the same draws on every run and every machine,
+# so a fresh clone passes or fails as CI did. "explore" (HYPOTHESIS_PROFILE=explore): new random draws each run,
+# to look for failures the fixed draws miss (a failure prints its example as drawn). No deadline: a capture takes
+# seconds, and a timing limit would fail at random on a loaded machine.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, database=None, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.hookimpl(trylast=True)
