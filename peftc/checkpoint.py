@@ -3,15 +3,20 @@
 Saved keys are PEFT's (`base_model.model.<module>.lora_A.weight`, adapter name stripped), so a
 peftc checkpoint loads in `peft.PeftModel.from_pretrained` and a PEFT checkpoint loads here.
 Loading is strict: every key and shape is checked before any tensor is touched. Writes go to
-temporary files renamed into place, so an interrupted save leaves the previous files intact.
+temporary files renamed into place, so an interrupted save leaves the previous files intact, and
+the next save removes the temporary files of one that was killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +24,11 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; stale temp folders are told by their age
+    fcntl = None
 
 from . import names
 from .config import CONFIG_NAME, AdapterConfig, load_config
@@ -98,16 +108,110 @@ def _config_json(model: Any, config: AdapterConfig) -> dict[str, Any]:
     return data
 
 
-def _atomic_write(path: str, write: Any) -> str:
-    """Write through `write(tmp_path)` to a temp file beside `path`; return the temp path."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+# A save writes into a temp folder of its own beside the adapter's files (safetensors' writer puts its
+# own temp file there too), locked while the save runs, then renames the files into place. A save
+# killed half-way (kill -9, power loss) leaves only that folder; the next save into the same folder
+# removes it once its lock shows that no save is running there any more.
+TEMP_PREFIX, TEMP_SUFFIX = ".peftc-save-", ".tmp"
+_TEMP_DIR = re.compile(r"\.peftc-save-[a-z0-9_]{8}\.tmp")  # tempfile.mkdtemp's names with that prefix/suffix
+# what a save may leave in its temp folder: the new files, the old weights kept for a rollback, and
+# safetensors' own temp file (Rust's tempfile crate: ".tmp" and 6 letters or digits)
+BACKUP_NAME = "previous.safetensors"
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+# temp files of earlier peftc versions (one per file, beside it; never locked): removed once an hour old
+_OLD_TEMP_FILE = re.compile(r"\.(?:adapter_model\.safetensors|adapter_config\.json)\.[a-z0-9_]{8}\.tmp")
+STALE_AFTER_S = 3600  # where no lock can tell (no flock), a temp folder this old belongs to no running save
+
+
+def _atomic_write(path: str, write: Any, temp_dir: str) -> str:
+    """Write `path`'s new content through `write(tmp_path)` to a file in `temp_dir`; return its path.
+    Its mode is an ordinary new file's (0666 less the umask), whatever mode `write` created it with."""
+    tmp = os.path.join(temp_dir, os.path.basename(path))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
+    write(tmp)
+    with contextlib.suppress(OSError):  # (safetensors writes 0600; some filesystems have no modes)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
     return tmp
+
+
+@contextlib.contextmanager
+def _save_temp(out_dir: str) -> Iterator[str]:
+    """A new temp folder in `out_dir` for one save, locked while the save runs and removed after it."""
+    for _ in range(5):
+        tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=out_dir)
+        fd = _lock(tmp, wait=True)
+        try:  # a concurrent save's cleanup may have taken the folder before it was locked: take another
+            if fd is None or os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise CheckpointError(f"{out_dir}: could not create a temp folder for the save")
+    try:
+        yield tmp
+    finally:
+        _clear_temp_dir(tmp)
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _lock(path: str, wait: bool) -> int | None:
+    """An open descriptor of the folder `path` holding an exclusive flock. None where flock is not
+    available (Windows, some network filesystems); BlockingIOError if another process holds it."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # ENOLCK, EOPNOTSUPP: this filesystem has no flock
+        os.close(fd)
+        return None
+    return fd
+
+
+def _clear_temp_dir(path: str) -> None:
+    """Remove a save's temp folder: the files a save puts there, then the folder if nothing else is left."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            if entry.name in (WEIGHTS_NAME, CONFIG_NAME, BACKUP_NAME) or _SAFETENSORS_TEMP.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        os.rmdir(path)
+
+
+def _remove_stale_temps(out_dir: str) -> None:
+    """Remove what saves killed half-way left in `out_dir` (their temp folders, and older peftc's temp
+    files); never a running save's, never a file peftc's writer could not have made."""
+    try:
+        entries = list(os.scandir(out_dir))
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if _TEMP_DIR.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                try:
+                    fd = _lock(entry.path, wait=False)
+                except BlockingIOError:
+                    continue  # a save is running there
+                try:
+                    if fd is not None or _older_than(entry, STALE_AFTER_S):
+                        _clear_temp_dir(entry.path)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+            elif _OLD_TEMP_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                if _older_than(entry, STALE_AFTER_S):
+                    os.unlink(entry.path)
+
+
+def _older_than(entry: os.DirEntry, seconds: float) -> bool:
+    return time.time() - entry.stat(follow_symlinks=False).st_mtime > seconds
 
 
 def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str,
@@ -129,46 +233,44 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str,
     if not overwrite:
         _refuse_other_adapter(out_dir, config_data, tensors)
     os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_temps(out_dir)
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(config_text + "\n")
 
     weights_path, config_path = os.path.join(out_dir, WEIGHTS_NAME), os.path.join(out_dir, CONFIG_NAME)
-    tmp_weights = _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    try:
-        tmp_config = _atomic_write(config_path, write_json)
-    except BaseException:
-        os.unlink(tmp_weights)
-        raise
-    _replace_pair((tmp_weights, weights_path), (tmp_config, config_path))
+    with _save_temp(out_dir) as temp_dir:
+        tmp_weights = _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                                    temp_dir)
+        tmp_config = _atomic_write(config_path, write_json, temp_dir)
+        _replace_pair((tmp_weights, weights_path), (tmp_config, config_path), temp_dir)
     return out_dir
 
 
-def _replace_pair(first: tuple[str, str], second: tuple[str, str]) -> None:
+def _replace_pair(first: tuple[str, str], second: tuple[str, str], temp_dir: str) -> None:
     """Rename two temp files into place; if the second rename fails, put the first file's old
-    version back, so a failed save never leaves new weights beside an old config."""
+    version back, so a failed save never leaves new weights beside an old config. (Each rename is
+    atomic; a process killed between the two leaves new weights beside the old config, which is
+    the same adapter unless the save changes the config, i.e. with overwrite=True.)"""
     (tmp1, path1), (tmp2, path2) = first, second
-    backup = _atomic_write(path1, lambda tmp: _link_or_copy(path1, tmp)) if os.path.exists(path1) else None
+    backup = None
+    if os.path.exists(path1):
+        backup = os.path.join(temp_dir, BACKUP_NAME)
+        _link_or_copy(path1, backup)
+    os.replace(tmp1, path1)
     try:
-        os.replace(tmp1, path1)
-        try:
-            os.replace(tmp2, path2)
-        except BaseException:
-            if backup is None:  # there was no file before: there is none after
-                os.unlink(path1)
-            else:
-                os.replace(backup, path1)
-            raise
-    finally:
-        for leftover in (tmp1, tmp2, backup):
-            if leftover is not None and os.path.exists(leftover):
-                os.unlink(leftover)
+        os.replace(tmp2, path2)
+    except BaseException:
+        if backup is None:  # there was no file before: there is none after
+            os.unlink(path1)
+        else:
+            os.replace(backup, path1)
+        raise
 
 
 def _link_or_copy(src: str, dst: str) -> None:
     """`dst` becomes another name for `src`'s file (a copy where hard links are not supported)."""
-    os.unlink(dst)
     try:
         os.link(src, dst)
     except OSError:
