@@ -1,5 +1,8 @@
 """The dispatch pass: every sample of a batch runs through the adapter it names, in eval and in
-training, equal per sample to running that adapter alone, and equal to PEFT's `adapter_names`."""
+training, equal per sample to running that adapter alone, and equal to PEFT's `adapter_names`.
+LoRA on the zoo's architectures; then every method (LoRA, DoRA, IA3, LoHa, LoKr, OFT, VeRA, BOFT,
+HRA) on a small chained model: outputs and each adapter's gradients against the adapter alone, in
+peftc and in PEFT, and against PEFT's own mixed batch where PEFT has one (LoRA)."""
 
 from __future__ import annotations
 
@@ -169,3 +172,114 @@ def test_hotswap_copies_in_place_without_new_graphs(tmp_path):
     donor.save_adapter(tmp_path / "big_root", "big")
     with pytest.raises(peftc.ConfigError, match="larger than the loaded adapter"):
         am.hotswap_adapter(tmp_path / "big_root" / "big", "a")
+
+
+# -- every method ------------------------------------------------------------------------------------------
+
+# method -> (config of adapter "x", changes for adapter "y", PEFT's config class). On tests/zoo.py's chain model
+# (a -> b directly, b -> relu -> c): "x" targets all three, so one adapted layer feeds another, "y" fewer layers
+# (or, where the method shares state across adapters, the same ones) with other settings.
+METHOD_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], type[peft.PeftConfig]]] = {
+    "LORA": ({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "init_lora_weights": False},
+             {"r": 2, "lora_alpha": 6, "target_modules": ["b", "c"]}, peft.LoraConfig),
+    "DORA": ({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True},
+             {"r": 2, "target_modules": ["b", "c"]}, peft.LoraConfig),
+    # PEFT keeps a layer's feed-forward flag from its first IA3 adapter: "y" declares the same one ("b")
+    "IA3": ({"peft_type": "IA3", "feedforward_modules": ["b"]},
+            {"target_modules": ["b", "c"], "feedforward_modules": ["b"]}, peft.IA3Config),
+    "LOHA": ({"peft_type": "LOHA", "r": 2, "alpha": 4, "init_weights": False},
+             {"r": 3, "alpha": 2, "target_modules": ["b", "c"]}, peft.LoHaConfig),
+    "LOKR": ({"peft_type": "LOKR", "r": 2, "alpha": 4, "init_weights": False},
+             {"r": 1, "alpha": 3, "decompose_both": True, "target_modules": ["a", "b"]}, peft.LoKrConfig),
+    "OFT": ({"peft_type": "OFT", "oft_block_size": 4},
+            {"oft_block_size": 2, "target_modules": ["a", "b"]}, peft.OFTConfig),
+    "VERA": ({"peft_type": "VERA", "r": 4}, {"target_modules": ["b", "c"]}, peft.VeraConfig),
+    "BOFT": ({"peft_type": "BOFT", "boft_block_size": 4}, {"boft_block_size": 2, "target_modules": ["a", "b"]},
+             peft.BOFTConfig),
+    "HRA": ({"peft_type": "HRA", "r": 2}, {"r": 4, "target_modules": ["b", "c"]}, peft.HRAConfig),
+}
+MIXED = ["y", "__base__", "x", "y"]  # per sample of the chain model's batch of 4
+
+
+def _two_adapters(method: str) -> tuple[zoo.Case, peftc.AdaptedModel, peft.PeftModel]:
+    """peftc and PEFT on two copies of the chain model, each with adapters "x" and "y" of `method`, with the same
+    random weights (every adapter parameter moved away from its initial value, so none is an identity)."""
+    x_config, y_changes, peft_class = METHOD_CASES[method]
+    case, ref = zoo.chain(), zoo.chain()
+    configs = {"x": {"target_modules": ["a", "b", "c"], **x_config}}
+    configs["y"] = {**configs["x"], **y_changes}
+    am = peftc.apply(case.model, configs["x"], adapter_name="x", example_inputs=case.inputs)
+    am.add_adapter("y", configs["y"])
+    for seed, name in enumerate(("x", "y")):
+        am.set_adapter(name)
+        randomize_adapters(am, seed=seed)
+    pm = None
+    for name, config in configs.items():
+        fields = peft_class(**{k: v for k, v in config.items() if k != "peft_type"})
+        if pm is None:
+            pm = peft.get_peft_model(ref.model, fields, adapter_name=name)
+        else:
+            pm.add_adapter(name, fields)
+    result = pm.load_state_dict(am.state_dict(), strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    return case, am, pm.eval()
+
+
+def _peft_alone(pm: peft.PeftModel, name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "__base__":
+        with pm.disable_adapter():
+            return pm(x)
+    pm.set_adapter(name)
+    return pm(x)
+
+
+@pytest.mark.parametrize("method", list(METHOD_CASES))
+def test_every_method_mixed_batch_equals_each_adapter_alone_and_peft(method: str):
+    case, am, pm = _two_adapters(method)
+    (x,) = case.inputs
+    am.eval()
+    with torch.no_grad():
+        mixed = am(x, adapter_names=MIXED)
+        index = torch.tensor([am.adapter_order.index(n) if n != "__base__" else -1 for n in MIXED])
+        torch.testing.assert_close(am(x, adapter_index=index), mixed, atol=0, rtol=0)
+        for name in ("x", "y", "__base__"):
+            rows = [i for i, n in enumerate(MIXED) if n == name]
+            want = _peft_alone(pm, name, x)
+            torch.testing.assert_close(single(am, case, name)[rows], mixed[rows], **TOL,
+                                       msg=lambda m, n=name: f"{n} alone (peftc): {m}")
+            torch.testing.assert_close(mixed[rows], want[rows], **TOL, msg=lambda m, n=name: f"{n} alone (PEFT): {m}")
+        # the adapters differ from each other and from the base on these rows, so a row given the wrong one fails
+        assert not torch.allclose(mixed, am(x, adapter_names=["x", "__base__", "y", "x"]), **TOL)
+        assert not torch.allclose(_peft_alone(pm, "x", x), _peft_alone(pm, "y", x), **TOL)
+        if method == "LORA":  # PEFT's own mixed batches (LoRA only; it refuses DoRA, see below)
+            torch.testing.assert_close(mixed, pm(x, adapter_names=MIXED), **TOL)
+        elif method == "DORA":
+            with pytest.raises(ValueError, match="DoRA"):
+                pm(x, adapter_names=MIXED)
+
+
+@pytest.mark.parametrize("method", list(METHOD_CASES))
+def test_every_method_mixed_batch_gives_each_adapter_its_own_samples_gradients(method: str):
+    case, am, pm = _two_adapters(method)
+    (x,) = case.inputs
+    weights = torch.randn(*am(x).shape, generator=torch.Generator().manual_seed(3))  # a loss with no symmetry
+    am.train()
+    am.set_adapter(["x", "y"])  # both trainable
+    (am(x, adapter_names=MIXED) * weights).sum().backward()
+    mixed = {n: p.grad.clone() for n, p in am.adapter_parameters()}
+    pm.train()
+    for name in ("x", "y"):
+        rows = [i for i, n in enumerate(MIXED) if n == name]
+        am.zero_grad(set_to_none=True)
+        am.set_adapter(name)
+        (am(x[rows]) * weights[rows]).sum().backward()
+        pm.zero_grad(set_to_none=True)
+        pm.set_adapter(name)
+        (pm(x[rows]) * weights[rows]).sum().backward()
+        theirs = dict(pm.named_parameters())
+        params = dict(am.adapter_parameters(name))
+        assert params and any(mixed[n].abs().sum() > 0 for n in params)
+        for n, p in params.items():
+            torch.testing.assert_close(mixed[n], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n} (peftc): {m}")
+            torch.testing.assert_close(mixed[n], theirs[n].grad, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, n=n: f"{n} (PEFT): {m}")
