@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 from torch.utils._sympy.numbers import int_oo
 
 from .errors import CaptureError
@@ -51,12 +53,13 @@ class CapturedGraph:
     input_checks: list[tuple[Any, ...]] = field(default_factory=list)
     ranges: dict[sympy.Symbol, tuple[int, float]] = field(default_factory=dict)
     extra_inputs: tuple[str, ...] = ()  # inputs a rewrite added after the user's (e.g. "adapter_index")
+    guards: Callable[[list[Any]], bool] | None = None  # the trace's guards: relations between sizes
 
     def state_names(self) -> list[str]:
         return [n.meta[STATE] for n in self.gm.graph.find_nodes(op="placeholder") if STATE in n.meta]
 
     def accepts(self, flat_inputs: list[Any]) -> bool:
-        """Do these inputs satisfy the shapes the graph was specialised on?"""
+        """Do these inputs satisfy the shapes and guards the graph was specialised on?"""
         if len(flat_inputs) != len(self.input_checks):
             return False
         bound: dict[sympy.Symbol, int] = {}
@@ -73,14 +76,20 @@ class CapturedGraph:
                     if size != dim:
                         return False
                 elif isinstance(dim, sympy.Symbol):
-                    if bound.setdefault(dim, size) != size:
-                        return False
-                    lo, hi = self.ranges.get(dim, (0, float("inf")))
-                    if not lo <= size <= hi:
+                    if not self._binds(dim, size, bound):
                         return False
                 else:
                     deferred.append((dim, size))
-        return all(int(expr.subs(bound)) == size for expr, size in deferred)
+        if not all(int(expr.subs(bound)) == size for expr, size in deferred):
+            return False
+        return self.guards is None or self.guards(flat_inputs)
+
+    def _binds(self, symbol: sympy.Symbol, value: int, bound: dict[sympy.Symbol, int]) -> bool:
+        """`value` for `symbol`: consistent with its other uses and within the range the trace allowed."""
+        if bound.setdefault(symbol, value) != value:
+            return False
+        lo, hi = self.ranges.get(symbol, (0, float("inf")))
+        return lo <= value <= hi
 
 
 def signature_key(flat_inputs: list[Any], spec: pytree.TreeSpec, training: bool) -> tuple:
@@ -111,6 +120,17 @@ def is_transformers_model(model: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def tensor_call_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Scalar arguments of transformers models that have a tensor form with the same meaning, in that form, so
+    that each new value is an input to the same graph rather than a new capture: `logits_to_keep=k` (the last
+    k positions; 0 keeps all) is the 1-D tensor of those positions."""
+    keep, ids = kwargs.get("logits_to_keep"), kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if type(keep) is not int or keep <= 0 or not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return kwargs
+    seq = ids.shape[1]
+    return {**kwargs, "logits_to_keep": torch.arange(max(seq - keep, 0), seq, device=ids.device)}
 
 
 def default_call_kwargs(model: torch.nn.Module) -> dict[str, Any]:
@@ -169,9 +189,32 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -
                 progress(f"peftc: capturing {type(model).__name__} ({'train' if training else 'eval'})"):
             dynamic = _dynamic_shapes(model, args, kwargs, hf)
             ep = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic)
+            signature = inspect.signature(model.forward)  # with the extra kwargs named, as the guards name them
     except Exception as e:  # torch.export raises many types; all mean "could not trace"
         raise CaptureError(_explain_export_failure(model, e, hf)) from e
-    return _lift(ep, training)
+    captured = _lift(ep, training)
+    captured.guards = _guard_function(getattr(ep, "_guards_code", []), signature, captured.in_spec)
+    return captured
+
+
+def _guard_function(code: list[str], signature: inspect.Signature, in_spec: pytree.TreeSpec,
+                    ) -> Callable[[list[Any]], bool] | None:
+    """The trace's guards as one predicate over the flattened call.
+
+    Ranges of single sizes are checked in `accepts`; the trace also records relations (`batch != seq`, a
+    branch taken on `seq > 5`) as Python expressions over the call's arguments (`L['x'].size()[1]`),
+    the code `ExportedProgram.module()` asserts before each call. A graph is only reused where they hold."""
+    if not code:
+        return None
+    namespace = {**SYMPY_INTERP, "math": math, "inf": float("inf")}
+    predicate = eval("lambda L: " + " and ".join(f"({c})" for c in code), namespace)  # noqa: S307 - torch's guards
+
+    def guards(flat_inputs: list[Any]) -> bool:
+        args, kwargs = pytree.tree_unflatten(flat_inputs, in_spec)
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+        return bool(predicate({**arguments, "flat_args": flat_inputs}))
+
+    return guards
 
 
 @contextlib.contextmanager

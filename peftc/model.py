@@ -46,13 +46,16 @@ from .capture import (
     capture,
     default_call_kwargs,
     flatten_call,
+    is_transformers_model,
     signature_key,
     synthesize_inputs,
+    tensor_call_kwargs,
 )
 from .config import AdapterConfig, load_config
 from .errors import ConfigError, PeftcError, TargetError
 from .graph import copy_graph_module
 from .method import AdapterTensors, Method, ModuleAdapter, TensorKey
+from .programs import CaptureCache
 from .targets import resolve_all_linear, select_targets
 
 
@@ -104,6 +107,7 @@ class AdaptedModel(nn.Module):
         self.peft_config: dict[str, AdapterConfig] = {}
         self.training = model.training if training is None else training
         self._call_defaults = default_call_kwargs(model)
+        self._transformers = is_transformers_model(model)
         self._active: list[str] = []
         self._disabled = False
         self._remat: RematPlan | None = None  # gradient checkpointing: train graphs get the remat pass
@@ -111,7 +115,7 @@ class AdaptedModel(nn.Module):
         self._merged_adapters: list[str] = []
         self._padded: set[str] = set()  # adapters hot-swapped in at a smaller rank (zero-padded)
         # base graphs (named by the source's FQNs), and the rewritten programs run from them
-        self._captures: dict[tuple, list[CapturedGraph]] = {}
+        self._captures = CaptureCache()
         self._programs: dict[tuple, EagerProgram] = {}
 
         # captures trace a structural copy whose tensors are this model's own (no data copied): the
@@ -310,12 +314,13 @@ class AdaptedModel(nn.Module):
     def _program(self, args: tuple, kwargs: dict, mixed: bool = False) -> tuple[EagerProgram, list[Any]]:
         flat, spec = flatten_call(args, kwargs)
         key = signature_key(flat, spec, self.training)
-        base = next((c for c in self._captures.get(key, []) if c.accepts(flat)), None)
+        base = self._captures.lookup(key, flat)
         if base is None:
             self._sync_source()
             base = capture(self._source, args, kwargs, self.training)
             linear_from_transposed_matmul(base.gm)
-            self._captures.setdefault(key, []).append(base)
+            for evicted in self._captures.add(key, base):
+                self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
         variant = self._variant(mixed)
         program = self._programs.get((id(base), variant))
         if program is None:
@@ -446,6 +451,8 @@ class AdaptedModel(nn.Module):
         if adapter_names is not None:
             adapter_index = self.adapter_index(adapter_names)
         kwargs = {**self._call_defaults, **kwargs}
+        if self._transformers:
+            kwargs = tensor_call_kwargs(kwargs)
         if adapter_index is None:
             program, flat = self._program(args, kwargs)
             return program(flat)
@@ -841,12 +848,12 @@ class AdaptedModel(nn.Module):
         It shares every tensor with this one except the merged weights; this model is unchanged."""
         merged = self.merged_tensors(adapter_names, safe_merge)
         captures, programs = self._captures, self._programs
-        self._captures, self._programs = {}, {}
+        self._captures, self._programs = CaptureCache(captures.limit), {}
         try:
             clone = _structural_copy(self, keep_requires_grad=True)
         finally:
             self._captures, self._programs = captures, programs
-        clone._captures = {key: list(cs) for key, cs in captures.items()}  # base graphs are never mutated
+        clone._captures = captures.copy()
         clone._active = list(self._active if adapter_names is None else adapter_names)
         clone._install_merged(merged, clone._active)
         return clone
