@@ -105,6 +105,7 @@ def assert_matches(got: dict[str, np.ndarray], want: dict[str, torch.Tensor], ro
 def test_merged(exports, name: str) -> None:
     ex = exports(name)
     model = onnx.load(ex.file("merged"))
+    assert {n.domain for n in model.graph.node} <= STANDARD_DOMAINS and not model.functions
     names = [t.name for t in model.graph.initializer] + [i.name for i in model.graph.input]
     assert not [n for n in names if "lora" in n], "adapter tensors left in the merged graph"
     assert sorted(i.name for i in model.graph.input) == sorted(ex.case.inputs)
@@ -137,6 +138,8 @@ def test_switch_mixed_batch(exports, name: str) -> None:
 @pytest.mark.parametrize("name", grouped("onnx", ["llama", "gpt2"]))  # shares `exports`
 def test_inputs_mode_loads_adapter_files(exports, name: str) -> None:
     ex = exports(name)
+    model = onnx.load(ex.file("inputs"))
+    assert {n.domain for n in model.graph.node} <= STANDARD_DOMAINS and not model.functions
     session = OnnxAdapterSession(ex.file("inputs"), providers=["CPUExecutionProvider"])
     assert session.adapter_names == []
     inputs = ex.inputs()
