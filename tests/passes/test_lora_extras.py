@@ -23,9 +23,12 @@ from tests.oracle import (
     check_checkpoints,
     check_eval,
     check_train,
+    example,
     make_pair,
     randomize_adapters,
+    saved_shapes,
 )
+from tests.oracle import check_fold as check_fold_vs_peft
 from tests.passes.test_dora import check_fold
 
 pytestmark = [
@@ -112,8 +115,32 @@ def test_decomposing_init_keeps_the_base_output_and_matches_peft(name: str, init
     randomize_adapters(am)
     pair.pm.load_state_dict(am.state_dict())
     check_eval(pair)
+    # folding: W_res + s·BA, equal to PEFT's merge_and_unload; checkpoints load across in both directions
+    check_fold_vs_peft(pair)
+    check_decomposed_checkpoints(pair, tmp_path)
     check_train(pair)
     check_conversion(pair, initial, tmp_path)
+
+
+def check_decomposed_checkpoints(pair: MethodPair, tmp_path: Path) -> None:
+    """A PiSSA/OLoRA adapter saved by either library loads in the other on a fresh copy of the original model,
+    with the saver's outputs: both recompute the residual base from the original weights on load. (Not beside
+    another adapter, as oracle.check_checkpoints also does: PEFT warns that these inits rewrite the base and
+    must not be combined with other adapters.)"""
+    ours, theirs = tmp_path / "peftc", tmp_path / "peft"
+    pair.am.save_adapter(ours)
+    pair.pm.save_pretrained(theirs)
+    assert saved_shapes(ours) == saved_shapes(theirs)
+    assert load_config(ours).init_lora_weights == load_config(theirs).init_lora_weights == pair.pm.peft_config[
+        "default"].init_lora_weights
+    tol = {"atol": 2e-5, "rtol": 1e-4}
+    with torch.no_grad():
+        fresh = zoo.FACTORIES[pair.case.name]()
+        assert_same_outputs(pair.case.call(peft.PeftModel.from_pretrained(fresh.model, ours).eval()),
+                            pair.case.call(pair.am), tol)
+        fresh = zoo.FACTORIES[pair.case.name]()
+        loaded = peftc.load(fresh.model, theirs, example_inputs=example(fresh))
+        assert_same_outputs(pair.case.call(loaded), pair.case.call(pair.pm), tol)
 
 
 def check_conversion(pair: MethodPair, initial: Path, tmp_path: Path) -> None:
