@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -58,6 +61,8 @@ class AdapterConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)
+        check_patterns(self)
         if self.peft_type is None:
             self.peft_type = self.peft_type_name
         if self.peft_version is None:
@@ -88,6 +93,105 @@ class AdapterConfig:
             if isinstance(value, (set, tuple)):
                 out[key] = sorted(value) if isinstance(value, set) else list(value)
         return out
+
+
+@functools.cache
+def _field_types(cls: type[AdapterConfig]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def check_types(config: AdapterConfig) -> None:
+    """Every field holds a value of its declared type (`lora_alpha: float` a number, not None or "16";
+    `use_dora: bool` true or false, not "yes"), checked into lists and dicts; an error names the field,
+    and the entry of a list or dict that is wrong."""
+    for name, tp in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _conforms(value, tp):
+            where, value, tp = _first_wrong(name, value, tp)
+            raise ConfigError(f"{where} must be {_describe(tp)}, got {value!r}")
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if tp is list or origin is list:  # sets and tuples too, as PEFT's configs hold target names
+        return isinstance(value, (list, tuple, set, frozenset)) and all(_conforms(v, args[0]) for v in value
+                                                                        if args)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict) and (not args or all(_conforms(k, args[0]) and _conforms(v, args[1])
+                                                            for k, v in value.items()))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an int is a number too (lora_alpha: 16)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return not isinstance(tp, type) or isinstance(value, tp)
+
+
+def _first_wrong(name: str, value: Any, tp: Any) -> tuple[str, Any, Any]:
+    """(where, value, expected type) of the wrong entry, where `value` is a list or dict of the declared
+    kind whose entries are wrong: `target_modules[0]`, `alpha_pattern['q']`; else the field itself."""
+    kinds = [a for a in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
+             if typing.get_args(a)]
+    for kind in kinds:
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if origin is list and isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if not _conforms(v, args[0]):
+                    return _first_wrong(f"{name}[{i}]", v, args[0])
+        if origin is dict and isinstance(value, dict):
+            for k, v in value.items():
+                if not _conforms(k, args[0]):
+                    return f"{name} key {k!r}", k, args[0]
+                if not _conforms(v, args[1]):
+                    return _first_wrong(f"{name}[{k!r}]", v, args[1])
+    return name, value, tp
+
+
+_NAMES = {bool: ("True or False", "bools"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), type(None): ("None", "None"), list: ("a list", "lists"),
+          dict: ("a dict", "dicts")}
+
+
+def _describe(tp: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # "True, False or a string"
+        parts = [p for a in args for p in (["True", "False"] if a is bool and not plural else [_describe(a, plural)])]
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    if origin is list:
+        return f"{'lists' if plural else 'a list'} of {_describe(args[0], True)}"
+    if origin is dict:
+        return f"{'dicts' if plural else 'a dict'} from {_describe(args[0], True)} to {_describe(args[1], True)}"
+    if tp in _NAMES:
+        return _NAMES[tp][plural]
+    return getattr(tp, "__name__", str(tp))
+
+
+# fields matched as regular expressions where they are strings (see peftc/targets.py)
+REGEX_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
+
+
+def check_patterns(config: AdapterConfig) -> None:
+    """The fields PEFT matches as regular expressions compile: a `target_modules` string (fullmatched),
+    `layers_pattern`, and the keys of `rank_pattern` / `alpha_pattern`."""
+    layers = getattr(config, "layers_pattern", None)
+    checks = [(f"{name}={getattr(config, name, None)!r}", getattr(config, name, None)) for name in REGEX_FIELDS]
+    checks += [(f"layers_pattern={layers!r}", p) for p in ([layers] if isinstance(layers, str) else layers or [])]
+    checks += [(f"{name} key {key!r}", key)
+               for name in ("rank_pattern", "alpha_pattern") for key in getattr(config, name, None) or {}]
+    for where, pattern in checks:
+        if isinstance(pattern, str):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{where} is not a valid regular expression ({e})") from None
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -179,6 +283,10 @@ def load_config(config: AdapterConfig | dict | str | os.PathLike) -> AdapterConf
         raise ConfigError(f"{path}: no such config file") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text, as JSON must be ({e})") from None
+    except OSError as e:  # a folder, a path through a file, no permission
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     return config_from_dict(data, source=path)
 
 
