@@ -37,8 +37,10 @@ from .method import TensorKey
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"  # PEFT's older format: loaded only on request (allow_pickle=True)
-# config fields that do not make a saved adapter a different one (see `_refuse_other_adapter`)
-VOLATILE_FIELDS = ("peft_version", "inference_mode")
+# config fields that do not make a saved adapter a different one (see `_refuse_other_adapter`); fan_in_fan_out
+# is set from each layer's type when an adapter is applied, in PEFT and in peftc (earlier peftc saved False on
+# transformers' Conv1D layers, where it is now True as in PEFT)
+VOLATILE_FIELDS = ("peft_version", "inference_mode", "fan_in_fan_out")
 
 
 def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> str:
@@ -50,6 +52,9 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> str:
     ):
         raise CheckpointError(f"adapter name {adapter_name!r} is not a plain folder name: its files would not "
                               f"stay inside {directory}")
+    if "\0" in adapter_name:
+        raise CheckpointError(f"adapter name {adapter_name!r} holds a NUL character, which no folder name can: "
+                              "save or load it under another name")
     return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
 
 

@@ -8,6 +8,7 @@ provenance survives the rewrite.
 from __future__ import annotations
 
 import copy
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ def add_state_input(gm: torch.fx.GraphModule, fqn: str, example: torch.Tensor) -
         list(graph.find_nodes(op="placeholder"))[-1]
     )
     with ctx:
-        node = graph.placeholder(_node_name(fqn))
+        node = graph.placeholder(_node_name(fqn, {n.target for n in graph.find_nodes(op="placeholder")}))
     node.meta[STATE] = fqn
     node.meta["val"] = torch.empty(example.shape, dtype=example.dtype, device="meta")
     return node
@@ -51,8 +52,15 @@ def drop_unused_state(gm: torch.fx.GraphModule, candidates: list[torch.fx.Node])
             gm.graph.erase_node(node)
 
 
-def _node_name(fqn: str) -> str:
-    return "p_" + fqn.removeprefix("base_model.model.").replace(".", "_")
+def _node_name(fqn: str, taken: set[str]) -> str:
+    """A placeholder name for the tensor `fqn`, not in `taken`. fx writes it into Python source as an argument
+    name, so it must be an identifier: adapter names may hold any character ("my-adapter", "a b", a NUL)."""
+    text = unicodedata.normalize("NFKC", fqn.removeprefix("base_model.model."))  # as Python reads identifiers
+    name = "p_" + "".join(c if ("_" + c).isidentifier() else "_" for c in text)
+    unique, i = name, 1
+    while unique in taken:  # "my-adapter" and "my_adapter" are two inputs
+        unique, i = f"{name}_{i}", i + 1
+    return unique
 
 
 @dataclass

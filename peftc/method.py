@@ -11,6 +11,7 @@ Folding, dispatch, save/load and export are written against this, never per meth
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -55,6 +56,26 @@ def in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
     if kind == "embedding":
         return module.num_embeddings, module.embedding_dim
     return module.in_channels, module.out_channels
+
+
+def correct_fan_in_fan_out(config: AdapterConfig, modules: dict[str, nn.Module]) -> None:
+    """PEFT's correction of `fan_in_fan_out` (for the methods that have the field): an nn.Linear stores its
+    weight (out, in), so True is wrong there; transformers' Conv1D stores it (in, out), so False is. As
+    PEFT, warn naming the module and set the value the layer needs, target by target in model order; the
+    saved config then holds what PEFT's would. (peftc reads each layer's layout from its type, so the value
+    never changes what is computed.)"""
+    if not hasattr(config, "fan_in_fan_out"):
+        return
+    for path, module in modules.items():
+        kind = layer_type(module)
+        if kind == "linear" and config.fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out is set to True but the target module {path!r} is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.", stacklevel=4)
+            config.fan_in_fan_out = False
+        elif kind == "conv1d" and not config.fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out is set to False but the target module {path!r} is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.", stacklevel=4)
+            config.fan_in_fan_out = True
 
 
 @dataclass

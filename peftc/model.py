@@ -52,9 +52,9 @@ from .capture import (
     tensor_call_kwargs,
 )
 from .config import AdapterConfig, load_config
-from .errors import ConfigError, PeftcError, TargetError
+from .errors import CheckpointError, ConfigError, PeftcError, TargetError
 from .graph import copy_graph_module
-from .method import AdapterTensors, Method, ModuleAdapter, TensorKey
+from .method import AdapterTensors, Method, ModuleAdapter, TensorKey, correct_fan_in_fan_out
 from .programs import CaptureCache
 from .targets import resolve_all_linear, select_targets
 
@@ -523,6 +523,7 @@ class AdaptedModel(nn.Module):
         kinds = self._layer_kinds(self._source, method, config)
         # as PEFT, target_modules skips modules inside those trained as copies
         kinds = {p: k for p, k in kinds.items() if not excluded_by_copies(p, getattr(config, "modules_to_save", None))}
+        correct_fan_in_fan_out(config, {p: self._source.get_submodule(p) for p in kinds})  # warns, as PEFT
         param_targets = self._parameter_targets(adapter_name, config, kinds)
         tokens = self._token_targets(config, kinds)
         copies = self._copy_targets(config, tokens)
@@ -628,8 +629,11 @@ class AdaptedModel(nn.Module):
                 target = expected[key]
                 target.zero_()
                 target[tuple(slice(0, n) for n in t.shape)].copy_(t)
-                if t.shape != target.shape:
-                    self._padded.add(adapter_name)
+            # zero-padded now only if this adapter is smaller (swapping a full-size one back clears it)
+            if any(t.shape != expected[key].shape for key, t in saved.items()):
+                self._padded.add(adapter_name)
+            else:
+                self._padded.discard(adapter_name)
             for ma in mas:
                 for key, value in buffers[ma.module_path].items():
                     ma.tensors[key][1].copy_(value)
@@ -739,6 +743,7 @@ class AdaptedModel(nn.Module):
             if not self._adapters[path]:
                 del self._adapters[path]
         del self.peft_config[adapter_name]
+        self._padded.discard(adapter_name)  # (an adapter added later under this name is not padded)
         self._active = [a for a in self._active if a != adapter_name] or self.adapter_order[:1]
         self._rename_base()
         self._set_trainable()
@@ -940,6 +945,8 @@ class AdaptedModel(nn.Module):
         PiSSA/OLoRA init), write PEFT's conversion: a plain LoRA for the original base weights."""
         from .checkpoint import save_adapter
 
+        if adapter_name is None and not self._active:
+            raise CheckpointError(_NOTHING_TO_SAVE)
         adapter_name = adapter_name or self._active[0]
         if adapter_name in self._padded:
             raise ConfigError(
@@ -951,6 +958,8 @@ class AdaptedModel(nn.Module):
     def save_pretrained(self, save_directory: str, selected_adapters: Sequence[str] | None = None,
                         path_initial_model_for_weight_conversion: str | None = None) -> None:
         """PEFT's name: every adapter (or the selected ones), "default" in the folder, others in subfolders."""
+        if not (selected_adapters or self.adapter_order):
+            raise CheckpointError(_NOTHING_TO_SAVE)
         for name in selected_adapters or self.adapter_order:
             self.save_adapter(save_directory, name, path_initial_model_for_weight_conversion)
 
@@ -958,6 +967,8 @@ class AdaptedModel(nn.Module):
 
 
 EXTRAS = ("target_parameters", "trainable_token_indices", "modules_to_save")  # LoRA's non-factor parts
+# (PEFT raises KeyError: 'default')
+_NOTHING_TO_SAVE = "no adapter to save: the last one was deleted (delete_adapter); add or load an adapter first"
 
 
 def _has_extras(config: AdapterConfig) -> bool:
