@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+pytest_plugins = ("pytester",)  # tests/test_groups.py runs pytest -n 2 on a small file
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
