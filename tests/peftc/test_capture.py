@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 import torch.nn as nn
 
 import peftc
 from peftc.errors import CaptureError
-from tests import zoo
+from tests import oracle, zoo
+from tests.oracle import randomize_adapters
 
 LORA = {"peft_type": "LORA", "r": 2, "init_lora_weights": False}
 
@@ -70,21 +72,59 @@ def test_batch_of_one_gets_its_own_specialised_graph():
     assert len(am.graphs) == 2
 
 
+class ConvBnDropout(nn.Module):
+    """BatchNorm (batch statistics and running-stat updates in train mode) and Dropout (active in train mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.3)
+        self.conv1 = nn.Conv2d(8, 8, 3, stride=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.bn(self.conv0(x))))
+        return self.head(torch.relu(self.conv1(h)).mean(dim=(2, 3)))
+
+
 def test_eval_and_train_graphs_follow_batchnorm_and_dropout():
-    case = zoo.cnn()
-    model = case.model
-    am = peftc.apply(model, {**LORA, "target_modules": ["conv0"], "init_lora_weights": True},
-                     example_inputs=case.inputs)
-    x = case.inputs[0]
-    am.eval()
-    torch.testing.assert_close(am(x), model(x))  # B = 0: adapter is the identity
+    """Eval: running statistics, no dropout. Train: batch statistics, dropout masks as PEFT draws them from the
+    same seed, and running statistics updated in the adapted model's own buffers as in PEFT's model."""
+    torch.manual_seed(0)
+    model, ref = ConvBnDropout().eval(), ConvBnDropout().eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    config = {**LORA, "target_modules": ["conv0", "conv1", "head"]}
+    am = peftc.apply(model, config, example_inputs=(x,))
+    randomize_adapters(am)
+    pm = peft.get_peft_model(ref, peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"}))
+    pm.load_state_dict(am.state_dict(), strict=True)
+    pm.eval()
+    with torch.no_grad():
+        evaluated = am(x)
+        torch.testing.assert_close(evaluated, pm(x), **oracle.TOL)
+        assert not torch.allclose(evaluated, model(x), **oracle.TOL)  # the adapter is not an identity
+        torch.testing.assert_close(am(x), evaluated, atol=0, rtol=0)  # no dropout in eval
+
     am.train()
-    model.train()
-    y, y_ref = am(x), model(x)
-    model.eval()
-    torch.testing.assert_close(y, y_ref)
-    # running statistics were updated in am's own buffers, exactly as in the model
-    torch.testing.assert_close(am.state_dict()["base_model.model.bn.running_mean"], model.bn.running_mean)
+    pm.train()
+    outs = {}
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        outs[seed] = am(x)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(outs[seed], pm(x), **oracle.TOL)  # the same dropout masks and batch statistics
+    assert not torch.allclose(outs[5], outs[6], **oracle.TOL)  # dropout ran: other seeds, other masks
+    assert not torch.allclose(outs[5], evaluated, **oracle.TOL)
+    assert {g.training for g in am.graphs} == {False, True}
+    # running statistics were updated in am's own buffers, as in PEFT's model, and the user's model kept its own
+    ours = am.state_dict()
+    for stat in ("running_mean", "running_var", "num_batches_tracked"):
+        theirs = getattr(pm.base_model.model.bn, stat)
+        torch.testing.assert_close(ours[f"base_model.model.bn.{stat}"], theirs, **oracle.TOL)
+        assert not torch.equal(theirs, getattr(ConvBnDropout().bn, stat))
+        assert torch.equal(getattr(model.bn, stat), getattr(ConvBnDropout().bn, stat))
 
 
 def test_user_model_is_left_as_it_was():
