@@ -11,6 +11,7 @@ Folding, dispatch, save/load and export are written against this, never per meth
 
 from __future__ import annotations
 
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -66,16 +67,26 @@ def correct_fan_in_fan_out(config: AdapterConfig, modules: dict[str, nn.Module])
     never changes what is computed.)"""
     if not hasattr(config, "fan_in_fan_out"):
         return
+    level = _user_stacklevel()
     for path, module in modules.items():
         kind = layer_type(module)
         if kind == "linear" and config.fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out is set to True but the target module {path!r} is `torch.nn.Linear`. "
-                          "Setting fan_in_fan_out to False.", stacklevel=4)
+                          "Setting fan_in_fan_out to False.", stacklevel=level)
             config.fan_in_fan_out = False
         elif kind == "conv1d" and not config.fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out is set to False but the target module {path!r} is `Conv1D`. "
-                          "Setting fan_in_fan_out to True.", stacklevel=4)
+                          "Setting fan_in_fan_out to True.", stacklevel=level)
             config.fan_in_fan_out = True
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` of a warning issued by the caller that points at the first frame outside peftc:
+    the user's `peftc.apply`, `peftc.load` or `add_adapter` line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("peftc."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass

@@ -91,3 +91,14 @@ def test_an_adapter_saved_with_the_uncorrected_value_saves_again_into_its_folder
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
     am.save_adapter(str(tmp_path))
     assert _saved_value(tmp_path) is True
+
+
+def test_the_warning_points_at_the_users_line():
+    case = zoo.mlp()
+    config = {"peft_type": "LORA", "target_modules": ["lin0"], "fan_in_fan_out": True}
+    with pytest.warns(UserWarning, match="'lin0' is `torch.nn.Linear`") as record:
+        am = peftc.apply(case.model, config, example_inputs=case.inputs)
+    with pytest.warns(UserWarning, match="'lin0' is `torch.nn.Linear`") as again:
+        am.add_adapter("other", config)
+    ours = [w for w in [*record, *again] if "fan_in_fan_out" in str(w.message)]
+    assert [Path(w.filename).name for w in ours] == [Path(__file__).name] * 2
