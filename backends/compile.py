@@ -62,20 +62,20 @@ class CompiledModel:
             adapter_index = am.adapter_index(adapter_names)
         slot = self._whole_batch_slot() if adapter_index is None else None
         mixed = adapter_index is not None or slot is not None
-        program, flat = am._program(args, {**am._call_defaults, **kwargs}, mixed=mixed)
+        program, flat = am.programs.program(args, kwargs, am.training, mixed=mixed)
         extras = None
         if mixed:
             if adapter_index is None:
                 device = next(iter(am.parameters())).device
                 adapter_index = torch.full((batch_size(flat),), slot, dtype=torch.int64, device=device)
-            extras = {"adapter_index": am._checked_index(adapter_index, flat)}
+            extras = {"adapter_index": am.programs.checked_index(adapter_index, flat)}
         return self._compile(program)(flat, extras)
 
     def _whole_batch_slot(self) -> int | None:
         """The adapter_index that runs the model's current state through the mixed graph, or None
         where it cannot (several active adapters, merged adapters)."""
         am = self.model
-        if am._disabled:
+        if am.programs.disabled:
             return BASE_ONLY
         if len(am.active_adapters) == 1 and not am.merged:
             return am.adapter_order.index(am.active_adapters[0])
@@ -85,14 +85,14 @@ class CompiledModel:
         entry = self._compiled.get(id(program))
         if entry is not None and entry[0] is program:
             return entry[1]
-        live = {id(p) for p in self.model._programs.values()}  # graphs the model dropped (an adapter added)
+        live = {id(p) for p in self.model.programs.live()}  # graphs the model dropped (an adapter added)
         self._compiled = {k: v for k, v in self._compiled.items() if k in live}
         gm = copy_graph_module(program.captured.gm)
         inline_grad_blocks(gm)
-        if program.captured.training and self.model._remat is not None:
-            checkpoint_layers(gm, self.model._remat)  # as the eager program does (dynamo traces checkpoint)
+        if program.captured.training and self.model.programs.remat is not None:
+            checkpoint_layers(gm, self.model.programs.remat)  # as the eager program does (dynamo traces checkpoint)
         gm.forward = _compiled_forward(gm, program.captured, self.options)
-        compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model._resolve)
+        compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model.parameter_tree.resolve)
         self._compiled[id(program)] = (program, compiled)
         return compiled
 

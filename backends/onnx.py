@@ -35,9 +35,10 @@ from safetensors.torch import load_file, save_file
 from torch.export import Dim
 
 from peftc import names
-from peftc.capture import CapturedGraph, synthesize_inputs
+from peftc.capture import CapturedGraph, split_inputs, synthesize_inputs
 from peftc.errors import CheckpointError, ConfigError
 from peftc.graph import copy_graph_module
+from peftc.state import set_tensor
 
 from .compile import batch_size, inline_grad_blocks
 
@@ -78,7 +79,7 @@ def export_onnx(
     args, kwargs = _example_call(model, example_inputs)
     if mode == "merged":
         model = model.fold(adapter_names)
-    program, flat = model._program(args, {**model._call_defaults, **kwargs}, mixed=mode == "switch")
+    program, flat = model.programs.program(args, kwargs, model.training, mixed=mode == "switch")
     captured = program.captured
     state = set(captured.state_names())
     adapter_keys = {fqn: key for fqn, key in _adapter_input_keys(model).items() if fqn in state} if mode == "inputs" \
@@ -90,7 +91,7 @@ def export_onnx(
     example = [v for v in flat if isinstance(v, torch.Tensor)]
     if mode == "switch":
         example.append(torch.zeros(batch_size(example), dtype=torch.int64))
-    example += [_as_input(model._tensor(fqn)) for fqn in adapter_keys]
+    example += [_as_input(model.parameter_tree.tensor(fqn)) for fqn in adapter_keys]
     dynamic = [_dynamic_dims(check) for check in captured.input_checks if check[0] == "tensor"]
     dynamic += [{0: Dim.AUTO}] * len(index_names) + [None] * len(adapter_keys)
     output_names = _output_names(captured)
@@ -98,7 +99,8 @@ def export_onnx(
         "mode": mode,
         "adapters": model.active_adapters if mode != "switch" else model.adapter_order,
         "inputs": user_names,
-        "adapter_inputs": {key: list(_as_input(model._tensor(fqn)).shape) for fqn, key in adapter_keys.items()},
+        "adapter_inputs": {key: list(_as_input(model.parameter_tree.tensor(fqn)).shape)
+                           for fqn, key in adapter_keys.items()},
         "outputs": output_names,
     }
     external_data = export_options.pop("external_data", None)  # None: only past ONNX's 2 GB limit
@@ -117,7 +119,7 @@ def save_onnx_adapter(model: Any, path: str | os.PathLike, adapter_name: str | N
     """Write one adapter's tensors (default: the active adapter) under the input names of a
     mode="inputs" export: safetensors, or ONNX Runtime's adapter format for a `.onnx_adapter` path."""
     adapter_name = adapter_name or model.active_adapters[0]
-    tensors = {key: _as_input(model._tensor(fqn)).cpu().contiguous()
+    tensors = {key: _as_input(model.parameter_tree.tensor(fqn)).cpu().contiguous()
                for fqn, key in _adapter_input_keys(model, adapter_name).items()}
     path = os.fspath(path)
     if path.endswith(ORT_ADAPTER_SUFFIX):
@@ -256,19 +258,17 @@ class _Entry(nn.Module):
 
     def __init__(self, captured: CapturedGraph, model: Any, flat: list[Any], adapter_keys: dict[str, str]):
         super().__init__()
-        from peftc.model import _set_tensor
-
         self.gm = copy_graph_module(captured.gm)
         inline_grad_blocks(self.gm)  # torch.export would keep the block as a subgraph the exporter cannot lower
         self.state = captured.state_names()
         self.constants = [None if isinstance(v, torch.Tensor) else v for v in flat]
         self.adapter_fqns = list(adapter_keys)
-        self.adapter_shapes = {fqn: model._tensor(fqn).shape for fqn in adapter_keys}
+        self.adapter_shapes = {fqn: model.parameter_tree.tensor(fqn).shape for fqn in adapter_keys}
         self.n_mutated = len(captured.mutated_state)
         self.holder = nn.Module()
         for fqn in self.state:
             if fqn not in adapter_keys:
-                _set_tensor(self.holder, fqn, model._tensor(fqn).detach(), persistent=True)
+                set_tensor(self.holder, fqn, model.parameter_tree.tensor(fqn).detach(), persistent=True)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n_user = sum(c is None for c in self.constants)
@@ -282,11 +282,9 @@ class _Entry(nn.Module):
 
 
 def _example_call(model: Any, example_inputs: Any) -> tuple[tuple, dict]:
-    from peftc.model import _split_inputs
-
     if example_inputs is None:
         example_inputs = synthesize_inputs(model.get_base_model())
-    return _split_inputs(example_inputs)
+    return split_inputs(example_inputs)
 
 
 def _adapter_input_keys(model: Any, adapter_name: str | None = None) -> dict[str, str]:

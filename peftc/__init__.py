@@ -7,11 +7,11 @@
     am2 = peftc.load(model, "out/")    # also loads adapters saved by PEFT
 """
 
+from .api import apply, load
 from .backends.onnx import export_onnx, save_onnx_adapter
-from .checkpoint import load
 from .config import AdapterConfig, LoraConfig, load_config
 from .errors import CaptureError, CheckpointError, ConfigError, PeftcError, TargetError
-from .model import AdaptedModel, apply
+from .model import AdaptedModel
 from .optim import create_loraplus_optimizer
 
 __all__ = [

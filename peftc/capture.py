@@ -33,7 +33,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 from torch.utils._sympy.numbers import int_oo
 
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
 
 STATE = "peftc_state"  # placeholder meta: FQN of the parameter/buffer it stands for
 USER = "peftc_user"  # placeholder meta: index into the flattened user inputs
@@ -112,6 +112,20 @@ def _hashable(v: Any) -> Any:
 def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:
     """Flatten a call the way the graph was captured: kwargs in sorted key order."""
     return pytree.tree_flatten((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) of a call from `example_inputs`: a dict of keyword inputs, a tensor, or positional ones."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ConfigError(
+        f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
 
 
 def is_transformers_model(model: torch.nn.Module) -> bool:

@@ -10,6 +10,7 @@ the next save removes the temporary files of one that was killed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -31,9 +32,11 @@ except ImportError:  # Windows: no flock; stale temp folders are told by their a
     fcntl = None
 
 from . import names
+from .adapters import EXTRAS, has_extras, layer_kinds
 from .config import CONFIG_NAME, AdapterConfig, load_config
-from .errors import CheckpointError, ConfigError, TargetError
+from .errors import CheckpointError, ConfigError
 from .method import TensorKey
+from .targets import resolve_all_linear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"  # PEFT's older format: loaded only on request (allow_pickle=True)
@@ -425,29 +428,69 @@ def read_config(directory: str | os.PathLike) -> Any:
     return load_config(config_path)
 
 
-def load(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    adapter_name: str = "default",
-    is_trainable: bool = False,
-    example_inputs: Any = None,
-    allow_pickle: bool = False,
-) -> Any:
-    """Apply the adapter saved in `directory` (by peftc or by PEFT) to `model`.
-
-    As `PeftModel.from_pretrained`: adapters are frozen and the model in eval mode unless
-    `is_trainable=True`. A folder with only PEFT's older `adapter_model.bin` (a pickle) loads only
-    with `allow_pickle=True`, through `torch.load(weights_only=True)`.
-    """
-    from .model import AdaptedModel
-
-    directory = os.fspath(directory)
-    adapter_dir(directory, adapter_name)  # the name check save applies, before anything is read
+def load_adapter(model: Any, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add the adapter saved in `directory` (by peftc or PEFT) to `model`, an AdaptedModel (not activated,
+    as in PEFT); nothing is left of it if its weights do not load."""
     config = read_config(directory)
     config.inference_mode = not is_trainable
+    model.add_adapter(adapter_name, config)
     try:
-        am = AdaptedModel(model, config, adapter_name, example_inputs, training=model.training and is_trainable)
-    except (ConfigError, TargetError) as e:  # the saved config does not fit this model: name the file
-        raise type(e)(f"{os.path.join(directory, CONFIG_NAME)}: {e}") from None
-    load_adapter_weights(am, directory, adapter_name, allow_pickle)
-    return am
+        load_adapter_weights(model, os.fspath(directory), adapter_name)
+    except BaseException:
+        model.delete_adapter(adapter_name)
+        raise
+
+
+def hotswap_adapter(model: Any, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Replace a loaded adapter's weights and scales by a saved adapter's, in place (PEFT's `hotswap_adapter`):
+    same method and targets, each tensor the same size or smaller (a smaller rank is zero-padded, which adds
+    nothing). No graph is captured or rewritten again."""
+    adapters = model.adapter_set
+    if adapter_name not in adapters.configs:
+        raise ConfigError(f"no adapter named {adapter_name!r} to hot-swap; loaded: {adapters.order}")
+    config = read_config(directory)
+    live = adapters.configs[adapter_name]
+    where = f"{os.fspath(directory)}: cannot hot-swap into {adapter_name!r}"
+    if config.peft_type != live.peft_type:
+        raise ConfigError(f"{where}: it is {config.peft_type}, the loaded adapter {live.peft_type}")
+    mas = adapters.of(adapter_name)
+    if has_extras(live) or has_extras(config):
+        raise ConfigError(f"{where}: hot-swapping adapters with {', '.join(EXTRAS)} is not supported yet")
+    source = adapters.tree.source
+    targets = layer_kinds(source, mas[0].method, resolve_all_linear(copy.deepcopy(config), source))
+    if set(targets) != {ma.module_path for ma in mas}:
+        raise ConfigError(f"{where}: it targets other modules ({_listing_diff(targets, mas)})")
+    saved = read_weights(os.path.join(os.fspath(directory), WEIGHTS_NAME))
+    expected = adapter_state_dict(model, adapter_name)
+    if set(saved) != set(expected):
+        raise ConfigError(f"{where}: its tensors differ ({_listing_diff(saved, expected)})")
+    too_big = [k for k, t in saved.items() if t.dim() != expected[k].dim()
+               or any(a > b for a, b in zip(t.shape, expected[k].shape))]
+    if too_big:
+        raise ConfigError(f"{where}: larger than the loaded adapter at {too_big[:4]}")
+    with torch.random.fork_rng(devices=[]):  # create() draws fresh parameters we discard: keep the RNG as is
+        buffers = {ma.module_path: ma.method.create(config, ma.module_path, source.get_submodule(ma.module_path),
+                                                    ma.kind).buffers
+                   for ma in mas}
+    with torch.no_grad():
+        for key, t in saved.items():
+            target = expected[key]
+            target.zero_()
+            target[tuple(slice(0, n) for n in t.shape)].copy_(t)
+        # zero-padded now only if this adapter is smaller (swapping a full-size one back clears it)
+        if any(t.shape != expected[key].shape for key, t in saved.items()):
+            adapters.padded.add(adapter_name)
+        else:
+            adapters.padded.discard(adapter_name)
+        for ma in mas:
+            for key, value in buffers[ma.module_path].items():
+                ma.tensors[key][1].copy_(value)
+    config.inference_mode = live.inference_mode
+    adapters.configs[adapter_name] = config
+
+
+def _listing_diff(got: Any, want: Any) -> str:
+    got = set(got)
+    want = {w.module_path if hasattr(w, "module_path") else w for w in want}
+    extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
+    return f"only in the new one: {extra}; only in the loaded one: {missing}"

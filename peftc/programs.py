@@ -1,7 +1,9 @@
-"""The capture cache: base graphs by call signature, bounded, least recently used first out.
+"""Programs: which graph a call runs. Base graphs are captured once per call signature and mode, kept in a
+bounded cache, and rewritten (`pipeline.rewrite`) into one program per variant: the active adapters, merged
+adapters, a mixed batch, adapters disabled.
 
-A base graph is specialised on its signature (`capture.signature_key`) and guarded on shapes and
-symbolic ints (`CapturedGraph.accepts`); several graphs may share a signature (a batch of 1
+A base graph is specialised on its signature (`capture.signature_key`) and guarded on shapes and the
+trace's guards (`CapturedGraph.accepts`); several graphs may share a signature (a batch of 1
 beside a dynamic batch). Each costs seconds to capture and holds a graph in memory, so the cache
 keeps at most `limit` of them and forgets the one used least recently, as torch.compile's
 `cache_size_limit` bounds recompiles.
@@ -12,7 +14,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from .capture import CapturedGraph
+import torch
+
+from peftc.backends.eager import EagerProgram, eager_lowering
+from peftc.passes.canonical_linear import linear_from_transposed_matmul
+from peftc.passes.dispatch import BASE_ONLY
+from peftc.passes.remat import RematPlan
+
+from .adapters import AdapterSet
+from .capture import CapturedGraph, capture, flatten_call, signature_key, tensor_call_kwargs
+from .errors import ConfigError
+from .merge import MergedState
+from .pipeline import rewrite
+from .state import ParameterTree
 
 DEFAULT_LIMIT = 16
 
@@ -54,4 +68,95 @@ class CaptureCache:
         """A cache holding the same graphs (base graphs are never mutated, so they can be shared)."""
         other = CaptureCache(self.limit)
         other._graphs = OrderedDict(self._graphs)
+        return other
+
+
+class Programs:
+    """Everything that decides which graph a call runs: the capture cache, the rewritten programs made from it,
+    and the state a rewrite depends on besides the adapters (adapters disabled, adapters merged, remat).
+
+    The public API the backends use: `program(args, kwargs, mixed)` gives the eager program for a call (and
+    the flattened call), `checked_index` validates a per-sample `adapter_index`, `live` lists the programs
+    still current (a backend drops what it derived from the others)."""
+
+    def __init__(self, tree: ParameterTree, adapters: AdapterSet, call_defaults: dict[str, Any],
+                 transformers: bool) -> None:
+        self.tree = tree
+        self.adapters = adapters
+        self.call_defaults = call_defaults
+        self.transformers = transformers
+        self.captures = CaptureCache()
+        self._programs: dict[tuple, EagerProgram] = {}
+        self.disabled = False
+        self.remat: RematPlan | None = None  # gradient checkpointing: train graphs get the remat pass
+        self.merged = MergedState()
+
+    def call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The kwargs a graph is called with: peftc's defaults (use_cache=False), scalars in tensor form."""
+        kwargs = {**self.call_defaults, **kwargs}
+        return tensor_call_kwargs(kwargs) if self.transformers else kwargs
+
+    def program(self, args: tuple, kwargs: dict, training: bool, mixed: bool = False,
+                ) -> tuple[EagerProgram, list[Any]]:
+        """The program for this call (capturing and rewriting once per signature and variant), and its flat inputs."""
+        kwargs = self.call_kwargs(kwargs)
+        flat, spec = flatten_call(args, kwargs)
+        key = signature_key(flat, spec, training)
+        base = self.captures.lookup(key, flat)
+        if base is None:
+            self.tree.sync_source()
+            base = capture(self.tree.source, args, kwargs, training)
+            linear_from_transposed_matmul(base.gm)
+            for evicted in self.captures.add(key, base):
+                self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
+        variant = self.variant(mixed)
+        program = self._programs.get((id(base), variant))
+        if program is None:
+            captured = rewrite(base, variant, self.tree, self.adapters, self.merged)
+            run = eager_lowering(captured.gm, self.remat, captured.training)
+            program = EagerProgram(captured, self.tree.resolve, run)
+            self._programs[(id(base), variant)] = program
+        return program, flat
+
+    def variant(self, mixed: bool) -> tuple:
+        """What the rewrite of a base graph depends on besides the graph itself."""
+        if mixed:
+            return ("mixed", tuple(self.adapters.configs))
+        if self.disabled:
+            return ("disabled",)
+        return ("active", tuple(self.adapters.active), tuple(self.merged.adapters))
+
+    def checked_index(self, index: torch.Tensor, flat: list[Any]) -> torch.Tensor:
+        """A per-sample `adapter_index`: one integer per sample, each a loaded adapter's slot or -1."""
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point():
+            raise ConfigError("adapter_index must be a 1-d integer tensor with one entry per sample")
+        batch = next((v.shape[0] for v in flat if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if batch is not None and index.shape[0] != batch:
+            raise ConfigError(f"adapter_index has {index.shape[0]} entries for a batch of {batch}")
+        order = self.adapters.order
+        n = len(order)
+        if index.numel() and (int(index.min()) < BASE_ONLY or int(index.max()) >= n):
+            raise ConfigError(
+                f"adapter_index entries must be in [-1, {n - 1}] (-1: base model; 0..{n - 1}: {order}), "
+                f"got {index.tolist()}"
+            )
+        return index.to(torch.int64)
+
+    def live(self) -> list[EagerProgram]:
+        return list(self._programs.values())
+
+    def clear(self) -> None:
+        """Forget the rewritten programs (the adapters changed); base captures stay valid."""
+        self._programs.clear()
+
+    def reset(self) -> None:
+        """Forget the captures too (tensors moved to another dtype or device, which graphs bake in)."""
+        self.captures.clear()
+        self._programs.clear()
+
+    def detached_copy(self, tree: ParameterTree, adapters: AdapterSet) -> Programs:
+        """Programs for a structural copy of the model (`fold`): the same base captures, no programs yet."""
+        other = Programs(tree, adapters, self.call_defaults, self.transformers)
+        other.captures = self.captures.copy()
+        other.remat = self.remat
         return other

@@ -159,11 +159,11 @@ def test_hotswap_copies_in_place_without_new_graphs(tmp_path):
         am.set_adapter("a")
         case.call(am)
         am(*case.inputs, adapter_names=["a", "b", "c", "a"])
-        graphs, captures = len(am.graphs), len(am._captures)
+        graphs, captures = len(am.graphs), len(am.programs.captures)
         am.hotswap_adapter(tmp_path, "a")
         torch.testing.assert_close(case.call(am), want, **TOL)
         torch.testing.assert_close(am(*case.inputs, adapter_names=["a"] * 4), want, **TOL)
-    assert (len(am.graphs), len(am._captures)) == (graphs, captures)
+    assert (len(am.graphs), len(am.programs.captures)) == (graphs, captures)
     with pytest.raises(peftc.ConfigError, match="hot-swapped in at a smaller rank"):
         am.save_adapter(tmp_path / "again", "a")
     with pytest.raises(peftc.ConfigError, match="other modules"):

@@ -61,7 +61,7 @@ def test_folded_graph_is_the_base_graph_rebound_and_computes_the_same(name: str)
     merged = [p for p in placeholders(graph) if p.endswith("_merged_weight")]
     assert len(merged) == len(am.targeted_modules)
     # folding reused the capture: no new torch.export
-    assert len(folded._captures) == len(am._captures)
+    assert len(folded.programs.captures) == len(am.programs.captures)
 
 
 @pytest.mark.parametrize("name", ["llama", "bert", "mlp", "cnn", "embedding_model"])
@@ -179,7 +179,7 @@ def test_folded_model_outputs_match_for_a_new_shape_without_capture():
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         assert_same_outputs(folded(**inputs), am(**inputs), FOLD_TOL)
-    assert len(folded._captures) == len(am._captures) == 1
+    assert len(folded.programs.captures) == len(am.programs.captures) == 1
 
 
 # method -> (config of adapter "a", of adapter "b", PEFT's config class) on the same modules of the MLP, where

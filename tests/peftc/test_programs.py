@@ -46,13 +46,13 @@ def test_evicted_graphs_take_their_programs_with_them() -> None:
     case = zoo.mlp()
     am = peftc.apply(case.model, {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"]},
                      example_inputs=case.inputs)
-    am._captures.limit = 1
+    am.programs.captures.limit = 1
     (x,) = case.inputs
     first = am(x)
     am.train()
     am(x)  # a train-mode capture evicts the eval one
     am.eval()
-    assert len(am._captures) == 1 and len(am.graphs) == 1
+    assert len(am.programs.captures) == 1 and len(am.graphs) == 1
     torch.testing.assert_close(am(x), first)
 
 
@@ -67,7 +67,7 @@ def test_logits_to_keep_is_a_graph_input_not_a_capture_per_value() -> None:
             got = am(input_ids=ids, logits_to_keep=k).logits
             want = case.model(input_ids=ids, logits_to_keep=k, use_cache=False).logits
             assert got.shape == want.shape and torch.equal(got, want), k
-    assert len(am._captures) <= 4
+    assert len(am.programs.captures) <= 4
 
 
 class Branchy(nn.Module):
@@ -91,4 +91,4 @@ def test_a_graph_is_not_reused_where_the_traces_guards_fail() -> None:
     x, y = torch.randn(4, 4), torch.randn(5, 4)
     with torch.no_grad(), am.disable_adapter():
         torch.testing.assert_close(am(x, y), model(x, y))
-    assert len(am._captures) == 2
+    assert len(am.programs.captures) == 2

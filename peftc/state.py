@@ -1,0 +1,175 @@
+"""The parameter tree: the adapted model's tensors under PEFT's names, and the source copy captures trace.
+
+The adapted model registers every tensor it owns in a tree of `Slot` modules whose paths are
+PEFT's state-dict keys (`base_model.model.<path>.base_layer.weight`, `...lora_A.<adapter>.weight`).
+Captures trace the *source*: a structural copy of the user's model whose parameters are fresh
+frozen Parameters sharing storage with the user's (no memory copied), so the user's model is
+never mutated. `names` maps each source FQN to its tree FQN; graphs read tensors by tree name.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peftc.backends.eager import TensorRef
+
+from . import names
+from .errors import ConfigError
+from .method import AdapterTensors, TensorKey
+
+
+class Slot(nn.Module):
+    """A node of the parameter tree, standing for one module of the original model."""
+
+    def __init__(self, kind: str = ""):
+        super().__init__()
+        self._kind = kind
+
+    def extra_repr(self) -> str:
+        return self._kind
+
+
+def set_tensor(root: nn.Module, fqn: str, tensor: torch.Tensor, persistent: bool = True) -> None:
+    """Register `tensor` at dotted path `fqn`, creating Slot modules on the way."""
+    module = root
+    *parts, leaf = fqn.split(".")
+    for part in parts:
+        if part not in module._modules:
+            module.add_module(part, Slot())
+        module = module._modules[part]
+    if isinstance(tensor, nn.Parameter):
+        module.register_parameter(leaf, tensor)
+    else:
+        module.register_buffer(leaf, tensor, persistent=persistent)
+
+
+def prune_empty_slots(root: nn.Module) -> None:
+    for name, child in list(root._modules.items()):
+        if isinstance(child, Slot):
+            prune_empty_slots(child)
+            if not child._modules and not child._parameters and not child._buffers:
+                del root._modules[name]
+
+
+def structural_copy(model: nn.Module, keep_requires_grad: bool = False) -> nn.Module:
+    """A deep copy of the module tree whose tensors are fresh Parameters / cloned buffers.
+
+    Parameters share storage with the original (no memory is copied) and are frozen unless
+    `keep_requires_grad`; buffers are cloned because the model may update them in place
+    (BatchNorm statistics). Tied tensors stay tied.
+    """
+    memo: dict[int, Any] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        memo.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=keep_requires_grad and p.requires_grad))
+    for _, b in model.named_buffers(remove_duplicate=False):
+        memo.setdefault(id(b), b.detach().clone())
+    return copy.deepcopy(model, memo)
+
+
+def group_leaf(key: TensorKey, adapter: str) -> tuple[str, str, str | None]:
+    """PEFT's name parts of an adapter tensor: (group, adapter, leaf), e.g. ("lora_A", "default", "weight")."""
+    group, leaf = key
+    return group, adapter, leaf
+
+
+class ParameterTree:
+    """The tensors registered on `root` (the adapted model) under PEFT's names, and the source copy."""
+
+    def __init__(self, root: nn.Module, source: nn.Module) -> None:
+        self.root = root
+        self.source = source
+        self.names: dict[str, str] = {}  # source FQN -> tree FQN
+        for fqn, p in source.named_parameters(remove_duplicate=False):
+            self.names[fqn] = names.base_key(fqn, set())
+            set_tensor(root, self.names[fqn], p)
+        for module_path, module in source.named_modules(remove_duplicate=False):
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    fqn = f"{module_path}.{name}" if module_path else name
+                    self.names[fqn] = names.base_key(fqn, set())
+                    set_tensor(root, self.names[fqn], buf, name not in module._non_persistent_buffers_set)
+
+    def resolve(self, fqn: str) -> TensorRef:
+        module_path, attr = names.split_module(fqn)
+        return self.root.get_submodule(module_path), attr
+
+    def tensor(self, fqn: str) -> torch.Tensor:
+        return getattr(*self.resolve(fqn))
+
+    def set(self, fqn: str, tensor: torch.Tensor, persistent: bool = True) -> None:
+        set_tensor(self.root, fqn, tensor, persistent)
+
+    def remove(self, fqn: str) -> None:
+        """Drop the tensor at `fqn` if it is still there (a shared tensor goes with the first of its holders)."""
+        module, attr = self.resolve(fqn)
+        if hasattr(module, attr):
+            delattr(module, attr)
+
+    def prune(self) -> None:
+        prune_empty_slots(self.root)
+
+    def rename_base(self, adapted: set[str]) -> None:
+        """Move base tensors to PEFT's names for the modules adapted now (`<module>.base_layer.<name>`)."""
+        for fqn, old in list(self.names.items()):
+            new = names.base_key(fqn, adapted)
+            if new == old:
+                continue
+            module, attr = self.resolve(old)
+            tensor = getattr(module, attr)
+            persistent = attr not in module._non_persistent_buffers_set
+            delattr(module, attr)
+            self.set(new, tensor, persistent)
+            self.names[fqn] = new
+        self.prune()
+
+    def sync_source(self) -> None:
+        """Point the source copy at the tree's current tensors (`.to()` replaces buffers, loads may swap)."""
+        for fqn, tree_fqn in self.names.items():
+            module_path, attr = names.split_module(fqn)
+            module = self.source.get_submodule(module_path)
+            table = module._parameters if attr in module._parameters else module._buffers
+            table[attr] = self.tensor(tree_fqn)
+
+    def replace_base(self, path: str, leaf: str, value: torch.Tensor) -> None:
+        """A new frozen base tensor for module `path` (PiSSA/OLoRA's residual), in the tree and the source copy;
+        the graphs read base tensors by tree name, and the user's tensor is left as it was."""
+        module = self.source.get_submodule(path)
+        old = getattr(module, leaf)
+        if any(p is old for fqn, p in self.source.named_parameters(remove_duplicate=False) if fqn != f"{path}.{leaf}"):
+            raise ConfigError(
+                f"module {path!r}: its {leaf} is tied to another module's, and this adapter's init rewrites it "
+                "(PiSSA/OLoRA would change both uses); target the module without tied weights"
+            )
+        new = nn.Parameter(value, requires_grad=False)
+        self.set(self.names[f"{path}.{leaf}"], new)
+        module._parameters[leaf] = new
+
+    def register_created(self, path: str, adapter: str, created: AdapterTensors, trainable: bool,
+                         ) -> dict[TensorKey, tuple[str, torch.Tensor]]:
+        """Register one adapter's new tensors under PEFT's live names at module `path`."""
+        tensors: dict[TensorKey, tuple[str, torch.Tensor]] = {}
+        for key, value in created.params.items():
+            tensors[key] = (self.live_key(path, key, adapter), nn.Parameter(value, requires_grad=trainable))
+        for key, value in created.buffers.items():
+            tensors[key] = (self.live_key(path, key, adapter), value)
+        for fqn, tensor in tensors.values():
+            self.set(fqn, tensor, persistent=False)
+        return tensors
+
+    @staticmethod
+    def live_key(path: str, key: TensorKey, adapter: str) -> str:
+        """PEFT's state-dict key of one adapter tensor at module `path`."""
+        return names.live_key(path, *group_leaf(key, adapter))
+
+    def state_names(self, key: str) -> frozenset[str]:
+        """The tree names of the source tensor `key` and of every tensor tied to it (a graph reads it by one)."""
+        tensor = self.source.get_parameter(key)
+        return frozenset(self.names[fqn] for fqn, p in self.source.named_parameters(remove_duplicate=False)
+                         if p is tensor)
+
+    def placement(self) -> set[tuple[torch.dtype, torch.device]]:
+        return {(t.dtype, t.device) for t in (*self.root.parameters(), *self.root.buffers())}
