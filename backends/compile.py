@@ -31,7 +31,7 @@ import torch
 import torch.fx
 from peftc.backends.eager import EagerProgram
 from peftc.passes.dispatch import BASE_ONLY
-from peftc.passes.remat import checkpoint_layers
+from peftc.passes.remat import CheckpointLayers
 
 from peftc.capture import CapturedGraph
 from peftc.errors import ConfigError
@@ -90,7 +90,7 @@ class CompiledModel:
         gm = copy_graph_module(program.captured.gm)
         inline_grad_blocks(gm)
         if program.captured.training and self.model.programs.remat is not None:
-            checkpoint_layers(gm, self.model.programs.remat)  # as the eager program does (dynamo traces checkpoint)
+            CheckpointLayers(self.model.programs.remat)(gm)  # as the eager program does (dynamo traces checkpoint)
         gm.forward = _compiled_forward(gm, program.captured, self.options)
         compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model.parameter_tree.resolve)
         self._compiled[id(program)] = (program, compiled)

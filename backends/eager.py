@@ -13,35 +13,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from peftc.passes.attention_masks import elide_attention_masks
-from peftc.passes.recompute_gates import recompute_gated_activations
-from peftc.passes.remat import RematPlan, checkpoint_layers
 
 from peftc.capture import CapturedGraph
-from peftc.graph import copy_graph_module
 
 # (module, attribute) holding a tensor: looked up at call time, so replaced buffers are seen
 TensorRef = tuple[nn.Module, str]
 
 
-def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: bool) -> torch.fx.GraphModule:
-    """What an eager program runs for the graph `gm`: a copy lowered for eager execution. Attention
-    masks that are trivial at run time are dropped (a choice made from tensor values, which only
-    eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
-    otherwise recompute gated activations. None of this changes a value: `gm` stays the graph that
-    inspection, torch.compile and ONNX see."""
-    run = copy_graph_module(gm)
-    elide_attention_masks(run)
-    if training and remat is not None:
-        checkpoint_layers(run, remat)
-    elif training:
-        recompute_gated_activations(run)
-    return run
-
-
 class EagerProgram:
     """Calls a captured graph with the model's current tensors. `run` is the module called (default:
-    the captured graph itself; the adapted model's programs run its `eager_lowering`)."""
+    the captured graph itself; the adapted model's programs run its `pipeline.eager_lowering`)."""
 
     def __init__(
         self, captured: CapturedGraph, resolve: Callable[[str], TensorRef], run: torch.fx.GraphModule | None = None

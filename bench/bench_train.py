@@ -28,9 +28,9 @@ from collections.abc import Callable
 
 import torch
 from bench_lora import CONFIGS, build_model, interleaved, timing_parser, train_step
-from peftc.passes.remat import peak_memory
 
 import peftc
+from peftc.profiling import peak_memory
 
 GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 

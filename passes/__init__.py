@@ -5,7 +5,7 @@
 
 from peftc.method import Method
 
-from .adapt import insert_adapters
+from .adapt import InsertAdapters
 from .boft import BOFT
 from .hra import HRA
 from .ia3 import IA3
@@ -17,4 +17,4 @@ from .vera import Vera
 
 METHODS: dict[str, Method] = {m.peft_type: m for m in (Lora(), IA3(), LoHa(), LoKr(), OFT(), Vera(), BOFT(), HRA())}
 
-__all__ = ["METHODS", "insert_adapters"]
+__all__ = ["METHODS", "InsertAdapters"]

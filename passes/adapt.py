@@ -7,44 +7,65 @@ graph inputs, lets the method emit its subgraph, and reroutes the base op's cons
 from __future__ import annotations
 
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.capture import STATE
 from peftc.errors import TargetError
 from peftc.graph import SiteBuilder, add_state_input
 from peftc.method import ModuleAdapter
-from peftc.sites import ADAPTER, WEIGHT_OPS, Site, module_path, sites_by_module
+from peftc.sites import ADAPTER, WEIGHT_OPS, Site, find_sites, module_path, sites_by_module
 
 
-def insert_adapters(
-    gm: torch.fx.GraphModule, adapters: dict[str, list[ModuleAdapter]], training: bool
-) -> PassResult:
-    """Rewrite `gm` in place; `adapters` maps module path -> adapters active there, applied in order."""
-    sites = sites_by_module(gm.graph)
-    modified, replaced = False, []
-    for path, module_adapters in adapters.items():
-        if path not in sites:
-            check_unused_weights(gm.graph, path)
-        for site in sites.get(path, []):
-            y = site.node
-            for ma in module_adapters:
-                check_site_op(site, ma)
-                inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
-                b = SiteBuilder(gm.graph, y, (path, ma.adapter, ma.method.peft_type), site.node.name)
-                new = ma.method.emit(b, site, y, ma.kind, inputs, ma.config, training)
-                b.reroute(new)
-                y = new
-                modified = True
-            replaced.append(site.node)
-    # a method that recomputes the base op (IA3 feed-forward, OFT) leaves the old op without users, and a
-    # second such adapter at one site leaves the first one's recomputation: drop them (but keep a draw that
-    # only advances the RNG, as BOFT's dropout does to follow PEFT's random stream)
-    for node in reversed(list(gm.graph.nodes)):
-        if not node.users and (ADAPTER in node.meta or node in replaced) and not node.is_impure():
-            gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return PassResult(gm, modified)
+class InsertAdapters(PassBase):
+    """before: y = op(x, W)                      (each site of an adapted module)
+    after:  y' = emit(y, x, adapter tensors)   for each adapter there, in order; y's consumers read y'
+
+    `adapters` maps module path -> the adapters active there."""
+
+    def __init__(self, adapters: dict[str, list[ModuleAdapter]], training: bool) -> None:
+        self.adapters = adapters
+        self.training = training
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        again = {n.meta[ADAPTER][:2] for n in gm.graph.nodes if ADAPTER in n.meta} \
+            & {(path, ma.adapter) for path, mas in self.adapters.items() for ma in mas}
+        if again:
+            raise AssertionError(f"adapters already inserted: {sorted(again)[:4]}")
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        sites = sites_by_module(gm.graph)
+        modified, replaced = False, []
+        for path, module_adapters in self.adapters.items():
+            if path not in sites:
+                check_unused_weights(gm.graph, path)
+            for site in sites.get(path, []):
+                y = site.node
+                for ma in module_adapters:
+                    check_site_op(site, ma)
+                    inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
+                    b = SiteBuilder(gm.graph, y, (path, ma.adapter, ma.method.peft_type), site.node.name)
+                    new = ma.method.emit(b, site, y, ma.kind, inputs, ma.config, self.training)
+                    b.reroute(new)
+                    y = new
+                    modified = True
+                replaced.append(site.node)
+        # a method that recomputes the base op (IA3 feed-forward, OFT) leaves the old op without users, and a
+        # second such adapter at one site leaves the first one's recomputation: drop them (but keep a draw that
+        # only advances the RNG, as BOFT's dropout does to follow PEFT's random stream)
+        for node in reversed(list(gm.graph.nodes)):
+            if not node.users and (ADAPTER in node.meta or node in replaced) and not node.is_impure():
+                gm.graph.erase_node(node)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, modified)
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        placed = {n.meta[ADAPTER][:2] for n in gm.graph.nodes if ADAPTER in n.meta}
+        sited = {site.module_path for site in find_sites(gm.graph)}
+        missing = [(path, ma.adapter) for path, mas in self.adapters.items() if path in sited for ma in mas
+                   if (path, ma.adapter) not in placed]
+        if missing:
+            raise AssertionError(f"adapters with no node at their sites: {missing[:4]}")
 
 
 def check_site_op(site: Site, ma: ModuleAdapter) -> None:

@@ -20,7 +20,7 @@ import operator
 
 import torch
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.graph import dtype_of
 
@@ -37,9 +37,23 @@ def simplified_mask(mask: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
     return mask, False
 
 
-def elide_attention_masks(gm: torch.fx.GraphModule) -> PassResult:
-    """Route each boolean SDPA mask through `simplified_mask` (one check per mask node, shared by every
-    attention that reads it); in place."""
+class ElideAttentionMasks(PassBase):
+    """before: sdpa(q, k, v, attn_mask=mask)      (mask boolean)
+    after:  m, causal = simplified_mask(mask);  sdpa(q, k, v, attn_mask=m, is_causal=causal)
+
+    One check per mask node, shared by every attention that reads it."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        return _elide(gm)
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        for node in gm.graph.find_nodes(op="call_function", target=SDPA):
+            mask = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs["attn_mask"]
+            if isinstance(mask, torch.fx.Node) and dtype_of(mask) == torch.bool:
+                raise AssertionError(f"{node.name} still reads the boolean mask {mask.name} unchecked")
+
+
+def _elide(gm: torch.fx.GraphModule) -> PassResult:
     graph = gm.graph
     checked: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node]] = {}
     for node in list(graph.find_nodes(op="call_function", target=SDPA)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.capture import STATE
 
@@ -37,23 +37,37 @@ def _transposed_weight(node: object) -> torch.fx.Node | None:
     return None
 
 
-def linear_from_transposed_matmul(gm: torch.fx.GraphModule) -> PassResult:
+class LinearFromTransposedMatmul(PassBase):
     """Rewrite `gm` in place: every `matmul(x, W.T)` over a 2-D model parameter W becomes `linear(x, W)`."""
-    modified = False
-    for node in list(gm.graph.find_nodes(op="call_function", target=aten.matmul.default)):
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        modified = False
+        for node in _transposed_matmuls(gm):
+            x, transposed = node.args
+            with gm.graph.inserting_before(node):
+                linear = gm.graph.call_function(aten.linear.default, (x, _transposed_weight(transposed)))
+            linear.meta = dict(node.meta)
+            node.replace_all_uses_with(linear)
+            gm.graph.erase_node(node)
+            if not transposed.users:
+                gm.graph.erase_node(transposed)
+            modified = True
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        left = _transposed_matmuls(gm)
+        if left:
+            raise AssertionError(f"matmuls by a transposed parameter left: {[n.name for n in left]}")
+
+
+def _transposed_matmuls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    out = []
+    for node in gm.graph.find_nodes(op="call_function", target=aten.matmul.default):
         x, transposed = node.args[0], node.args[1]
-        weight = _transposed_weight(transposed)
-        if weight is None or not isinstance(x.meta.get("val"), torch.Tensor) or x.meta["val"].dim() < 1:
-            continue
-        with gm.graph.inserting_before(node):
-            linear = gm.graph.call_function(aten.linear.default, (x, weight))
-        linear.meta = dict(node.meta)
-        node.replace_all_uses_with(linear)
-        gm.graph.erase_node(node)
-        if not transposed.users:
-            gm.graph.erase_node(transposed)
-        modified = True
-    if modified:
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+        if _transposed_weight(transposed) is not None and isinstance(x.meta.get("val"), torch.Tensor) \
+                and x.meta["val"].dim() >= 1:
+            out.append(node)
+    return out

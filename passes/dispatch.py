@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.graph import SiteBuilder, add_state_input, shape_of
 from peftc.method import ModuleAdapter, TensorKey
@@ -40,28 +40,48 @@ def slot_indices(adapter_names: Sequence[str], slots: Sequence[str]) -> list[int
 Slot = tuple[ModuleAdapter, dict[TensorKey, torch.fx.Node]] | None
 
 
-def dispatch_adapters(
-    gm: torch.fx.GraphModule, adapters: dict[str, list[ModuleAdapter]], slots: list[str], training: bool
-) -> PassResult:
-    """Rewrite `gm` in place; `adapters` maps module path -> every adapter placed there."""
-    index = add_index_input(gm)
-    sites = sites_by_module(gm.graph)
-    position = {name: i for i, name in enumerate(slots)}
-    for path, module_adapters in adapters.items():
-        chosen = [ma for ma in module_adapters if ma.adapter in position]
-        if not chosen:
-            continue
-        for site in sites.get(path, []):
-            per_slot: list[Slot] = [None] * len(slots)
-            for ma in chosen:
-                check_site_op(site, ma)
-                inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
-                per_slot[position[ma.adapter]] = (ma, inputs)
-            b = SiteBuilder(gm.graph, site.node, (path, ",".join(ma.adapter for ma in chosen), "DISPATCH"))
-            b.reroute(_emit_site(b, site, per_slot, index, training))
-    gm.graph.lint()
-    gm.recompile()
-    return PassResult(gm, True)
+class DispatchAdapters(PassBase):
+    """before: y = op(x, W)                       (each site of an adapted module)
+    after:  y' = the output of adapter slots[adapter_index[i]] for each sample i (-1: y itself)
+
+    The graph gains the input `adapter_index`; `adapters` maps module path -> every adapter placed there."""
+
+    def __init__(self, adapters: dict[str, list[ModuleAdapter]], slots: list[str], training: bool) -> None:
+        self.adapters = adapters
+        self.slots = slots
+        self.training = training
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        if _index_inputs(gm):
+            raise AssertionError("the graph already takes an adapter_index")
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        index = add_index_input(gm)
+        sites = sites_by_module(gm.graph)
+        position = {name: i for i, name in enumerate(self.slots)}
+        for path, module_adapters in self.adapters.items():
+            chosen = [ma for ma in module_adapters if ma.adapter in position]
+            if not chosen:
+                continue
+            for site in sites.get(path, []):
+                per_slot: list[Slot] = [None] * len(self.slots)
+                for ma in chosen:
+                    check_site_op(site, ma)
+                    inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
+                    per_slot[position[ma.adapter]] = (ma, inputs)
+                b = SiteBuilder(gm.graph, site.node, (path, ",".join(ma.adapter for ma in chosen), "DISPATCH"))
+                b.reroute(_emit_site(b, site, per_slot, index, self.training))
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        if len(_index_inputs(gm)) != 1:
+            raise AssertionError("the dispatched graph must take exactly one adapter_index input")
+
+
+def _index_inputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.find_nodes(op="placeholder") if INDEX in n.meta]
 
 
 def add_index_input(gm: torch.fx.GraphModule) -> torch.fx.Node:

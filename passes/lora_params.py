@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.config import LoraConfig
 from peftc.errors import ConfigError, TargetError, closest
@@ -144,21 +145,31 @@ def _shape(x: torch.Tensor | torch.fx.Node) -> tuple[int, ...]:
     return tuple(x.meta["val"].shape if isinstance(x, torch.fx.Node) else x.shape)
 
 
-def rebind_parameters(gm: torch.fx.GraphModule, adapters: list[tuple[frozenset[str], list[ParamAdapter]]]) -> None:
-    """Rewrite `gm` in place: each targeted parameter (by its state names) reads W + Σ s·ΔW inside its
-    module, its adapters applied in order."""
-    for fqns, mas in adapters:
-        inputs = [{key: add_state_input(gm, t_fqn, t) for key, (t_fqn, t) in ma.tensors.items()} for ma in mas]
+class RebindParameters(PassBase):
+    """before: h = op(..., W, ...)             (nodes traced inside the parameter's module)
+    after:  h = op(..., W + Σ s·ΔW, ...)    (each targeted parameter's adapters applied in order)
 
-        def build(b: SiteBuilder, w: torch.fx.Node, mas: list[ParamAdapter] = mas, inputs: list = inputs) -> Any:
-            shape = tuple(w.meta["val"].shape)
-            for ma, tensors in zip(mas, inputs):
-                d = delta(b.call, shape, ma.transposed, tensors[A], tensors[B])
-                d = cast(b, b.call(aten.mul.Tensor, d, tensors[SCALE]), dtype_of(tensors[SCALE]), dtype_of(w))
-                w = b.call(aten.add.Tensor, w, d)
-            return w
+    `adapters` lists (the parameter's state names, its adapters)."""
 
-        rebind_uses(gm, fqns, mas[0].owner, build, (mas[0].module_path, ",".join(ma.adapter for ma in mas), "LORA"))
-    gm.graph.lint()
-    gm.recompile()
+    def __init__(self, adapters: list[tuple[frozenset[str], list[ParamAdapter]]]) -> None:
+        self.adapters = adapters
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        modified = False
+        for fqns, mas in self.adapters:
+            inputs = [{key: add_state_input(gm, t_fqn, t) for key, (t_fqn, t) in ma.tensors.items()} for ma in mas]
+
+            def build(b: SiteBuilder, w: torch.fx.Node, mas: list[ParamAdapter] = mas, inputs: list = inputs) -> Any:
+                shape = tuple(w.meta["val"].shape)
+                for ma, tensors in zip(mas, inputs):
+                    d = delta(b.call, shape, ma.transposed, tensors[A], tensors[B])
+                    d = cast(b, b.call(aten.mul.Tensor, d, tensors[SCALE]), dtype_of(tensors[SCALE]), dtype_of(w))
+                    w = b.call(aten.add.Tensor, w, d)
+                return w
+
+            tag = (mas[0].module_path, ",".join(ma.adapter for ma in mas), "LORA")
+            modified |= rebind_uses(gm, fqns, mas[0].owner, build, tag)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, modified)
 

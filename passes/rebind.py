@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 
 import torch
 import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.capture import STATE
 from peftc.errors import TargetError
@@ -53,13 +54,25 @@ def rebind_uses(
     return True
 
 
-def rebind_to_tensors(gm: torch.fx.GraphModule, bindings: list[tuple[frozenset[str], str, str, torch.Tensor]]) -> None:
-    """For each (state names of a tensor, module, new tensor's name, new tensor): the module's nodes read
-    the new tensor (a merged parameter, a module's trained copy); no node is inserted."""
-    for fqns, owner, fqn, t in bindings:
-        rebind_uses(gm, fqns, owner, lambda b, w, fqn=fqn, t=t: add_state_input(gm, fqn, t), (owner, "", "REBIND"))
-    gm.graph.lint()
-    gm.recompile()
+# (state names of a tensor, the module whose nodes read it, the new tensor's name, the new tensor)
+Binding = tuple[frozenset[str], str, str, torch.Tensor]
+
+
+class RebindToTensors(PassBase):
+    """before: h = op(..., W, ...)         (nodes traced inside the binding's module)
+    after:  h = op(..., W_new, ...)     (a merged parameter, a module's trained copy); no node is inserted"""
+
+    def __init__(self, bindings: list[Binding]) -> None:
+        self.bindings = bindings
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        modified = False
+        for fqns, owner, fqn, t in self.bindings:
+            modified |= rebind_uses(gm, fqns, owner, lambda b, w, fqn=fqn, t=t: add_state_input(gm, fqn, t),
+                                    (owner, "", "REBIND"))
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, modified)
 
 
 def partition(adapters: dict[str, list[ModuleAdapter]], cls: type) -> tuple[dict, dict]:

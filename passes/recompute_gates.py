@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .remat import outline
 
@@ -26,8 +26,15 @@ RECOMPUTED = "peftc_recomputed"  # meta on the call node of an outlined pair: th
 ACTIVATIONS = {aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.tanh.default, aten.mish.default}
 
 
-def recompute_gated_activations(gm: torch.fx.GraphModule) -> PassResult:
-    """Outline every `mul(act(gate), up)` whose activation output feeds nothing else; in place."""
+class RecomputeGatedActivations(PassBase):
+    """before: a = act(gate);  h = mul(a, up)        (a used by the mul alone)
+    after:  h = checkpoint(gate_i, gate, up)       (gate_i: the pair, outlined)"""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        return _outline_pairs(gm)
+
+
+def _outline_pairs(gm: torch.fx.GraphModule) -> PassResult:
     pairs = []
     for act in (n for target in ACTIVATIONS for n in gm.graph.find_nodes(op="call_function", target=target)):
         if len(act.users) != 1:

@@ -16,14 +16,14 @@ result is the same trade as PEFT's, on any model with a stack of identical block
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 import torch.nn as nn
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.checkpoint import checkpoint
 
 from peftc.errors import ConfigError
@@ -114,14 +114,26 @@ def _prefixes(path: str) -> list[str]:
     return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
 
 
-def checkpoint_layers(gm: torch.fx.GraphModule, plan: RematPlan) -> PassResult:
-    """Rewrite `gm` in place: each region of `plan.layers` becomes one checkpointed call."""
-    regions = find_regions(gm.graph, plan.layers)
-    for i, (layer, nodes) in enumerate(regions.items()):
-        outline(gm, f"remat_{i}", nodes, plan.checkpoint_kwargs).meta[REMAT] = layer
-    gm.graph.lint()
-    gm.recompile()
-    return PassResult(gm, bool(regions))
+class CheckpointLayers(PassBase):
+    """before: the nodes traced inside layer `model.layers.i`, inline
+    after:  out = checkpoint(remat_i, *inputs)     (remat_i: those nodes, outlined; one call per layer)"""
+
+    def __init__(self, plan: RematPlan) -> None:
+        self.plan = plan
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        regions = find_regions(gm.graph, self.plan.layers)
+        for i, (layer, nodes) in enumerate(regions.items()):
+            outline(gm, f"remat_{i}", nodes, self.plan.checkpoint_kwargs).meta[REMAT] = layer
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(regions))
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        for layer, nodes in find_regions(gm.graph, self.plan.layers).items():
+            inline = [n.name for n in nodes if not (n.target is operator.getitem and REMAT in n.args[0].meta)]
+            if inline:
+                raise AssertionError(f"layer {layer!r} still runs inline: {inline[:4]}")
 
 
 def outline(
@@ -153,20 +165,3 @@ def outline(
     for n in reversed(nodes):
         graph.erase_node(n)
     return call
-
-
-def peak_memory(fn: Callable[[], Any]) -> int:
-    """Peak bytes of CPU tensor memory allocated while `fn()` runs, above what was allocated before:
-    what checkpointing saves, measured exactly from the allocator's running total (torch.profiler),
-    unlike RSS, which also counts the allocator's cached and fragmented pages."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == torch._C._profiler._EventType.Allocation:
-            peak = max(peak, event.extra_fields.total_allocated)
-    return peak

@@ -1,34 +1,72 @@
-"""The rewrite pipeline: from a captured base graph to the graph a variant runs.
+"""The pipeline: the named stages from a captured base graph to the graph a program runs.
 
-    base graph ──bind──▶ state inputs named as the parameter tree names them
-      variant "active":   ──fold──▶ merged adapters' sites read merged tensors    (passes/fold.py, rebind.py)
-                          ──adapt─▶ adapter subgraphs at op sites                 (passes/adapt.py)
-                          ──rebind▶ targeted parameters, module copies            (lora_params.py, rebind.py)
-      variant "mixed":    ──dispatch▶ every adapter, picked per sample           (passes/dispatch.py)
-      variant "disabled": the base graph as it is
+    base graph ──canonicalize──▶ x @ W.T as aten.linear                 passes/canonical_linear.py
+               ──bind─────────▶ state inputs named as the parameter tree names them
+      variant "active":   ──fold────▶ merged adapters' sites read merged tensors   passes/fold.py, rebind.py
+                          ──adapt───▶ adapter subgraphs at op sites                passes/adapt.py + methods
+                          ──rebind──▶ targeted parameters, module copies           lora_params.py, rebind.py
+      variant "mixed":    ──dispatch▶ every adapter, picked per sample            passes/dispatch.py
+      variant "disabled": the base graph
+    lowering for eager execution:
+               ──elide masks──▶ trivial attention masks dropped at run time   passes/attention_masks.py
+               ──remat────────▶ layers recomputed in backward (train)          passes/remat.py
+               or gates ──────▶ gated activations recomputed (train)          passes/recompute_gates.py
 
-Lowerings for a backend come after (`backends/eager.py: eager_lowering`, `backends/compile.py`).
+Every stage is a torch.fx `PassBase` with the conditions it requires and ensures; each list runs in a
+`PassManager`. `CHECK_PASSES` (set by the test suite) lints the graph after every pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase
+from torch.fx.passes.infra.pass_manager import PassManager
 
-from peftc.passes import insert_adapters
-from peftc.passes.dispatch import dispatch_adapters
-from peftc.passes.fold import fold_adapters
-from peftc.passes.lora_params import ParamAdapter, rebind_parameters
+from peftc.passes import InsertAdapters
+from peftc.passes.attention_masks import ElideAttentionMasks
+from peftc.passes.canonical_linear import LinearFromTransposedMatmul
+from peftc.passes.dispatch import DispatchAdapters
+from peftc.passes.fold import FoldAdapters
+from peftc.passes.lora_params import ParamAdapter, RebindParameters
 from peftc.passes.modules_to_save import CopyAdapter
-from peftc.passes.rebind import partition, rebind_to_tensors
+from peftc.passes.rebind import Binding, RebindToTensors, partition
+from peftc.passes.recompute_gates import RecomputeGatedActivations
+from peftc.passes.remat import CheckpointLayers, RematPlan
 
 from .adapters import AdapterSet
 from .capture import STATE, CapturedGraph
-from .errors import ConfigError
+from .errors import ConfigError, PeftcError
 from .graph import copy_graph_module
 from .merge import MergedState
 from .state import ParameterTree
+
+CHECK_PASSES = os.environ.get("PEFTC_CHECK_PASSES", "") == "1"
+
+
+def run_passes(gm: torch.fx.GraphModule, passes: list[PassBase]) -> torch.fx.GraphModule:
+    """Run `passes` in order on `gm` (in place); with `CHECK_PASSES`, lint the graph after each one.
+    A peftc error raised by a pass (a layer the method refuses) reaches the caller as itself."""
+    manager = PassManager(passes, run_checks_after_each_pass=CHECK_PASSES)
+    manager.add_checks(_lint)
+    try:
+        return manager(gm).graph_module
+    except Exception as e:  # PassManager wraps what a pass raises in a plain Exception naming the pass
+        if isinstance(e.__cause__, PeftcError):
+            raise e.__cause__ from None
+        raise
+
+
+def _lint(gm: torch.nn.Module) -> None:
+    if isinstance(gm, torch.fx.GraphModule):
+        gm.graph.lint()
+
+
+def canonicalize(base: CapturedGraph) -> None:
+    """The stages every base graph gets once, right after capture."""
+    run_passes(base.gm, [LinearFromTransposedMatmul()])
 
 
 def rewrite(base: CapturedGraph, variant: tuple, tree: ParameterTree, adapters: AdapterSet,
@@ -36,25 +74,43 @@ def rewrite(base: CapturedGraph, variant: tuple, tree: ParameterTree, adapters: 
     """A new graph for `variant` (`Programs.variant`); `base` is never changed."""
     gm = copy_graph_module(base.gm)
     bind_tree_names(gm, tree)
-    extra: tuple[str, ...] = ()
+    run_passes(gm, variant_passes(variant, tree, adapters, merged, base.training))
+    mutated = [tree.names[f] for f in base.mutated_state]
+    extra = ("adapter_index",) if variant[0] == "mixed" else ()
+    return dataclasses.replace(base, gm=gm, mutated_state=mutated, extra_inputs=extra)
+
+
+def variant_passes(variant: tuple, tree: ParameterTree, adapters: AdapterSet, merged: MergedState,
+                   training: bool) -> list[PassBase]:
     kind = variant[0]
     if kind == "mixed":
         if partition(adapters.modules, (ParamAdapter, CopyAdapter))[1]:
             raise ConfigError("mixed batches (adapter_names / adapter_index) do not support target_parameters "
                               "(PEFT refuses them too) or modules_to_save yet; call with one active set")
-        dispatch_adapters(gm, adapters.modules, adapters.order, base.training)
-        extra = ("adapter_index",)
-    elif kind == "active":
-        if merged.tensors:
-            fold_merged(gm, tree, adapters, merged)
-        unmerged = [a for a in adapters.active if a not in merged.adapters]
-        sites, params = partition(adapters.named(unmerged), ParamAdapter)
-        sites, copies = partition(sites, CopyAdapter)
-        insert_adapters(gm, sites, base.training)
-        rebind_parameters(gm, [(tree.state_names(mas[0].key), mas) for mas in params.values()])
-        rebind_to_tensors(gm, copy_bindings(tree, copies))
-    mutated = [tree.names[f] for f in base.mutated_state]
-    return dataclasses.replace(base, gm=gm, mutated_state=mutated, extra_inputs=extra)
+        return [DispatchAdapters(adapters.modules, adapters.order, training)]
+    if kind == "disabled":
+        return []
+    passes: list[PassBase] = [*fold_passes(tree, adapters, merged)] if merged.tensors else []
+    unmerged = [a for a in adapters.active if a not in merged.adapters]
+    sites, params = partition(adapters.named(unmerged), ParamAdapter)
+    sites, copies = partition(sites, CopyAdapter)
+    return passes + [
+        InsertAdapters(sites, training),
+        RebindParameters([(tree.state_names(mas[0].key), mas) for mas in params.values()]),
+        RebindToTensors(copy_bindings(tree, copies)),
+    ]
+
+
+def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: bool) -> torch.fx.GraphModule:
+    """What an eager program runs for the graph `gm`: a copy lowered for eager execution. Attention
+    masks that are trivial at run time are dropped (a choice made from tensor values, which only
+    eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
+    otherwise recompute gated activations. None of this changes a value: `gm` stays the graph that
+    inspection, torch.compile and ONNX see (torch.compile runs the remat stage alone)."""
+    stages: list[PassBase] = [ElideAttentionMasks()]
+    if training:
+        stages.append(CheckpointLayers(remat) if remat is not None else RecomputeGatedActivations())
+    return run_passes(copy_graph_module(gm), stages)
 
 
 def bind_tree_names(gm: torch.fx.GraphModule, tree: ParameterTree) -> None:
@@ -64,8 +120,8 @@ def bind_tree_names(gm: torch.fx.GraphModule, tree: ParameterTree) -> None:
             node.meta[STATE] = tree.names[node.meta[STATE]]
 
 
-def fold_merged(gm: torch.fx.GraphModule, tree: ParameterTree, adapters: AdapterSet, merged: MergedState) -> None:
-    """Rebind adapted modules' sites, and targeted parameters inside their modules, to merged tensors."""
+def fold_passes(tree: ParameterTree, adapters: AdapterSet, merged: MergedState) -> list[PassBase]:
+    """Adapted modules' sites, and targeted parameters inside their modules, read merged tensors."""
     rebound = adapters.rebound_keys()
     sites: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     bindings = []
@@ -75,12 +131,10 @@ def fold_merged(gm: torch.fx.GraphModule, tree: ParameterTree, adapters: Adapter
                 bindings.append((tree.state_names(f"{path}.{leaf}"), path, fqn, tree.tensor(fqn)))
             else:
                 sites.setdefault(path, {})[leaf] = (fqn, tree.tensor(fqn))
-    fold_adapters(gm, sites)
-    rebind_to_tensors(gm, bindings)
+    return [FoldAdapters(sites), RebindToTensors(bindings)]
 
 
-def copy_bindings(tree: ParameterTree, copies: dict[str, list[CopyAdapter]],
-                  ) -> list[tuple[frozenset[str], str, str, torch.Tensor]]:
+def copy_bindings(tree: ParameterTree, copies: dict[str, list[CopyAdapter]]) -> list[Binding]:
     """Each parameter of a module trained as copies, bound to the active adapter's copy (one at most, as PEFT)."""
     out = []
     for path, mas in copies.items():

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from peftc.backends.eager import EagerProgram, eager_lowering
-from peftc.passes.canonical_linear import linear_from_transposed_matmul
+from peftc.backends.eager import EagerProgram
 from peftc.passes.dispatch import BASE_ONLY
 from peftc.passes.remat import RematPlan
 
@@ -25,7 +24,7 @@ from .adapters import AdapterSet
 from .capture import CapturedGraph, capture, flatten_call, signature_key, tensor_call_kwargs
 from .errors import ConfigError
 from .merge import MergedState
-from .pipeline import rewrite
+from .pipeline import canonicalize, eager_lowering, rewrite
 from .state import ParameterTree
 
 DEFAULT_LIMIT = 16
@@ -106,7 +105,7 @@ class Programs:
         if base is None:
             self.tree.sync_source()
             base = capture(self.tree.source, args, kwargs, training)
-            linear_from_transposed_matmul(base.gm)
+            canonicalize(base)
             for evicted in self.captures.add(key, base):
                 self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
         variant = self.variant(mixed)

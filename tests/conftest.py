@@ -1,13 +1,16 @@
 """Test-wide settings: one torch thread per pytest-xdist worker, so workers do not oversubscribe the cores;
-hypothesis draws the same examples on every run; and `xdist_group` marks that work under pytest >= 9.2."""
+every pass's graph is linted after it runs (the pipeline's checks); hypothesis draws the same examples on
+every run; and `xdist_group` marks that work under pytest >= 9.2."""
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+os.environ.setdefault("PEFTC_CHECK_PASSES", "1")  # read when peftc.pipeline is imported, and by subprocesses
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 pytest_plugins = ("pytester",)  # tests/test_groups.py runs pytest -n 2 on a small file
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import peft
 import torch
 import torch.nn as nn
-from peftc.passes.canonical_linear import linear_from_transposed_matmul
+from peftc.passes.canonical_linear import LinearFromTransposedMatmul
 from torch.testing import FileCheck
 
 from peftc.capture import capture
@@ -35,7 +35,7 @@ def test_transposed_matmuls_become_linears_with_identical_values() -> None:
     model, x = TransposedMatmuls(), torch.randn(3, 2, 5)
     captured = capture(model, (x,), {}, training=False)
     before = captured.gm(*[p for p in model.parameters()], x)
-    result = linear_from_transposed_matmul(captured.gm)
+    result = LinearFromTransposedMatmul()(captured.gm)
     assert result.modified
     FileCheck().check_count("aten.linear", 3, exactly=True).run(captured.gm.code)
     FileCheck().check_count("aten.matmul", 1, exactly=True).run(captured.gm.code)  # w4 is used untransposed
@@ -43,7 +43,7 @@ def test_transposed_matmuls_become_linears_with_identical_values() -> None:
         assert transpose not in captured.gm.code
     after = captured.gm(*[p for p in model.parameters()], x)
     assert torch.equal(before[0], after[0])
-    assert not linear_from_transposed_matmul(captured.gm).modified
+    assert not LinearFromTransposedMatmul()(captured.gm).modified
 
 
 def test_falcon_query_key_value_matches_peft() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import peft
 import torch
 from peftc.passes.recompute_gates import RECOMPUTED
-from peftc.passes.remat import peak_memory
 
+from peftc.profiling import peak_memory
 from tests import oracle, zoo
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from peftc.passes.remat import REMAT, Checkpointed, peak_memory, repeated_blocks
+from peftc.passes.remat import REMAT, Checkpointed, repeated_blocks
 
 import peftc
 from peftc.errors import ConfigError
 from peftc.graph import adapter_nodes
+from peftc.profiling import peak_memory
 from peftc.sites import module_path
 from tests import oracle, zoo
 
