@@ -244,9 +244,11 @@ class AdaptedModel(nn.Module):
         the base weights are untouched, so `unmerge_adapter` is exact to the bit."""
         merged = self.merged_tensors(adapter_names, safe_merge)
         self.programs.merged.install(self.parameter_tree, merged, self._chosen(adapter_names))
+        self.programs.clear()  # programs bind tensors once: a merged program must not outlive its tensors
 
     def unmerge_adapter(self) -> None:
         self.programs.merged.uninstall(self.parameter_tree)
+        self.programs.clear()
 
     @property
     def merged(self) -> bool:

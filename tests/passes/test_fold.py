@@ -274,10 +274,6 @@ def test_bf16_unmerge_is_exact_over_many_cycles(record_property: Any):
     record_property("peft_bf16_drift", drift)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "the merged variant's cached EagerProgram keeps the (module, attr) pairs of the first merge's `merged` "
-    "slots, which unmerge_adapter deletes (_prune_empty_slots); a later merge makes new slots, and the next "
-    "call reads the old, empty ones: AttributeError 'Slot' object has no attribute 'weight' (issue 15)"))
 def test_merge_run_unmerge_cycles_run_merged_each_time():
     """Merging again after an unmerge runs the merged weights again, each cycle, and unmerging returns the base."""
     case = zoo.mlp()
