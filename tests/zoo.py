@@ -131,24 +131,26 @@ def bert_seq_cls() -> Case:
                 {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["query", "value"], True)
 
 
-def electra() -> Case:
-    """embedding_size != hidden_size: `embeddings_project` (a targeted linear) feeds q/k/v (targeted too)."""
+def _factorized_embeddings(name: str, model_cls: type, config_cls: type, targets: list[str]) -> Case:
+    """An encoder whose embeddings (size 16) are projected to the hidden size (32) by a linear layer."""
     torch.manual_seed(0)
-    cfg = ElectraConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    cfg = config_cls(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
     ids = _ids()
-    return Case("electra", ElectraModel(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                ["embeddings_project", "query", "key", "value", "dense"], True)
+    return Case(name, model_cls(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, targets, True)
+
+
+def electra() -> Case:
+    """`embeddings_project` (a targeted linear) feeds q/k/v (targeted too)."""
+    return _factorized_embeddings("electra", ElectraModel, ElectraConfig,
+                                  ["embeddings_project", "query", "key", "value", "dense"])
 
 
 def albert() -> Case:
     """`embedding_hidden_mapping_in` feeds q/k/v, and one layer's modules are called once per layer."""
-    torch.manual_seed(0)
-    cfg = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
-    ids = _ids()
-    return Case("albert", AlbertModel(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                ["embedding_hidden_mapping_in", "query", "key", "value", "dense", "ffn", "ffn_output"], True)
+    return _factorized_embeddings("albert", AlbertModel, AlbertConfig,
+                                  ["embedding_hidden_mapping_in", "query", "key", "value", "dense", "ffn",
+                                   "ffn_output"])
 
 
 def falcon() -> Case:
