@@ -1,20 +1,19 @@
 """Graph rewrites: one module per method or transformation.
 
-`METHODS` is the registry of PEFT methods peftc implements, keyed by PEFT's `peft_type`.
+Every module here is imported, so a method's file registers itself (`@register_method`); `METHODS` is the
+registry of PEFT methods peftc implements, keyed by PEFT's `peft_type` (peftc.method.METHODS).
 """
 
-from peftc.method import Method
+import importlib
+import pkgutil
+
+from peftc.method import METHODS
 
 from .adapt import InsertAdapters
-from .boft import BOFT
-from .hra import HRA
-from .ia3 import IA3
-from .loha import LoHa
-from .lokr import LoKr
-from .lora import Lora
-from .oft import OFT
-from .vera import Vera
 
-METHODS: dict[str, Method] = {m.peft_type: m for m in (Lora(), IA3(), LoHa(), LoKr(), OFT(), Vera(), BOFT(), HRA())}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+for _peft_type in sorted(METHODS):  # by name, whatever order the modules import each other in
+    METHODS[_peft_type] = METHODS.pop(_peft_type)
 
 __all__ = ["METHODS", "InsertAdapters"]

@@ -12,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from peftc.capture import STATE
 from peftc.errors import TargetError
 from peftc.graph import SiteBuilder, add_state_input
-from peftc.method import ModuleAdapter
+from peftc.method import EmitContext, ModuleAdapter
 from peftc.sites import ADAPTER, WEIGHT_OPS, Site, find_sites, module_path, sites_by_module
 
 
@@ -44,7 +44,8 @@ class InsertAdapters(PassBase):
                     check_site_op(site, ma)
                     inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
                     b = SiteBuilder(gm.graph, y, (path, ma.adapter, ma.method.peft_type), site.node.name)
-                    new = ma.method.emit(b, site, y, ma.kind, inputs, ma.config, self.training)
+                    new = ma.method.emit(EmitContext(b, site, y, ma.kind, self.training, tensors=inputs,
+                                                     config=ma.config))
                     b.reroute(new)
                     y = new
                     modified = True

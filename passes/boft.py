@@ -23,21 +23,19 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, check_probability, register_config
+from peftc.config import AdapterConfig, check_probability
 from peftc.errors import ConfigError
-from peftc.graph import SiteBuilder, cast, dtype_of
-from peftc.method import AdapterTensors, TensorKey, adapter_dtype
-from peftc.sites import WEIGHT_OPS, Site
+from peftc.graph import Call, cast, dtype_of, eager
+from peftc.method import AdapterTensors, EmitContext, TensorKey, adapter_dtype, register_method
+from peftc.sites import WEIGHT_OPS
 
 from .oft import (
-    Call,
     RotationMethod,
     cayley,
     check_conv,
     check_one_of,
     check_shared_fields,
     current_base_op,
-    eager,
     rotate_last_dim,
 )
 
@@ -47,7 +45,6 @@ R: TensorKey = ("boft_R", None)
 S: TensorKey = ("boft_s", None)
 
 
-@register_config
 @dataclass
 class BOFTConfig(AdapterConfig):
     """PEFT's `BOFTConfig`, same fields and defaults."""
@@ -109,8 +106,10 @@ def boft_rotation(call: Call, param: Any, blocks: int, block_size: int, config: 
     return call(aten.add.Tensor, kept, call(aten.mul.Tensor, mask, eye))
 
 
+@register_method
 class BOFT(RotationMethod):
     peft_type = "BOFT"
+    example_config = {"peft_type": "BOFT", "boft_block_size": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = BOFTConfig
     groups = ("boft_R", "boft_s")
 
@@ -128,16 +127,8 @@ class BOFT(RotationMethod):
         dtype = adapter_dtype(w)
         return AdapterTensors(params={R: rotation.to(w.device, dtype), S: scale.to(w.device, dtype)})
 
-    def emit(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        tensors: dict[TensorKey, torch.fx.Node],
-        config: BOFTConfig,
-        training: bool,
-    ) -> torch.fx.Node:
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        b, site, y, tensors, config, training = ctx.builder, ctx.site, ctx.y, ctx.tensors, ctx.config, ctx.training
         op = current_base_op(site, y, self.peft_type)
         blocks, block_size = tensors[R].meta["val"].shape[1:3]
         adapter, base = dtype_of(tensors[R]), dtype_of(site.weight)

@@ -20,7 +20,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.graph import SiteBuilder, add_state_input, shape_of
-from peftc.method import ModuleAdapter, TensorKey
+from peftc.method import EmitContext, MixedEmitContext, ModuleAdapter, TensorKey
 from peftc.sites import Site, sites_by_module
 
 from .adapt import check_site_op
@@ -102,7 +102,7 @@ def _emit_site(b: SiteBuilder, site: Site, per_slot: list[Slot], index: torch.fx
     if len(methods) == 1 and len(kinds) == 1:
         ma = present[0][0]
         slots = [None if s is None else (s[1], s[0].config) for s in per_slot]
-        batched = ma.method.emit_mixed(b, site, y, ma.kind, slots, index, training)
+        batched = ma.method.emit_mixed(MixedEmitContext(b, site, y, ma.kind, training, slots=slots, index=index))
         if batched is not None:
             return batched
     return _per_sample(b, site, per_slot, index, training)
@@ -120,7 +120,7 @@ def _per_sample(
         if slot is None:
             continue
         ma, inputs = slot
-        adapted = ma.method.emit(b, site, y, ma.kind, inputs, ma.config, training)
+        adapted = ma.method.emit(EmitContext(b, site, y, ma.kind, training, tensors=inputs, config=ma.config))
         picked = b.call(aten.unsqueeze.default, b.call(aten.eq.Scalar, index, position), 1)
         out = b.call(aten.where.self, picked, b.call(aten.reshape.default, adapted, [batch, -1]), out)
     return b.call(aten.reshape.default, out, shape_of(b, y))

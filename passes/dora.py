@@ -12,13 +12,12 @@ tensors (the magnitude's init and `fold`), `SiteBuilder.call` emits them as grap
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
 
-from peftc.graph import SiteBuilder, cast, cast_like, dtype_of
+from peftc.graph import Call, SiteBuilder, cast, cast_like, dtype_of, eager
 from peftc.sites import Site
 
 from .fold import BIAS_ARG
@@ -26,13 +25,6 @@ from .fold import BIAS_ARG
 aten = torch.ops.aten
 
 MAGNITUDE = ("lora_magnitude_vector", "weight")
-
-Call = Callable[..., Any]  # runs an aten op on its arguments: eagerly, or as a new graph node
-
-
-def eager(op: Any, *args: Any) -> torch.Tensor:
-    return op(*args)
-
 
 def _shape(x: torch.Tensor | torch.fx.Node) -> torch.Size:
     return x.meta["val"].shape if isinstance(x, torch.fx.Node) else x.shape

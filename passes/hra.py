@@ -18,21 +18,20 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, check_ranks, register_config
-from peftc.graph import SiteBuilder, cast, dtype_of
-from peftc.method import AdapterTensors, TensorKey, adapter_dtype
-from peftc.sites import WEIGHT_OPS, Site
+from peftc.config import AdapterConfig, check_ranks
+from peftc.graph import Call, cast, dtype_of, eager
+from peftc.method import AdapterTensors, EmitContext, TensorKey, adapter_dtype, register_method
+from peftc.sites import WEIGHT_OPS
 
 from .boft import check_weight_conv
 from .fold import BIAS_ARG
-from .oft import Call, RotationMethod, check_shared_fields, current_base_op, eager
+from .oft import RotationMethod, check_shared_fields, current_base_op
 
 aten = torch.ops.aten
 
 U: TensorKey = ("hra_u", None)
 
 
-@register_config
 @dataclass
 class HRAConfig(AdapterConfig):
     """PEFT's `HRAConfig`, same fields and defaults."""
@@ -84,8 +83,10 @@ def reflected_weight(call: Call, w: Any, u: Any, r: int, gram_schmidt: bool) -> 
     return call(aten.view_as.default, reflected(call, call(aten.flatten.using_ints, w, 1), u, r, gram_schmidt), w)
 
 
+@register_method
 class HRA(RotationMethod):
     peft_type = "HRA"
+    example_config = {"peft_type": "HRA", "r": 2, "target_modules": ["lin0", "lin1"]}
     config_cls = HRAConfig
     groups = ("hra_u",)
 
@@ -105,16 +106,8 @@ class HRA(RotationMethod):
             u = torch.repeat_interleave(u, 2, dim=1)
         return AdapterTensors(params={U: u.to(device=module.weight.device, dtype=adapter_dtype(module.weight))})
 
-    def emit(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        tensors: dict[TensorKey, torch.fx.Node],
-        config: HRAConfig,
-        training: bool,
-    ) -> torch.fx.Node:
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        b, site, y, tensors, config = ctx.builder, ctx.site, ctx.y, ctx.tensors, ctx.config
         op = current_base_op(site, y, self.peft_type)
         adapter, base = dtype_of(tensors[U]), dtype_of(site.weight)
         x_i, w_i = WEIGHT_OPS[op.target]

@@ -19,11 +19,11 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, check_targets, register_config, target_names
+from peftc.config import AdapterConfig, check_targets, target_names
 from peftc.errors import ConfigError, TargetError
 from peftc.graph import SiteBuilder, cast, dtype_of
-from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype, in_out_features
-from peftc.sites import WEIGHT_OPS, Site
+from peftc.method import AdapterTensors, EmitContext, Method, TensorKey, adapter_dtype, in_out_features, register_method
+from peftc.sites import WEIGHT_OPS
 
 aten = torch.ops.aten
 
@@ -39,7 +39,6 @@ _LAYERS = {
 }
 
 
-@register_config
 @dataclass
 class IA3Config(AdapterConfig):
     """PEFT's `IA3Config`, same fields and defaults."""
@@ -77,8 +76,10 @@ def is_feedforward(config: IA3Config, module_name: str) -> bool:
     return any(module_name.endswith(name) for name in ff)
 
 
+@register_method
 class IA3(Method):
     peft_type = "IA3"
+    example_config = {"peft_type": "IA3", "target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}
     config_cls = IA3Config
     groups = ("ia3_l",)
     layer_types = {
@@ -104,16 +105,8 @@ class IA3(Method):
             nn.init.ones_(vector)
         return AdapterTensors(params={L: vector.to(device=w.device, dtype=adapter_dtype(w))})
 
-    def emit(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        tensors: dict[TensorKey, torch.fx.Node],
-        config: IA3Config,
-        training: bool,
-    ) -> torch.fx.Node:
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        b, site, y, kind, tensors = ctx.builder, ctx.site, ctx.y, ctx.kind, ctx.tensors
         layer, ff = _split(kind)
         vector, dtype = tensors[L], dtype_of(tensors[L])
         if layer in ("linear", "conv1d"):  # (out, 1) / (1, in) -> a vector over the last dim

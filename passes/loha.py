@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,24 +19,17 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, check_probability, check_ranks, check_targets, register_config
+from peftc.config import AdapterConfig, check_probability, check_ranks, check_targets
 from peftc.errors import ConfigError
-from peftc.graph import SiteBuilder, cast, dtype_of
-from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype
-from peftc.sites import Site
+from peftc.graph import Call, SiteBuilder, cast, dtype_of, eager
+from peftc.method import AdapterTensors, EmitContext, Method, TensorKey, adapter_dtype, register_method
 from peftc.targets import pattern_value
 
 aten = torch.ops.aten
 
-# `call(op, *args, **kwargs)`: a graph node in `emit` (SiteBuilder.call), the tensor itself in `fold` (`eager`)
-Call = Callable[..., Any]
 KAIMING, ZEROS = "kaiming", "zeros"
 # (key, shape, init), in the order PEFT draws their initial values
 ParamSpec = tuple[TensorKey, tuple[int, ...], str]
-
-
-def eager(op: Any, *args: Any, **kwargs: Any) -> Any:
-    return op(*args, **kwargs)
 
 
 @dataclass
@@ -115,16 +107,8 @@ class Lycoris(Method):
         scale = torch.tensor(alpha / r, dtype=dtype, device=w.device)
         return AdapterTensors(params=params, buffers={self.scale_key: scale})
 
-    def emit(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        tensors: dict[TensorKey, torch.fx.Node],
-        config: LycorisConfig,
-        training: bool,
-    ) -> torch.fx.Node:
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        b, site, y, tensors, config, training = ctx.builder, ctx.site, ctx.y, ctx.tensors, ctx.config, ctx.training
         shape = list(site.weight.meta["val"].shape)
         delta = self.delta_weight(b.call, tensors, shape)
         if training:
@@ -184,7 +168,6 @@ class LoHaConfig(LycorisConfig):
             raise ConfigError(f"init_weights must be true or false for LOHA, got {self.init_weights!r}")
 
 
-register_config(LoHaConfig)
 
 W1A, W1B, W2A, W2B = ("hada_w1_a", None), ("hada_w1_b", None), ("hada_w2_a", None), ("hada_w2_b", None)
 T1, T2 = ("hada_t1", None), ("hada_t2", None)
@@ -192,8 +175,10 @@ T1, T2 = ("hada_t1", None), ("hada_t2", None)
 CP = "ijkl,jr,ip->prkl"
 
 
+@register_method
 class LoHa(Lycoris):
     peft_type = "LOHA"
+    example_config = {"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = LoHaConfig
     groups = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     scale_key = ("hada_scaling", None)

@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from peftc.config import register_config
 from peftc.errors import ConfigError
-from peftc.method import TensorKey
+from peftc.graph import Call
+from peftc.method import TensorKey, register_method
 
-from .loha import KAIMING, ZEROS, Call, Lycoris, LycorisConfig, ParamSpec, core_shape, effective_conv
+from .loha import KAIMING, ZEROS, Lycoris, LycorisConfig, ParamSpec, core_shape, effective_conv
 
 aten = torch.ops.aten
 
@@ -41,7 +41,6 @@ class LoKrConfig(LycorisConfig):
             raise ConfigError(f"init_weights must be true, false or 'lycoris' for LOKR, got {self.init_weights!r}")
 
 
-register_config(LoKrConfig)
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -69,8 +68,10 @@ W2, W2A, W2B, T2 = ("lokr_w2", None), ("lokr_w2_a", None), ("lokr_w2_b", None), 
 CP = "ijkl,ip,jr->prkl"
 
 
+@register_method
 class LoKr(Lycoris):
     peft_type = "LOKR"
+    example_config = {"peft_type": "LOKR", "r": 2, "alpha": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = LoKrConfig
     groups = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     scale_key = ("lokr_scaling", None)

@@ -24,12 +24,19 @@ import torch.nn as nn
 
 from peftc.config import LoraConfig
 from peftc.errors import CheckpointError, ConfigError
-from peftc.graph import SiteBuilder, cast, cast_like, dtype_of
-from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype
-from peftc.sites import Site
+from peftc.graph import cast, cast_like, dtype_of, eager
+from peftc.method import (
+    AdapterTensors,
+    EmitContext,
+    Method,
+    MixedEmitContext,
+    TensorKey,
+    adapter_dtype,
+    register_method,
+)
 from peftc.targets import pattern_value
 
-from .dora import MAGNITUDE, eager, emit_dora, fold_dora, lora_weight, out_first, weight_norm
+from .dora import MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
 from .lora_init import decompose
 from .lora_mixed import emit_mixed_lora
 
@@ -83,8 +90,10 @@ def _factors(kind: str) -> tuple[TensorKey, TensorKey]:
     return (EMB_A, EMB_B) if kind == "embedding" else (A, B)
 
 
+@register_method
 class Lora(Method):
     peft_type = "LORA"
+    example_config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = LoraConfig
     groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
               "trainable_tokens_delta")
@@ -188,16 +197,9 @@ class Lora(Method):
             params[MAGNITUDE] = weight_norm(eager, kind, base.get("weight", w).detach().to(dtype), lw, scale)
         return AdapterTensors(params=params, buffers={SCALE: scale}, base=base)
 
-    def emit(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        tensors: dict[TensorKey, torch.fx.Node],
-        config: LoraConfig,
-        training: bool,
-    ) -> torch.fx.Node:
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        b, site, y, kind = ctx.builder, ctx.site, ctx.y, ctx.kind
+        tensors, config, training = ctx.tensors, ctx.config, ctx.training
         scale = tensors[SCALE]
         key_a, key_b = _factors(kind)
         dropped = training and config.lora_dropout > 0 and kind != "embedding"  # PEFT's Embedding has no dropout
@@ -222,19 +224,10 @@ class Lora(Method):
         delta = cast(b, b.call(aten.mul.Tensor, h, scale), dtype_of(scale), dtype_of(y))
         return b.call(aten.add.Tensor, y, delta)
 
-    def emit_mixed(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        slots: list[tuple[dict[TensorKey, torch.fx.Node], LoraConfig] | None],
-        index: torch.fx.Node,
-        training: bool,
-    ) -> torch.fx.Node | None:
-        if kind not in ("linear", "conv1d"):
+    def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
+        if ctx.kind not in ("linear", "conv1d"):
             return None  # embedding and conv2d take the generic per-sample form
-        return emit_mixed_lora(b, site, y, slots, index, training, (A, B, SCALE))
+        return emit_mixed_lora(ctx, (A, B, SCALE))
 
     def fold(
         self,

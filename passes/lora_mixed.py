@@ -12,26 +12,18 @@ import torch
 import torch.fx
 
 from peftc.config import LoraConfig
-from peftc.graph import SiteBuilder, cast, cast_like, dtype_of, shape_of
-from peftc.method import TensorKey
-from peftc.sites import Site
+from peftc.graph import cast, cast_like, dtype_of, shape_of
+from peftc.method import MixedEmitContext, TensorKey
 
 aten = torch.ops.aten
 
 LoraSlot = tuple[dict[TensorKey, torch.fx.Node], LoraConfig] | None
 
 
-def emit_mixed_lora(
-    b: SiteBuilder,
-    site: Site,
-    y: torch.fx.Node,
-    slots: list[LoraSlot],
-    index: torch.fx.Node,
-    training: bool,
-    keys: tuple[TensorKey, TensorKey, TensorKey],
-) -> torch.fx.Node | None:
+def emit_mixed_lora(ctx: MixedEmitContext, keys: tuple[TensorKey, TensorKey, TensorKey]) -> torch.fx.Node | None:
     """y + s[i] * B[i] A[i] x per sample i; `keys` are LoRA's (A, B, scale) tensor keys.
     None where the batched form does not apply (DoRA, lora_bias, differing dropouts)."""
+    b, site, y, slots, index, training = ctx.builder, ctx.site, ctx.y, ctx.slots, ctx.index, ctx.training
     key_a, key_b, key_scale = keys
     present = [tensors for tensors, _ in filter(None, slots)]
     configs = [config for _, config in filter(None, slots)]

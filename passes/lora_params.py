@@ -26,11 +26,22 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.config import LoraConfig
 from peftc.errors import ConfigError, TargetError, closest
-from peftc.graph import SiteBuilder, add_state_input, cast, dtype_of
-from peftc.method import AdapterTensors, Method, ModuleAdapter, TensorKey, adapter_dtype
+from peftc.graph import Call, SiteBuilder, add_state_input, cast, dtype_of, eager
+from peftc.method import (
+    AdapterTensors,
+    EmitContext,
+    Method,
+    ModuleAdapter,
+    ParamSite,
+    Placed,
+    Placement,
+    Target,
+    TensorKey,
+    adapter_dtype,
+    register_method,
+)
 from peftc.names import BASE_LAYER
 
-from .dora import Call, eager
 from .lora import SCALE, A, B, init_factors, linear_like, lora_rank_alpha, lora_scale
 from .rebind import rebind_uses
 
@@ -83,22 +94,50 @@ def parameter_targets(config: LoraConfig, model: nn.Module) -> list[tuple[str, s
     return out
 
 
+@register_method
 class LoraParam(Method):
-    """LoRA's `target_parameters` form: not a registered method of its own, the adapted model places it
-    for a LoRA config's parameter targets."""
+    """LoRA's `target_parameters` form: a part of a LoRA config, placed at the parameters it names."""
 
     peft_type = "LORA"
     config_cls = LoraConfig
+    placement = Placement.WEIGHT
+    part_of_field = "target_parameters"
+    example_config = {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": [],
+                      "target_parameters": ["lin0.weight"]}
     groups = ("lora_A", "lora_B")
     layer_types = {PARAMETER: "nn.Parameter (`target_parameters`)"}
     site_ops = {PARAMETER: ()}
 
-    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
-        raise NotImplementedError("parameter adapters are made by create_param")
+    def targets(self, config: LoraConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
+        """Each parameter `target_parameters` names, at PEFT's (nested) wrapper path; adapters on parameters
+        must all target the same ones, and a module is targeted by modules or by parameters, not both."""
+        if not config.target_parameters:
+            return []
+        found = parameter_targets(config, model)
+        for other, other_config in placed.configs.items():
+            theirs = getattr(other_config, "target_parameters", None)
+            if other != adapter and theirs and theirs != config.target_parameters:
+                raise ConfigError(f"adapter {adapter!r} targets parameters {config.target_parameters}, adapter "
+                                  f"{other!r} {theirs}: as in PEFT, adapters on parameters must target the same ones")
+        both = sorted({owner for owner, _, _ in found} & placed.own_paths())
+        if both:
+            raise ConfigError(f"modules {both} are targeted both by target_modules and by target_parameters")
+        out = []
+        for owner, param, path in found:
+            module = model.get_submodule(owner)
+            transposed = getattr(module, "is_transposed", False)
+            out.append(Target(path, f"{owner}.{param}", module, PARAMETER,
+                              extra={"owner": owner, "param": param, "transposed": transposed}))
+        return out
 
-    def create_param(self, config: LoraConfig, owner: str, module: nn.Module, param: str) -> AdapterTensors:
-        key = f"{owner}.{param}"
-        w = getattr(module, param)
+    def adapter(self, target: Target, adapter: str, config: LoraConfig,
+                tensors: dict[TensorKey, tuple[str, torch.Tensor]]) -> ParamAdapter:
+        return ParamAdapter(target.names_at, adapter, self, target.kind, config, tensors, **target.extra)
+
+    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
+        """`module_name` is the parameter's full name (`<owner>.<param>`), `module` its owner."""
+        key = module_name
+        w = getattr(module, key.rsplit(".", 1)[-1])
         r, alpha = lora_rank_alpha(config, key)
         if w.dim() == 2:
             experts, fan_in, fan_out = 1, w.shape[1], w.shape[0]
@@ -117,9 +156,12 @@ class LoraParam(Method):
         scale = torch.tensor(lora_scale(config, r, alpha), dtype=dtype, device=w.device)
         return AdapterTensors(params=params, buffers={SCALE: scale})
 
-    def emit(self, b: SiteBuilder, site: Any, y: torch.fx.Node, kind: str, tensors: dict, config: LoraConfig,
-             training: bool) -> torch.fx.Node:
-        raise NotImplementedError("parameter adapters are emitted by rebind_parameters")
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        """W + s·ΔW, from the parameter's current value `ctx.y` inside its module (`ctx.site`: a ParamSite)."""
+        b, w, tensors = ctx.builder, ctx.y, ctx.tensors
+        d = delta(b.call, tuple(w.meta["val"].shape), ctx.site.transposed, tensors[A], tensors[B])
+        d = cast(b, b.call(aten.mul.Tensor, d, tensors[SCALE]), dtype_of(tensors[SCALE]), dtype_of(w))
+        return b.call(aten.add.Tensor, w, d)
 
     def fold(self, kind: str, config: LoraConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
              base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,8 +193,9 @@ class RebindParameters(PassBase):
 
     `adapters` lists (the parameter's state names, its adapters)."""
 
-    def __init__(self, adapters: list[tuple[frozenset[str], list[ParamAdapter]]]) -> None:
+    def __init__(self, adapters: list[tuple[frozenset[str], list[ParamAdapter]]], training: bool) -> None:
         self.adapters = adapters
+        self.training = training
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         modified = False
@@ -160,11 +203,10 @@ class RebindParameters(PassBase):
             inputs = [{key: add_state_input(gm, t_fqn, t) for key, (t_fqn, t) in ma.tensors.items()} for ma in mas]
 
             def build(b: SiteBuilder, w: torch.fx.Node, mas: list[ParamAdapter] = mas, inputs: list = inputs) -> Any:
-                shape = tuple(w.meta["val"].shape)
                 for ma, tensors in zip(mas, inputs):
-                    d = delta(b.call, shape, ma.transposed, tensors[A], tensors[B])
-                    d = cast(b, b.call(aten.mul.Tensor, d, tensors[SCALE]), dtype_of(tensors[SCALE]), dtype_of(w))
-                    w = b.call(aten.add.Tensor, w, d)
+                    site = ParamSite(ma.owner, ma.param, ma.transposed)
+                    w = ma.method.emit(EmitContext(b, site, w, ma.kind, self.training, tensors=tensors,
+                                                   config=ma.config))
                 return w
 
             tag = (mas[0].module_path, ",".join(ma.adapter for ma in mas), "LORA")
@@ -172,4 +214,3 @@ class RebindParameters(PassBase):
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified)
-

@@ -17,8 +17,17 @@ import torch.nn as nn
 
 from peftc.config import LoraConfig
 from peftc.errors import ConfigError
-from peftc.graph import SiteBuilder
-from peftc.method import AdapterTensors, Method, ModuleAdapter, TensorKey
+from peftc.method import (
+    AdapterTensors,
+    EmitContext,
+    Method,
+    ModuleAdapter,
+    Placed,
+    Placement,
+    Target,
+    TensorKey,
+    register_method,
+)
 from peftc.names import MODULES_TO_SAVE, ORIGINAL_MODULE
 
 
@@ -32,14 +41,36 @@ class CopyAdapter(ModuleAdapter):
         return f"{self.module_path}.{ORIGINAL_MODULE}"
 
 
+@register_method
 class ModulesToSave(Method):
-    """Not a registered method of its own: the adapted model places it for a LoRA config's `modules_to_save`."""
+    """LoRA's `modules_to_save`: a part of a LoRA config, placed at the modules it names."""
 
     peft_type = "LORA"
     config_cls = LoraConfig
+    placement = Placement.WEIGHT
+    part_of_field = "modules_to_save"
+    example_config = {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"], "modules_to_save": ["lin1"]}
     groups = (MODULES_TO_SAVE,)
     layer_types = {"module": "any module (a trained copy)"}
     site_ops = {"module": ()}
+
+    def targets(self, config: LoraConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
+        """The modules named (PEFT: the outermost whose name ends with an entry), adapted by nothing else."""
+        if not config.modules_to_save:
+            return []
+        paths = modules_to_save(config, model)
+        tokens = placed.part_paths("trainable_token_indices")
+        for path in paths:
+            if path in tokens:
+                raise ConfigError(f"module {path!r} is in modules_to_save and has trainable_token_indices; "
+                                  "choose one (PEFT refuses both too)")
+            if any(not isinstance(ma, CopyAdapter) for ma in placed.modules.get(path, [])):
+                raise ConfigError(f"module {path!r} is in modules_to_save but another adapter adapts it")
+        return [Target(path, path, model.get_submodule(path), "module") for path in paths]
+
+    def adapter(self, target: Target, adapter: str, config: LoraConfig,
+                tensors: dict[TensorKey, tuple[str, torch.Tensor]]) -> CopyAdapter:
+        return CopyAdapter(target.names_at, adapter, self, target.kind, config, tensors)
 
     def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
         if any(True for _ in module.buffers()):
@@ -48,9 +79,9 @@ class ModulesToSave(Method):
         return AdapterTensors(params={(MODULES_TO_SAVE, name): p.detach().clone()
                                       for name, p in module.named_parameters()})
 
-    def emit(self, b: SiteBuilder, site: object, y: torch.fx.Node, kind: str, tensors: dict, config: LoraConfig,
-             training: bool) -> torch.fx.Node:
-        raise NotImplementedError("module copies are bound by rebind_copies")
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        """The adapter's copy of the parameter `ctx.site.param` (a ParamSite), in place of its value `ctx.y`."""
+        return ctx.tensors[(MODULES_TO_SAVE, ctx.site.param)]
 
     def fold(self, kind: str, config: LoraConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
              base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

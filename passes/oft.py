@@ -25,10 +25,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, check_probability, check_targets, register_config
+from peftc.config import AdapterConfig, check_probability, check_targets
 from peftc.errors import ConfigError, TargetError
-from peftc.graph import SiteBuilder, cast, dtype_of
-from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype
+from peftc.graph import Call, SiteBuilder, cast, dtype_of, eager
+from peftc.method import AdapterTensors, EmitContext, Method, TensorKey, adapter_dtype, register_method
 from peftc.sites import WEIGHT_OPS, Site
 
 aten = torch.ops.aten
@@ -36,15 +36,6 @@ aten = torch.ops.aten
 ROT: TensorKey = ("oft_R", "weight")
 EMB_ROT: TensorKey = ("oft_embedding_R", "weight")
 
-# applies an aten op: `SiteBuilder.call` in a graph, `eager` on tensors (fold)
-Call = Callable[..., Any]
-
-
-def eager(op: Any, *args: Any, **kwargs: Any) -> Any:
-    return op(*args, **kwargs)
-
-
-@register_config
 @dataclass
 class OFTConfig(AdapterConfig):
     """PEFT's `OFTConfig`, same fields and defaults."""
@@ -184,8 +175,10 @@ class RotationMethod(Method):
         return rotated_features(kind, module.weight.shape, getattr(module, "in_channels", 0))
 
 
+@register_method
 class OFT(RotationMethod):
     peft_type = "OFT"
+    example_config = {"peft_type": "OFT", "oft_block_size": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = OFTConfig
     groups = ("oft_R", "oft_embedding_R")
     layer_classes = {**RotationMethod.layer_classes, "embedding": nn.Embedding}
@@ -206,16 +199,8 @@ class OFT(RotationMethod):
         w = module.weight
         return AdapterTensors(params={key: packed.to(device=w.device, dtype=adapter_dtype(w))})
 
-    def emit(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        tensors: dict[TensorKey, torch.fx.Node],
-        config: OFTConfig,
-        training: bool,
-    ) -> torch.fx.Node:
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        b, site, y, kind, tensors, config = ctx.builder, ctx.site, ctx.y, ctx.kind, ctx.tensors, ctx.config
         packed = tensors[EMB_ROT if kind == "embedding" else ROT]
         weight_shape = site.weight.meta["val"].shape
         channels = site.input.meta["val"].shape[1] if kind == "conv2d" else 0

@@ -19,10 +19,21 @@ import torch.nn as nn
 
 from peftc.config import LoraConfig
 from peftc.errors import ConfigError
-from peftc.graph import SiteBuilder, cast, dtype_of
-from peftc.method import AdapterTensors, Method, ModuleAdapter, TensorKey, adapter_dtype
+from peftc.graph import cast, dtype_of
+from peftc.method import (
+    AdapterTensors,
+    EmitContext,
+    Method,
+    ModuleAdapter,
+    Placed,
+    Placement,
+    Target,
+    TensorKey,
+    adapter_dtype,
+    register_method,
+)
 from peftc.names import TOKEN_ADAPTER
-from peftc.sites import WEIGHT_OPS, Site
+from peftc.sites import WEIGHT_OPS
 
 from .oft import current_base_op
 
@@ -41,21 +52,56 @@ class TokenAdapter(ModuleAdapter):
     tied: str | None = None
 
 
+@register_method
 class TrainableTokens(Method):
-    """Not a registered method of its own: the adapted model places it for a LoRA config's
-    `trainable_token_indices`."""
+    """LoRA's `trainable_token_indices`: a part of a LoRA config, placed at the embeddings it names and at
+    the heads tied to them. A transformed weight, lowered where the weight is read: at the lookup's and
+    the tied head's op sites, as OFT's rotated weights are."""
 
     peft_type = "LORA"
     config_cls = LoraConfig
+    placement = Placement.OP_SITE
+    part_of_field = "trainable_token_indices"
+    example_config = {"peft_type": "LORA", "r": 2, "target_modules": ["proj"],
+                      "trainable_token_indices": {"emb": [1, 3]}}
+    example_model = "embedding_model"
     groups = ("trainable_tokens_delta",)
     layer_types = {"embedding": "nn.Embedding", "linear": "nn.Linear (tied to the embedding)"}
     site_ops = {"embedding": ("embedding",), "linear": ("linear",)}
 
-    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
-        raise NotImplementedError("trainable tokens are made by create_rows")
+    def targets(self, config: LoraConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
+        """Each embedding named, then each head tied to it (showing the embedding's tensors, unsaved); PEFT
+        wraps a layer one way or the other, so none of them may be adapted otherwise."""
+        if config.trainable_token_indices is None:
+            return []
+        tokens = token_targets(config, model)
+        heads = {path: tied_heads(model, path) for path in tokens}
+        own = placed.own_paths()
+        for path in [*tokens, *(head for hs in heads.values() for head in hs)]:
+            if path in own or any(not isinstance(ma, TokenAdapter) for ma in placed.modules.get(path, [])):
+                raise ConfigError(f"module {path!r} has trainable_token_indices and is targeted by an adapter too "
+                                  "(PEFT wraps a layer one way or the other); leave it out of target_modules")
+        for path in own:
+            if any(isinstance(ma, TokenAdapter) for ma in placed.modules.get(path, [])):
+                raise ConfigError(f"module {path!r} has trainable token rows from another adapter; it cannot be "
+                                  "targeted by target_modules as well")
+        for path in sorted(set(tokens) & placed.part_paths("modules_to_save")):
+            raise ConfigError(f"module {path!r} is in modules_to_save and has trainable_token_indices; "
+                              "choose one (PEFT refuses both too)")
+        out = []
+        for path in tokens:
+            out.append(Target(path, path, model.get_submodule(path), "embedding", name_path=wrapper_path(path)))
+            out += [Target(head, head, model.get_submodule(head), "linear", name_path=wrapper_path(head), tied=path)
+                    for head in heads[path]]
+        return out
 
-    def create_rows(self, module_name: str, module: nn.Module, indices: list[int]) -> AdapterTensors:
+    def adapter(self, target: Target, adapter: str, config: LoraConfig,
+                tensors: dict[TensorKey, tuple[str, torch.Tensor]]) -> TokenAdapter:
+        return TokenAdapter(target.names_at, adapter, self, target.kind, config, tensors, tied=target.tied)
+
+    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
         w = module.weight
+        indices = token_indices(config, module_name)
         if not indices or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < w.shape[0]
                               for i in indices):
             raise ConfigError(f"trainable_token_indices for {module_name!r}: expected token ids in "
@@ -64,8 +110,8 @@ class TrainableTokens(Method):
         rows = w.detach()[index].to(adapter_dtype(w))  # PEFT's init_weights=True: start at the current rows
         return AdapterTensors(params={DELTA: rows.clone()}, buffers={INDICES: index})
 
-    def emit(self, b: SiteBuilder, site: Site, y: torch.fx.Node, kind: str, tensors: dict[TensorKey, torch.fx.Node],
-             config: LoraConfig, training: bool) -> torch.fx.Node:
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        b, site, y, tensors = ctx.builder, ctx.site, ctx.y, ctx.tensors
         # after another adapter's rows at this site, `y` is its op again: copy ours into its weight
         op = current_base_op(site, y, "trainable_token_indices")
         w_index = WEIGHT_OPS[op.target][1]
@@ -103,6 +149,15 @@ def token_targets(config: LoraConfig, model: nn.Module) -> dict[str, list[int]]:
                                   " peftc trains token rows of nn.Embedding layers (and heads tied to them)")
             out[path] = list(indices)
     return out
+
+
+def token_indices(config: LoraConfig, path: str) -> list[int]:
+    """The token ids `config.trainable_token_indices` gives the embedding at `path` (one `token_targets`
+    found): the list itself, or the ids of the last name `path` ends with."""
+    wanted = config.trainable_token_indices
+    if not isinstance(wanted, dict):
+        return list(wanted)
+    return list([ids for name, ids in wanted.items() if path.endswith(name)][-1])
 
 
 def tied_heads(model: nn.Module, embedding: str) -> list[str]:

@@ -19,10 +19,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, check_probability, check_ranks, check_targets, register_config
-from peftc.graph import SiteBuilder, cast_like, dtype_of
-from peftc.method import AdapterTensors, Method, TensorKey, adapter_dtype, in_out_features
-from peftc.sites import Site
+from peftc.config import AdapterConfig, check_probability, check_ranks, check_targets
+from peftc.graph import cast_like, dtype_of
+from peftc.method import AdapterTensors, EmitContext, Method, TensorKey, adapter_dtype, in_out_features, register_method
 
 from .ia3 import promoted
 
@@ -34,7 +33,6 @@ LAMBDA_B: TensorKey = ("vera_lambda_b", None)
 LAMBDA_D: TensorKey = ("vera_lambda_d", None)
 
 
-@register_config
 @dataclass
 class VeraConfig(AdapterConfig):
     """PEFT's `VeraConfig`, same fields and defaults."""
@@ -68,8 +66,10 @@ def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torc
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
+@register_method
 class Vera(Method):
     peft_type = "VERA"
+    example_config = {"peft_type": "VERA", "r": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = VeraConfig
     groups = ("vera_lambda_b", "vera_lambda_d")
     layer_types = {"linear": "nn.Linear", "conv1d": "transformers Conv1D"}
@@ -99,16 +99,9 @@ class Vera(Method):
         params = {LAMBDA_B: lambda_b, LAMBDA_D: lambda_d}
         return AdapterTensors(params={k: v.to(device=w.device, dtype=adapter_dtype(w)) for k, v in params.items()})
 
-    def emit(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        tensors: dict[TensorKey, torch.fx.Node],
-        config: VeraConfig,
-        training: bool,
-    ) -> torch.fx.Node:
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        b, site, y, kind = ctx.builder, ctx.site, ctx.y, ctx.kind
+        tensors, config, training = ctx.tensors, ctx.config, ctx.training
         shape = site.weight.meta["val"].shape
         fan_in, fan_out = (shape[0], shape[1]) if kind == "conv1d" else (shape[1], shape[0])
         x = cast_like(b, site.input, tensors[LAMBDA_D])

@@ -1,9 +1,10 @@
 """The adapter set: which adapters are loaded, where each is placed, which are active.
 
-Adding an adapter resolves its targets, lets its method create the tensors of each placement and
-registers them in the parameter tree under PEFT's names. It is all or nothing: a method refusing a
-layer halfway leaves the model as it was. Placements: op sites (`ModuleAdapter`, every method),
-and LoRA's rebinding extras (`target_parameters`, `trainable_token_indices`, `modules_to_save`).
+Adding an adapter resolves its targets: its method's `target_modules` (the same for every method), then
+those of the parts its config selects (LoRA's `target_parameters`, `trainable_token_indices`,
+`modules_to_save`: each part's `Method.targets`, with PEFT's names and nesting). Then, in one loop, each
+method creates the tensors of each of its targets, registered in the parameter tree under PEFT's names.
+It is all or nothing: a method refusing a layer halfway leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftc.passes import METHODS
+import peftc.passes  # noqa: F401  (each method's module registers itself)
 from peftc.passes.dispatch import BASE_NAME
-from peftc.passes.lora_params import PARAMETER, LoraParam, ParamAdapter, parameter_targets
-from peftc.passes.modules_to_save import CopyAdapter, ModulesToSave, excluded_by_copies, modules_to_save
-from peftc.passes.trainable_tokens import TokenAdapter, TrainableTokens, tied_heads, token_targets, wrapper_path
+from peftc.passes.lora_params import ParamAdapter
+from peftc.passes.modules_to_save import CopyAdapter, excluded_by_copies
 
 from . import names
 from .config import AdapterConfig, load_config
 from .errors import ConfigError, TargetError
-from .method import Method, ModuleAdapter, TensorKey, correct_fan_in_fan_out
+from .method import Method, ModuleAdapter, Placed, Target, TensorKey, correct_fan_in_fan_out, methods_for
 from .state import ParameterTree, group_leaf
 from .targets import resolve_all_linear, select_targets
 
@@ -97,50 +97,55 @@ class AdapterSet:
         if adapter_name in self.configs:
             raise ConfigError(f"an adapter named {adapter_name!r} is already loaded")
         config = load_config(peft_config)
-        method = METHODS[config.peft_type]
+        method, *parts = methods_for(config.peft_type)
         source = self.tree.source
         config = resolve_all_linear(copy.deepcopy(config), source)
         kinds = layer_kinds(source, method, config)
         # as PEFT, target_modules skips modules inside those trained as copies
         kinds = {p: k for p, k in kinds.items() if not excluded_by_copies(p, getattr(config, "modules_to_save", None))}
         correct_fan_in_fan_out(config, {p: source.get_submodule(p) for p in kinds})  # warns, as PEFT
-        param_targets = self._parameter_targets(adapter_name, config, kinds)
-        tokens = self._token_targets(config, kinds)
-        copies = self._copy_targets(config, tokens)
+        own = [Target(path, path, source.get_submodule(path), kind) for path, kind in kinds.items()]
+        placed = Placed(self.configs, self.modules, [(method, own)])
+        for part in parts:  # the config's other fields that place adapters (LoRA's target_parameters, ...)
+            placed.new.append((part, part.targets(config, source, adapter_name, placed)))
         with self._all_or_nothing():
-            self._register(adapter_name, config, method, kinds, param_targets, tokens, copies)
+            self._register(adapter_name, config, placed.new)
 
-    def _register(
-        self, adapter_name: str, config: AdapterConfig, method: Method, kinds: dict[str, str],
-        param_targets: list[tuple[str, str, str]], tokens: dict[str, list[int]], copies: list[str],
-    ) -> None:
+    def _register(self, adapter_name: str, config: AdapterConfig,
+                  placements: list[tuple[Method, list[Target]]]) -> None:
         self.configs[adapter_name] = config
-        new = (set(kinds) | {path for *_, path in param_targets} | set(tokens) | set(copies)) - set(self.modules)
-        source = self.tree.source
-        # tensors the method shares across this adapter's modules (VeRA's projections), at the tuner level
-        targets = {path: (source.get_submodule(path), kind) for path, kind in kinds.items()}
-        shared = {key: (names.shared_live_key(*group_leaf(key, adapter_name)), t)
-                  for key, t in method.create_shared(config, targets).items()}
-        for fqn, t in shared.values():
-            self.tree.set(fqn, t, persistent=method.saves_shared(config))
-        for path, kind in kinds.items():
-            self._add_module_adapter(path, adapter_name, method, kind, config, shared)
-        self._add_param_adapters(adapter_name, config, param_targets)
-        self._add_token_adapters(adapter_name, config, tokens)
-        for path in copies:
-            created = ModulesToSave().create(config, path, source.get_submodule(path), "module")
-            tensors = self.tree.register_created(path, adapter_name, created, not config.inference_mode)
-            self.modules.setdefault(path, []).append(
-                CopyAdapter(path, adapter_name, ModulesToSave(), "module", config, tensors))
+        new = {t.path for _, targets in placements for t in targets} - set(self.modules)
+        for method, targets in placements:
+            self._place(adapter_name, config, method, targets)
         if new:
             self.tree.rename_base(self.adapted_paths())
         self.set_trainable()
 
-    def _add_module_adapter(self, path: str, adapter: str, method: Method, kind: str, config: AdapterConfig,
-                            shared: dict[TensorKey, tuple[str, torch.Tensor]]) -> None:
-        module = self.tree.source.get_submodule(path)
-        created = method.create(config, path, module, kind)
-        tensors = self.tree.register_created(path, adapter, created, not config.inference_mode)
+    def _place(self, adapter: str, config: AdapterConfig, method: Method, targets: list[Target]) -> None:
+        """One method's adapters at its targets, named as PEFT names them."""
+        # tensors the method shares across this adapter's modules (VeRA's projections), at the tuner level
+        shared = {key: (names.shared_live_key(*group_leaf(key, adapter)), t) for key, t in
+                  method.create_shared(config, {t.path: (t.module, t.kind) for t in targets}).items()}
+        for fqn, t in shared.values():
+            self.tree.set(fqn, t, persistent=method.saves_shared(config))
+        registered: dict[str, dict[TensorKey, tuple[str, torch.Tensor]]] = {}
+        for target in targets:
+            if target.tied is None:
+                created = method.create(config, target.module_name, target.module, target.kind)
+                tensors = self.tree.register_created(target.names_at, adapter, created, not config.inference_mode)
+                self._alias_shared(target.names_at, adapter, tensors, shared)
+                for leaf, value in created.base.items():
+                    self.tree.replace_base(target.path, leaf, value)
+            else:  # an earlier target's tensors (a head tied to an embedding), under this one's names, unsaved
+                tensors = {key: (self.tree.live_key(target.names_at, key, adapter), t)
+                           for key, (_, t) in registered[target.tied].items()}
+                for fqn, t in tensors.values():
+                    self.tree.set(fqn, t, persistent=False)
+            registered[target.path] = tensors
+            self.modules.setdefault(target.path, []).append(method.adapter(target, adapter, config, tensors))
+
+    def _alias_shared(self, path: str, adapter: str, tensors: dict[TensorKey, tuple[str, torch.Tensor]],
+                      shared: dict[TensorKey, tuple[str, torch.Tensor]]) -> None:
         for key, (fqn, tensor) in shared.items():
             # PEFT's state dict lists a shared tensor under each module too: the module holding it is
             # registered there as well (one BufferDict, many parents), so both keys name one tensor
@@ -149,83 +154,6 @@ class AdapterSet:
             parent, child = names.split_module(alias)
             self.tree.root.get_submodule(parent).add_module(child, self.tree.root.get_submodule(holder))
             tensors[key] = (fqn, tensor)
-        for leaf, value in created.base.items():
-            self.tree.replace_base(path, leaf, value)
-        self.modules.setdefault(path, []).append(ModuleAdapter(path, adapter, method, kind, config, tensors))
-
-    def _parameter_targets(self, adapter: str, config: AdapterConfig, kinds: dict[str, str],
-                           ) -> list[tuple[str, str, str]]:
-        """LoRA's `target_parameters`, checked: (owner module, parameter, PEFT's wrapper path) of each."""
-        if not getattr(config, "target_parameters", None):
-            return []
-        targets = parameter_targets(config, self.tree.source)
-        for other, other_config in self.configs.items():
-            theirs = getattr(other_config, "target_parameters", None)
-            if other != adapter and theirs and theirs != config.target_parameters:
-                raise ConfigError(f"adapter {adapter!r} targets parameters {config.target_parameters}, adapter "
-                                  f"{other!r} {theirs}: as in PEFT, adapters on parameters must target the same ones")
-        both = sorted({owner for owner, _, _ in targets} & set(kinds))
-        if both:
-            raise ConfigError(f"modules {both} are targeted both by target_modules and by target_parameters")
-        return targets
-
-    def _token_targets(self, config: AdapterConfig, kinds: dict[str, str]) -> dict[str, list[int]]:
-        """LoRA's `trainable_token_indices`, checked: embedding path -> token ids."""
-        if getattr(config, "trainable_token_indices", None) is None:
-            return {}
-        source = self.tree.source
-        tokens = token_targets(config, source)
-        paths = {*tokens, *(head for path in tokens for head in tied_heads(source, path))}
-        for path in paths:
-            if path in kinds or any(not isinstance(ma, TokenAdapter) for ma in self.modules.get(path, [])):
-                raise ConfigError(f"module {path!r} has trainable_token_indices and is targeted by an adapter too "
-                                  "(PEFT wraps a layer one way or the other); leave it out of target_modules")
-        for path in kinds:
-            if any(isinstance(ma, TokenAdapter) for ma in self.modules.get(path, [])):
-                raise ConfigError(f"module {path!r} has trainable token rows from another adapter; it cannot be "
-                                  "targeted by target_modules as well")
-        return tokens
-
-    def _copy_targets(self, config: AdapterConfig, tokens: dict[str, list[int]]) -> list[str]:
-        """LoRA's `modules_to_save`, checked: the paths of the modules trained as copies."""
-        if not getattr(config, "modules_to_save", None):
-            return []
-        paths = modules_to_save(config, self.tree.source)
-        for path in paths:
-            if path in tokens:
-                raise ConfigError(f"module {path!r} is in modules_to_save and has trainable_token_indices; "
-                                  "choose one (PEFT refuses both too)")
-            if any(not isinstance(ma, CopyAdapter) for ma in self.modules.get(path, [])):
-                raise ConfigError(f"module {path!r} is in modules_to_save but another adapter adapts it")
-        return paths
-
-    def _add_token_adapters(self, adapter: str, config: AdapterConfig, tokens: dict[str, list[int]]) -> None:
-        """Trainable rows per embedding; a head tied to it gets an adapter on the same tensors (PEFT's names)."""
-        method = TrainableTokens()
-        source = self.tree.source
-        for path, indices in tokens.items():
-            created = method.create_rows(path, source.get_submodule(path), indices)
-            tensors = self.tree.register_created(wrapper_path(path), adapter, created, not config.inference_mode)
-            self.modules.setdefault(path, []).append(
-                TokenAdapter(wrapper_path(path), adapter, method, "embedding", config, tensors))
-            for head in tied_heads(source, path):
-                alias = {key: (self.tree.live_key(wrapper_path(head), key, adapter), t)
-                         for key, (_, t) in tensors.items()}
-                for fqn, t in alias.values():
-                    self.tree.set(fqn, t, persistent=False)
-                self.modules.setdefault(head, []).append(
-                    TokenAdapter(wrapper_path(head), adapter, method, "linear", config, alias, tied=path))
-
-    def _add_param_adapters(self, adapter: str, config: AdapterConfig, targets: list[tuple[str, str, str]]) -> None:
-        """An adapter per targeted parameter, named at PEFT's (nested) wrapper path."""
-        method = LoraParam()
-        for owner, param, path in targets:
-            module = self.tree.source.get_submodule(owner)
-            created = method.create_param(config, owner, module, param)
-            tensors = self.tree.register_created(path, adapter, created, not config.inference_mode)
-            self.modules.setdefault(path, []).append(ParamAdapter(
-                path, adapter, method, PARAMETER, config, tensors, owner=owner, param=param,
-                transposed=getattr(module, "is_transposed", False)))
 
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:

@@ -1,8 +1,9 @@
 """Adapter configs with PEFT's field names and defaults (as in `adapter_config.json`).
 
-A config is a dataclass per method, registered under its PEFT `peft_type`. Fields PEFT has
-but peftc does not implement are accepted at their default and rejected otherwise, so a
-PEFT checkpoint's config loads, and a setting peftc would ignore is never silently dropped.
+A config is a dataclass per method, registered with its method (`peftc.method.register_method`) under
+its PEFT `peft_type`. Fields PEFT has but peftc does not implement are accepted at their default and
+rejected otherwise, so a PEFT checkpoint's config loads, and a setting peftc would ignore is never
+silently dropped.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 
 
 def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Called by `peftc.method.register_method` only: registering a method registers its config."""
     _REGISTRY[cls.peft_type_name] = cls
     return cls
 
 
 def registered_configs() -> dict[str, type[AdapterConfig]]:
-    import peftc.passes  # noqa: F401  (each method's module registers its config on import)
+    import peftc.passes  # noqa: F401  (each method's module registers itself, and so its config, on import)
 
     return dict(_REGISTRY)
 
@@ -407,4 +409,3 @@ def check_target_parameters(config: LoraConfig) -> None:
                               "(PEFT's ParamWrapper refuses it too)")
 
 
-register_config(LoraConfig)

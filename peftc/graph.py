@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,14 @@ from .sites import ADAPTER
 
 aten = torch.ops.aten
 
+# applies an aten op to its arguments: `SiteBuilder.call` in a graph (a method's `emit`), `eager` on
+# tensors (its `fold`, its `create`), so one function computes a method's tensors both ways
+Call = Callable[..., Any]
+
+
+def eager(op: Any, *args: Any, **kwargs: Any) -> Any:
+    """`Call` on tensors: run the op now."""
+    return op(*args, **kwargs)
 
 
 def add_state_input(gm: torch.fx.GraphModule, fqn: str, example: torch.Tensor) -> torch.fx.Node:

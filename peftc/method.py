@@ -1,29 +1,34 @@
 """The method contract: what a PEFT method provides so every pass can be written once.
 
 A method is data plus functions:
-  - `config_cls`: its config (PEFT field names and defaults);
+  - `config_cls`: its config (PEFT field names and defaults), registered with the method by
+    `@register_method` (one registry for methods and configs);
+  - `placement`: where its subgraph goes (`Placement`);
   - `layer_kind` / `create`: which modules it adapts and their parameters + initialisation;
-  - `emit`: the subgraph inserted beside the base op (the unmerged, activation-path form);
+  - `emit(ctx)`: the subgraph inserted at its placement (the unmerged, activation-path form);
   - `fold`: the module's merged tensors (W + delta, or the method's transform of W), where the
-    method is mergeable.
+    method is mergeable;
+  - `example_config`: a small config with PEFT's field names that adapts an MLP-like model; the
+    contract test (tests/passes/test_contract.py) checks every registered method with it.
 Folding, dispatch, save/load and export are written against this, never per method.
 """
 
 from __future__ import annotations
 
+import enum
 import sys
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from .config import AdapterConfig
+from .config import AdapterConfig, register_config
 from .errors import CheckpointError
 from .graph import SiteBuilder
-from .sites import Site
 from .targets import pattern_value
 
 # (group, leaf): PEFT's name parts around the adapter name, e.g. ("lora_A", "weight")
@@ -89,6 +94,75 @@ def _user_stacklevel() -> int:
     return level
 
 
+class Placement(str, enum.Enum):
+    """Where a method's subgraph goes (docs/method-contract.md)."""
+
+    OP_SITE = "op_site"  # beside an op that consumes a frozen weight (linear, addmm, conv, embedding)
+    WEIGHT = "weight"  # a parameter rebound inside its module (target_parameters, modules_to_save)
+    INPUT = "input"  # the input embeddings (prompt tuning, p-tuning): none implemented yet
+    ATTENTION_KV = "attention_kv"  # the keys and values attention sees (prefix tuning): none implemented yet
+
+
+@dataclass
+class SiteContext:
+    """What a method's `emit` / `emit_mixed` is given at one site.
+
+    At an OP_SITE, `site` is the weight-consuming op and `y` its current output (the base op's, or the
+    previous adapter's there). At a WEIGHT placement, `site` is a `ParamSite` and `y` the parameter's
+    current value inside its module (the base tensor, or the previous adapter's result)."""
+
+    builder: SiteBuilder
+    site: Any  # Site (OP_SITE) or ParamSite (WEIGHT)
+    y: torch.fx.Node
+    kind: str
+    training: bool
+
+
+@dataclass
+class EmitContext(SiteContext):
+    """One adapter at one site: its tensors (graph inputs, by PEFT's key) and its config."""
+
+    tensors: dict[TensorKey, torch.fx.Node] = field(default_factory=dict)
+    config: AdapterConfig | None = None
+
+
+@dataclass
+class MixedEmitContext(SiteContext):
+    """Several adapters of one method at one site, each sample picking slot `index[i]` (-1: none);
+    a None slot does not adapt this module."""
+
+    slots: list[tuple[dict[TensorKey, torch.fx.Node], AdapterConfig] | None] = field(default_factory=list)
+    index: torch.fx.Node | None = None
+
+
+@dataclass(frozen=True)
+class ParamSite:
+    """A WEIGHT placement's site: parameter `param` of module `owner`, read inside that module
+    (`transposed`: the owner's `is_transposed`, an expert stack stored (E, in, out))."""
+
+    owner: str
+    param: str
+    transposed: bool = False
+
+
+@dataclass
+class Target:
+    """One place a method puts one adapter: found by `Method.targets` (or, for a method's own
+    `target_modules`, by peftc.targets), created by `Method.create`, recorded by `Method.adapter`."""
+
+    path: str  # the module the adapter set keys the adapter by
+    module_name: str  # the name `create` gets: the module's path, or a parameter's full name
+    module: nn.Module  # the module `create` gets: the layer, or the parameter's owner
+    kind: str
+    name_path: str = ""  # where PEFT names the adapter's tensors (a wrapper path), when not `path`
+    tied: str | None = None  # the path of an earlier target whose tensors this one shows, unsaved
+    extra: dict[str, Any] = field(default_factory=dict)  # fields of the method's ModuleAdapter subclass
+
+    @property
+    def names_at(self) -> str:
+        return self.name_path or self.path
+
+
 @dataclass
 class AdapterTensors:
     """One adapter's tensors at one module."""
@@ -103,6 +177,15 @@ class AdapterTensors:
 class Method(ABC):
     peft_type: str
     config_cls: type[AdapterConfig]
+    placement: ClassVar[Placement] = Placement.OP_SITE
+    # a small config (PEFT's field names) the contract test (tests/passes/test_contract.py) checks the method
+    # with, on `example_model` (a tests/zoo.py model: "mlp" has Linear layers lin0 (12->24) and lin1 (24->8));
+    # the kinds the method supports are `layer_types`'s keys
+    example_config: ClassVar[dict[str, Any]] = {}
+    example_model: ClassVar[str] = "mlp"
+    # the config field that selects this method as a part of another method's config (LoRA's
+    # `target_parameters`, ...); None for a method of its own, selected by `peft_type`
+    part_of_field: ClassVar[str | None] = None
     groups: tuple[str, ...]  # parameter groups as PEFT names them (the saved key's last segments)
     layer_types: dict[str, str]  # kind -> the module type it stands for, for messages and the README
     site_ops: dict[str, tuple[str, ...]]  # kind -> aten ops (overload packet names) a site of it may be
@@ -133,6 +216,17 @@ class Method(ABC):
     def create(self, config: AdapterConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
         """Parameters and run-time buffers for one adapted module, initialised as PEFT does."""
 
+    def targets(self, config: AdapterConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
+        """Where a part (`part_of_field`) places `config`'s adapter in `model`, with PEFT's names and
+        nesting, checked against the adapters already `placed`. A method's own `target_modules` are
+        resolved by the adapter set, the same for every method."""
+        return []
+
+    def adapter(self, target: Target, adapter: str, config: AdapterConfig,
+                tensors: dict[TensorKey, tuple[str, torch.Tensor]]) -> ModuleAdapter:
+        """The record the passes read for one placed adapter (a part adds fields of its own)."""
+        return ModuleAdapter(target.names_at, adapter, self, target.kind, config, tensors)
+
     def create_shared(
         self, config: AdapterConfig, targets: dict[str, tuple[nn.Module, str]]
     ) -> dict[TensorKey, torch.Tensor]:
@@ -146,30 +240,12 @@ class Method(ABC):
         return True
 
     @abstractmethod
-    def emit(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        tensors: dict[TensorKey, torch.fx.Node],
-        config: AdapterConfig,
-        training: bool,
-    ) -> torch.fx.Node:
-        """Insert the adapter after the base op whose current output is `y`; return the new output."""
+    def emit(self, ctx: EmitContext) -> torch.fx.Node:
+        """Insert the adapter at `ctx.site`, whose current value is `ctx.y`; return the new value."""
 
-    def emit_mixed(
-        self,
-        b: SiteBuilder,
-        site: Site,
-        y: torch.fx.Node,
-        kind: str,
-        slots: list[tuple[dict[TensorKey, torch.fx.Node], AdapterConfig] | None],
-        index: torch.fx.Node,
-        training: bool,
-    ) -> torch.fx.Node | None:
+    def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
         """Optional batched lowering of several adapters of this method at one site, each sample
-        picking slot `index[i]` (-1: none; None slots do not adapt this module). Return None to
+        picking slot `ctx.index[i]` (-1: none; None slots do not adapt this module). Return None to
         use the dispatch pass's generic per-sample form."""
         return None
 
@@ -215,3 +291,61 @@ class ModuleAdapter:
     kind: str
     config: AdapterConfig
     tensors: dict[TensorKey, tuple[str, torch.Tensor]]  # key -> (fqn in the adapted model, tensor)
+
+
+@dataclass
+class Placed:
+    """What `Method.targets` checks a new adapter's targets against: the adapters loaded (configs, and
+    placements by module path) and the targets of the new one found so far, by method."""
+
+    configs: dict[str, AdapterConfig]
+    modules: dict[str, list[ModuleAdapter]]
+    new: list[tuple[Method, list[Target]]]
+
+    def own_paths(self) -> set[str]:
+        """Modules the new adapter's own method targets (its `target_modules`)."""
+        return {t.path for t in self.new[0][1]} if self.new else set()
+
+    def part_paths(self, part_of_field: str) -> set[str]:
+        """Modules the new adapter's part selected by `part_of_field` targets, if placed already."""
+        return {t.path for m, ts in self.new if m.part_of_field == part_of_field for t in ts}
+
+
+# the registry: peft_type -> the method its config selects; peft_type -> the methods placed by fields of
+# that config (parts: LoRA's target_parameters, trainable_token_indices, modules_to_save), in order
+METHODS: dict[str, Method] = {}
+PARTS: dict[str, list[Method]] = {}
+
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(cls: M) -> M:
+    """Register a method class (a decorator): one instance in `METHODS` under its `peft_type`, and its
+    config under the same name, or, for a part (`part_of_field` set), among `PARTS[peft_type]`."""
+    method = cls()
+    if cls.part_of_field is not None:
+        PARTS.setdefault(cls.peft_type, []).append(method)
+        return cls
+    if cls.peft_type in METHODS:
+        raise ValueError(f"a method is already registered for {cls.peft_type!r}")
+    if cls.config_cls.peft_type_name != cls.peft_type:
+        raise ValueError(f"{cls.__name__}.config_cls is for {cls.config_cls.peft_type_name!r}, not {cls.peft_type!r}")
+    register_config(cls.config_cls)
+    METHODS[cls.peft_type] = method
+    return cls
+
+
+def registered_methods() -> dict[str, Method]:
+    """Every registered method and part, by a test id: `LORA`, `LORA.target_parameters`, ..."""
+    import peftc.passes  # noqa: F401  (each method's module registers itself on import)
+
+    out: dict[str, Method] = dict(METHODS)
+    for peft_type, parts in PARTS.items():
+        out.update({f"{peft_type}.{part.part_of_field}": part for part in parts})
+    return out
+
+
+def methods_for(peft_type: str) -> list[Method]:
+    """The methods a config of `peft_type` places, in order: its method, then its parts (each finds no
+    target where the config leaves its field unset)."""
+    return [METHODS[peft_type], *PARTS.get(peft_type, [])]

@@ -41,6 +41,7 @@ from .capture import STATE, CapturedGraph
 from .errors import ConfigError, PeftcError
 from .graph import copy_graph_module
 from .merge import MergedState
+from .method import Placement
 from .state import ParameterTree
 
 CHECK_PASSES = os.environ.get("PEFTC_CHECK_PASSES", "") == "1"
@@ -84,7 +85,7 @@ def variant_passes(variant: tuple, tree: ParameterTree, adapters: AdapterSet, me
                    training: bool) -> list[PassBase]:
     kind = variant[0]
     if kind == "mixed":
-        if partition(adapters.modules, (ParamAdapter, CopyAdapter))[1]:
+        if any(ma.method.placement is Placement.WEIGHT for mas in adapters.modules.values() for ma in mas):
             raise ConfigError("mixed batches (adapter_names / adapter_index) do not support target_parameters "
                               "(PEFT refuses them too) or modules_to_save yet; call with one active set")
         return [DispatchAdapters(adapters.modules, adapters.order, training)]
@@ -96,7 +97,7 @@ def variant_passes(variant: tuple, tree: ParameterTree, adapters: AdapterSet, me
     sites, copies = partition(sites, CopyAdapter)
     return passes + [
         InsertAdapters(sites, training),
-        RebindParameters([(tree.state_names(mas[0].key), mas) for mas in params.values()]),
+        RebindParameters([(tree.state_names(mas[0].key), mas) for mas in params.values()], training),
         RebindToTensors(copy_bindings(tree, copies)),
     ]
 
