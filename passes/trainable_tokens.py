@@ -63,7 +63,7 @@ class TrainableTokens(Method):
     placement = Placement.OP_SITE
     part_of_field = "trainable_token_indices"
     example_config = {"peft_type": "LORA", "r": 2, "target_modules": ["proj"],
-                      "trainable_token_indices": {"emb": [1, 3]}}
+                      "trainable_token_indices": {"emb": [3, 5]}}  # ids in its inputs
     example_model = "embedding_model"
     groups = ("trainable_tokens_delta",)
     layer_types = {"embedding": "nn.Embedding", "linear": "nn.Linear (tied to the embedding)"}
