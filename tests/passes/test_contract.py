@@ -11,6 +11,8 @@ the same weights.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,21 @@ MIXED = ["y", "__base__", "x", "y"]  # per sample of the example model's batch o
 def peft_config(config: dict[str, Any]) -> peft.PeftConfig:
     fields = {k: v for k, v in config.items() if k != "peft_type"}
     return peft.PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]](**fields)
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_method_class_is_registered():
+    """A method is its file in passes/ (imported by the package) with `@register_method`: every concrete
+    Method class there is in the registry, so the tests below cover it."""
+    registered = {type(m) for m in REGISTERED.values()}
+    concrete = {c for c in _subclasses(Method)
+                if not inspect.isabstract(c) and c.__module__.startswith("peftc.passes.")}
+    assert concrete == registered
 
 
 @pytest.mark.parametrize("name", list(REGISTERED))
