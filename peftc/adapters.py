@@ -25,11 +25,12 @@ from peftc.passes.modules_to_save import CopyAdapter, excluded_by_copies
 from . import names
 from .config import AdapterConfig, load_config
 from .errors import ConfigError, TargetError
-from .method import Method, ModuleAdapter, Placed, Target, TensorKey, correct_fan_in_fan_out, methods_for
+from .method import PARTS, Method, ModuleAdapter, Placed, Target, TensorKey, correct_fan_in_fan_out, methods_for
 from .state import ParameterTree, group_leaf
 from .targets import resolve_all_linear, select_targets
 
-EXTRAS = ("target_parameters", "trainable_token_indices", "modules_to_save")  # LoRA's non-factor parts
+# the config fields that place adapters beside a method's own targets (LoRA's parts), from the registry
+EXTRAS = tuple(dict.fromkeys(part.part_of_field for parts in PARTS.values() for part in parts))
 
 
 def has_extras(config: AdapterConfig) -> bool:
