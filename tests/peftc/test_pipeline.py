@@ -108,7 +108,7 @@ def test_each_variant_runs_its_own_stages(mlp) -> None:
 def test_rebinding_stages_do_nothing_without_targets(mlp) -> None:
     _, base, _ = mlp
     gm = fresh(base)
-    assert not RebindParameters([])(gm).modified
+    assert not RebindParameters([], training=False)(gm).modified
     assert not RebindToTensors([])(gm).modified
 
 
