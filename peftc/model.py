@@ -306,13 +306,16 @@ class AdaptedModel(nn.Module):
         module_path, attr = names.split_module(fqn)
         return self.get_submodule(module_path), attr
 
-    def _program(self, args: tuple, kwargs: dict, mixed: bool = False) -> tuple[EagerProgram, list[Any]]:
+    def _program(self, args: tuple, kwargs: dict, mixed: bool = False, kind: Any = None,
+                 ) -> tuple[EagerProgram, list[Any]]:
+        """The program for this call; `kind` (a `peftc.generation.ProgramKind`) captures another kind of
+        program than the plain forward (the KV-cache graph generate runs), cached under its name."""
         flat, spec = flatten_call(args, kwargs)
-        key = signature_key(flat, spec, self.training)
+        key = signature_key(flat, spec, self.training) + ((kind.name,) if kind is not None else ())
         base = next((c for c in self._captures.get(key, []) if c.accepts(flat)), None)
         if base is None:
             self._sync_source()
-            base = capture(self._source, args, kwargs, self.training)
+            base = (capture if kind is None else kind.capture)(self._source, args, kwargs, self.training)
             self._captures.setdefault(key, []).append(base)
         variant = self._variant(mixed)
         program = self._programs.get((id(base), variant))
@@ -472,6 +475,14 @@ class AdaptedModel(nn.Module):
                 f"got {index.tolist()}"
             )
         return index.to(torch.int64)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None,
+                 adapter_index: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """transformers' `generate` (its loop and options) running the model's KV-cache graph; per-sample
+        adapters as in forward, for the whole generation (see `peftc.generation`)."""
+        from .generation import generate
+
+        return generate(self, args, kwargs, adapter_names, adapter_index)
 
     @property
     def graphs(self) -> list[CapturedGraph]:
