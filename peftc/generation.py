@@ -63,7 +63,8 @@ def kv_forward(model: nn.Module) -> Callable[..., tuple[torch.Tensor, tuple, tup
            past_values: tuple[torch.Tensor, ...], position_ids: torch.Tensor,
            logits_to_keep: int | None = None) -> tuple[torch.Tensor, tuple, tuple]:
         torch._check(attention_mask.shape[1] == past_keys[0].shape[2] + input_ids.shape[1])
-        cache = DynamicCache(ddp_cache_data=list(zip(past_keys, past_values)))
+        cache = DynamicCache()  # its layers hold the past as given: no copy before the one concatenation
+        cache.layers = [_filled_layer(k, v) for k, v in zip(past_keys, past_values)]
         extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       **{cache_name: cache}, use_cache=True, **extra)
@@ -71,6 +72,15 @@ def kv_forward(model: nn.Module) -> Callable[..., tuple[torch.Tensor, tuple, tup
         return out.logits, tuple(layer.keys for layer in layers), tuple(layer.values for layer in layers)
 
     return kv
+
+
+def _filled_layer(keys: torch.Tensor, values: torch.Tensor) -> Any:
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    return layer
 
 
 def cache_argument(model: nn.Module) -> str:
