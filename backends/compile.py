@@ -68,8 +68,8 @@ class CompiledModel:
         (see `peftc.generation`); adapter switches and per-sample choices do not recompile."""
         from peftc.generation import KV, generate
 
-        def run(call: dict[str, Any], index: torch.Tensor | None) -> Any:
-            return self._run((), call, index, kind=KV)
+        def run(call: dict[str, Any], index: torch.Tensor | None, kind: Any = KV) -> Any:
+            return self._run((), call, index, kind=kind)
 
         return generate(self.model, args, kwargs, adapter_names, adapter_index, run=run)
 

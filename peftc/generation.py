@@ -103,13 +103,20 @@ def capture_kv(model: nn.Module, args: tuple, kwargs: dict, training: bool) -> C
                "position_ids": {0: batch, 1: seq}, "past_keys": per_layer, "past_values": per_layer}
     if "logits_to_keep" in examples:
         dynamic["logits_to_keep"] = None
+    return export_as_forward(model, kv_forward(model), examples, dynamic, training, "with a KV cache")
+
+
+def export_as_forward(model: nn.Module, fn: Callable, examples: dict[str, Any], dynamic: dict[str, Any],
+                      training: bool, what: str) -> CapturedGraph:
+    """Export `fn` (keyword inputs `examples`, `dynamic` their Dims) as the model's forward, lifted and tagged
+    like every capture: state names and module paths are the model's."""
     mode = "train" if training else "eval"
     try:
-        with module_mode(model, training), _traced_as_forward(model, kv_forward(model)), \
-                progress(f"peftc: capturing {type(model).__name__} with a KV cache ({mode})"):
-            ep = torch.export.export(model, (), examples, strict=False, dynamic_shapes=dynamic)
+        with module_mode(model, training), _traced_as_forward(model, fn), \
+                progress(f"peftc: capturing {type(model).__name__} {what} ({mode})"):
+            ep = torch.export.export(model, (), dict(sorted(examples.items())), strict=False, dynamic_shapes=dynamic)
     except Exception as e:  # torch.export raises many types; all mean "could not trace"
-        raise CaptureError(f"torch.export could not trace {type(model).__name__} with a KV cache (for generate): "
+        raise CaptureError(f"torch.export could not trace {type(model).__name__} {what} (for generate): "
                            f"{type(e).__name__}: {str(e).strip()[:2000]}") from e
     return _lift(ep, training)
 
@@ -191,18 +198,18 @@ def cache_layout(am: Any) -> list[LayerShape]:
 
 # -- the forward generate drives ---------------------------------------------------------------------------
 
-Runner = Callable[[dict[str, Any], "torch.Tensor | None"], tuple]
+Runner = Callable[..., Any]  # run(call kwargs, adapter index or None, kind) -> the program's outputs
 
 
 def run_eager(am: Any) -> Runner:
-    """Run the cache graph as the adapted model runs its programs (eager), with the model's variant
+    """Run a generation graph as the adapted model runs its programs (eager), with the model's variant
     (active / disabled / merged adapters), or the mixed-adapter graph where an index is given."""
 
-    def run(kwargs: dict[str, Any], index: torch.Tensor | None) -> tuple:
+    def run(kwargs: dict[str, Any], index: torch.Tensor | None, kind: ProgramKind) -> Any:
         if index is None:
-            program, flat = am._program((), kwargs, kind=KV)
+            program, flat = am._program((), kwargs, kind=kind)
             return program(flat)
-        program, flat = am._program((), kwargs, mixed=True, kind=KV)
+        program, flat = am._program((), kwargs, mixed=True, kind=kind)
         return program(flat, {"adapter_index": am._checked_index(index, flat)})
 
     return run
@@ -256,7 +263,7 @@ def graph_forward(am: Any, source: nn.Module, run: Runner, index: torch.Tensor |
             if isinstance(keep, torch.Tensor):
                 raise ConfigError("generate: logits_to_keep as a tensor of positions is not supported (an int is)")
             call["logits_to_keep"] = int(keep)
-        logits, presents_k, presents_v = run(call, _expanded(index, batch))
+        logits, presents_k, presents_v = run(call, _expanded(index, batch), KV)
         if cache is not None and use_cache is not False:
             _write_back(cache, presents_k, presents_v, past_len)
         out = CausalLMOutputWithPast(logits=logits, **{cache_name: cache if use_cache is not False else None})
@@ -314,9 +321,6 @@ def generate(am: Any, args: tuple, kwargs: dict, adapter_names: Sequence[str] | 
     if not isinstance(source, GenerationMixin) or getattr(source, "generation_config", None) is None:
         raise ConfigError(f"generate: {type(source).__name__} is not a transformers generative model (it has no "
                           "GenerationMixin or generation_config); peftc generates with transformers' own loop")
-    if getattr(source.config, "is_encoder_decoder", False):
-        raise ConfigError(f"generate: {type(source).__name__} is an encoder-decoder model; peftc's generate graph "
-                          "supports decoder-only causal LMs so far")
     for name, why in REFUSED.items():
         if kwargs.get(name) is not None:
             raise ConfigError(f"generate: {name} is not supported by peftc's generate graph ({why})")
@@ -342,7 +346,14 @@ def generate(am: Any, args: tuple, kwargs: dict, adapter_names: Sequence[str] | 
     run = run_eager(am) if run is None else run
     am._sync_source()
     proxy = copy.copy(source)  # the model's class, config and generation config; forward runs the graph
-    proxy.forward = graph_forward(am, source, run, adapter_index)
+    if getattr(source.config, "is_encoder_decoder", False):
+        from .seq2seq import encoder_forward, seq2seq_forward
+
+        encoder = encoder_forward(am, source, run, adapter_index)
+        proxy.get_encoder = lambda *a, **k: encoder
+        proxy.forward = seq2seq_forward(am, source, run, adapter_index)
+    else:
+        proxy.forward = graph_forward(am, source, run, adapter_index)
     return proxy.generate(*args, **kwargs)
 
 

@@ -248,6 +248,9 @@ def test_stopping_eos_and_streamer(llama2) -> None:
     assert streamer.ended and torch.equal(torch.cat([c.reshape(1, -1) for c in streamer.chunks], 1), got)
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     assert am.generate(**inputs, generation_config=config).shape[1] == 9
+    # without a cache: the same graph, every step from an empty past
+    assert_same_generation(run(am, prompts(), use_cache=False, max_new_tokens=4),
+                           run(pm, prompts(), use_cache=False, max_new_tokens=4))
 
 
 def test_captures_bounded(llama2) -> None:
@@ -312,3 +315,43 @@ def test_not_a_generative_model() -> None:
                      example_inputs=case.inputs)
     with pytest.raises(peftc.ConfigError, match="not a transformers generative model"):
         am.generate(**case.inputs, max_new_tokens=2)
+
+
+# -- encoder-decoder ---------------------------------------------------------------------------------------
+
+
+def bart() -> torch.nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=zoo.VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def test_encoder_decoder_matches_peft() -> None:
+    """BART: the encoder graph, then the decoder graph with self- and cross-attention caches (one signature
+    without the cross cache for the first step, one with it after), greedy and mixed beam search."""
+    config, peft_config = lora(["q_proj", "v_proj", "fc1"])
+    ids = torch.randint(3, zoo.VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0  # an encoder-side padded row (right padding, as seq2seq tokenizers pad)
+    ids[0, 4:] = 1
+    am = peftc.apply(bart(), config, example_inputs={"input_ids": ids, "decoder_input_ids": ids})
+    am.add_adapter("other", {**config, "lora_alpha": 16})
+    am.set_adapter(["default", "other"])
+    randomize_adapters(am, seed=2)
+    am.set_adapter("default")
+    pm = peft.get_peft_model(bart(), peft_config)
+    pm.add_adapter("other", peft.LoraConfig(**{**peft_config.to_dict(), "lora_alpha": 16}))
+    assert pm.load_state_dict(am.state_dict(), strict=True).missing_keys == []
+    pm.eval()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    assert_same_generation(run(am, inputs, min_new_tokens=8), run(pm, inputs, min_new_tokens=8))
+    names = ["other", "default"]
+    options = {"num_beams": 2, "min_new_tokens": 5, "max_new_tokens": 5, "output_logits": False}
+    got = run(am, inputs, adapter_names=names, **options)
+    assert torch.equal(got.sequences, run(pm, inputs, adapter_names=names, **options).sequences)
+    kinds = [key[-1] for key, cs in am._captures.items() for _ in cs]
+    assert kinds.count("encoder") == 1 and kinds.count("seq2seq") == 2
