@@ -29,8 +29,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Attempted to insert a get_attr Node:UserWarning"),
     pytest.mark.filterwarnings("ignore:Specified to not (save|load) vera_A:UserWarning"),
     pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning"),
-    pytest.mark.xdist_group("generation"),  # the tests share module-scoped adapted models
 ]
+SHARED = pytest.mark.xdist_group("generation-llama2")  # tests of the module-scoped `llama2` fixture: one worker
 
 
 def qwen3_moe() -> zoo.Case:
@@ -140,6 +140,7 @@ def llama2():
     return case, am, pm
 
 
+@SHARED
 def test_mixed_adapters_equal_single_and_peft(llama2) -> None:
     case, am, pm = llama2
     inputs = prompts(batch=3, seq=6)
@@ -163,6 +164,7 @@ def test_mixed_adapters_equal_single_and_peft(llama2) -> None:
     assert torch.equal(run(am, inputs, adapter_index=index).sequences, mixed.sequences)
 
 
+@SHARED
 def test_beam_search_mixed_matches_peft(llama2) -> None:
     _, am, pm = llama2
     inputs = prompts(batch=2, seq=5)
@@ -175,6 +177,7 @@ def test_beam_search_mixed_matches_peft(llama2) -> None:
     assert torch.equal(run(am, inputs, **options).sequences, run(pm, inputs, **options).sequences)
 
 
+@SHARED
 def test_sampling_with_seed_matches_peft(llama2) -> None:
     _, am, pm = llama2
     inputs = prompts(batch=2, seq=5)
@@ -186,6 +189,7 @@ def test_sampling_with_seed_matches_peft(llama2) -> None:
     assert_same_generation(got, want)
 
 
+@SHARED
 def test_disable_and_several_active(llama2) -> None:
     case, am, pm = llama2
     inputs = prompts()
@@ -201,6 +205,7 @@ def test_disable_and_several_active(llama2) -> None:
         pm.base_model.set_adapter("default")
 
 
+@SHARED
 def test_folded_model_generates(llama2) -> None:
     _, am, pm = llama2
     folded = am.fold()
@@ -232,6 +237,7 @@ class StopAfter(StoppingCriteria):
         return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
 
 
+@SHARED
 def test_stopping_eos_and_streamer(llama2) -> None:
     _, am, pm = llama2
     inputs = prompts(batch=1, seq=5)
@@ -253,6 +259,7 @@ def test_stopping_eos_and_streamer(llama2) -> None:
                            run(pm, prompts(), use_cache=False, max_new_tokens=4))
 
 
+@SHARED
 def test_captures_bounded(llama2) -> None:
     """One cache graph per signature and variant: not per step, prompt length or batch size."""
     _, am, _ = llama2
@@ -273,6 +280,7 @@ def test_captures_bounded(llama2) -> None:
         object.__setattr__(generation.KV, "capture", real)
 
 
+@SHARED
 def test_kv_graph_is_rewritten_by_every_pass(llama2) -> None:
     """The cache graph is a captured program like the others: adapted, folded and dispatched."""
     _, am, _ = llama2
@@ -290,6 +298,7 @@ def test_kv_graph_is_rewritten_by_every_pass(llama2) -> None:
                          .captured.gm.graph) == []
 
 
+@SHARED
 def test_bad_options(llama2) -> None:
     _, am, _ = llama2
     inputs = prompts()
