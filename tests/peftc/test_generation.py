@@ -339,27 +339,42 @@ def bart() -> torch.nn.Module:
     return BartForConditionalGeneration(cfg).eval()
 
 
-def test_encoder_decoder_matches_peft() -> None:
-    """BART: the encoder graph, then the decoder graph with self- and cross-attention caches (one signature
-    without the cross cache for the first step, one with it after), greedy and mixed beam search."""
-    config, peft_config = lora(["q_proj", "v_proj", "fc1"])
+def t5() -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=zoo.VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+SEQ2SEQ = {"bart": (bart, ["q_proj", "v_proj", "fc1"], 1), "t5": (t5, ["q", "v", "wi"], 0)}
+
+
+@pytest.mark.parametrize("name", list(SEQ2SEQ))
+def test_encoder_decoder_matches_peft(name: str) -> None:
+    """BART and T5: the encoder graph, then the decoder graph with self- and cross-attention caches (one
+    signature without the cross cache for the first step, one with it after), greedy and mixed beam search."""
+    build, targets, pad = SEQ2SEQ[name]
+    config, peft_config = lora(targets)
     ids = torch.randint(3, zoo.VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, 4:] = 0  # an encoder-side padded row (right padding, as seq2seq tokenizers pad)
-    ids[0, 4:] = 1
-    am = peftc.apply(bart(), config, example_inputs={"input_ids": ids, "decoder_input_ids": ids})
+    ids[0, 4:] = pad
+    am = peftc.apply(build(), config, example_inputs={"input_ids": ids, "decoder_input_ids": ids})
     am.add_adapter("other", {**config, "lora_alpha": 16})
     am.set_adapter(["default", "other"])
     randomize_adapters(am, seed=2)
     am.set_adapter("default")
-    pm = peft.get_peft_model(bart(), peft_config)
+    pm = peft.get_peft_model(build(), peft_config)
     pm.add_adapter("other", peft.LoraConfig(**{**peft_config.to_dict(), "lora_alpha": 16}))
     assert pm.load_state_dict(am.state_dict(), strict=True).missing_keys == []
     pm.eval()
     inputs = {"input_ids": ids, "attention_mask": mask}
-    assert_same_generation(run(am, inputs, min_new_tokens=8), run(pm, inputs, min_new_tokens=8))
+    options = {"min_new_tokens": 8, "pad_token_id": pad}
+    assert_same_generation(run(am, inputs, **options), run(pm, inputs, **options))
     names = ["other", "default"]
-    options = {"num_beams": 2, "min_new_tokens": 5, "max_new_tokens": 5, "output_logits": False}
+    options = {"num_beams": 2, "min_new_tokens": 5, "max_new_tokens": 5, "output_logits": False, "pad_token_id": pad}
     got = run(am, inputs, adapter_names=names, **options)
     assert torch.equal(got.sequences, run(pm, inputs, adapter_names=names, **options).sequences)
     kinds = [key[-1] for key, cs in am._captures.items() for _ in cs]
