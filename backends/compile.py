@@ -60,9 +60,24 @@ class CompiledModel:
             raise ConfigError("pass adapter_names or adapter_index, not both")
         if adapter_names is not None:
             adapter_index = am.adapter_index(adapter_names)
+        return self._run(args, kwargs, adapter_index)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None,
+                 adapter_index: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """transformers' `generate` with every prefill and decode step running the compiled KV-cache graph
+        (see `peftc.generation`); adapter switches and per-sample choices do not recompile."""
+        from peftc.generation import KV, generate
+
+        def run(call: dict[str, Any], index: torch.Tensor | None, kind: Any = KV) -> Any:
+            return self._run((), call, index, kind=kind)
+
+        return generate(self.model, args, kwargs, adapter_names, adapter_index, run=run)
+
+    def _run(self, args: tuple, kwargs: dict, adapter_index: torch.Tensor | None, kind: Any = None) -> Any:
+        am = self.model
         slot = self._whole_batch_slot() if adapter_index is None else None
         mixed = adapter_index is not None or slot is not None
-        program, flat = am.programs.program(args, kwargs, am.training, mixed=mixed)
+        program, flat = am.programs.program(args, kwargs, am.training, mixed=mixed, kind=kind)
         extras = None
         if mixed:
             if adapter_index is None:

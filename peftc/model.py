@@ -98,6 +98,14 @@ class AdaptedModel(nn.Module):
         program, flat = self.programs.program(args, kwargs, self.training, mixed=True)
         return program(flat, {"adapter_index": self.programs.checked_index(adapter_index, flat)})
 
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None,
+                 adapter_index: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """transformers' `generate` (its loop and options) running the model's KV-cache graph; per-sample
+        adapters as in forward, for the whole generation (see `peftc.generation`)."""
+        from .generation import generate
+
+        return generate(self, args, kwargs, adapter_names, adapter_index)
+
     def adapter_index(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """The `adapter_index` tensor for per-sample adapter names ("__base__": the base model)."""
         order = self.adapter_order

@@ -43,6 +43,10 @@ class CaptureCache:
     def __iter__(self):
         return (graph for _, graph in self._graphs.values())
 
+    def entries(self) -> list[tuple[tuple, CapturedGraph]]:
+        """(signature key, graph) of every graph held, least recently used first."""
+        return list(self._graphs.values())
+
     def lookup(self, key: tuple, flat_inputs: list[Any]) -> CapturedGraph | None:
         """The graph of this signature that accepts these inputs (now the most recently used), or None."""
         for ident, (graph_key, graph) in reversed(self._graphs.items()):
@@ -95,16 +99,18 @@ class Programs:
         kwargs = {**self.call_defaults, **kwargs}
         return tensor_call_kwargs(kwargs) if self.transformers else kwargs
 
-    def program(self, args: tuple, kwargs: dict, training: bool, mixed: bool = False,
+    def program(self, args: tuple, kwargs: dict, training: bool, mixed: bool = False, kind: Any = None,
                 ) -> tuple[EagerProgram, list[Any]]:
-        """The program for this call (capturing and rewriting once per signature and variant), and its flat inputs."""
-        kwargs = self.call_kwargs(kwargs)
+        """The program for this call (capturing and rewriting once per signature and variant), and its flat inputs.
+        `kind` (a `peftc.generation.ProgramKind`) captures another kind of program than the model's forward
+        (the KV-cache graph generate runs), called with that kind's own inputs and cached under its name."""
+        kwargs = self.call_kwargs(kwargs) if kind is None else kwargs
         flat, spec = flatten_call(args, kwargs)
-        key = signature_key(flat, spec, training)
+        key = signature_key(flat, spec, training) + ((kind.name,) if kind is not None else ())
         base = self.captures.lookup(key, flat)
         if base is None:
             self.tree.sync_source()
-            base = capture(self.tree.source, args, kwargs, training)
+            base = (capture if kind is None else kind.capture)(self.tree.source, args, kwargs, training)
             canonicalize(base)
             for evicted in self.captures.add(key, base):
                 self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
@@ -143,6 +149,10 @@ class Programs:
 
     def live(self) -> list[EagerProgram]:
         return list(self._programs.values())
+
+    def by_variant(self, base: CapturedGraph) -> dict[tuple, EagerProgram]:
+        """The programs made so far from the base graph `base`, by variant."""
+        return {variant: p for (ident, variant), p in self._programs.items() if ident == id(base)}
 
     def clear(self) -> None:
         """Forget the rewritten programs (the adapters changed); base captures stay valid."""

@@ -1,0 +1,111 @@
+"""generate() tokens/s on the ~42M Llama shape of bench_lora.py, in one run: the base model's HF generate,
+PEFT's unmerged generate, peftc eager (the KV-cache graph), peftc compiled, peftc folded; and a batch
+whose samples use different adapters vs one adapter, for peftc and for PEFT's `adapter_names=`.
+
+    python bench/bench_generate.py                          # prompts 16 and 512, batch 1 and 8, 64 new tokens
+    python bench/bench_generate.py --prompts 16 --batches 8 --rounds 2 --no-compile
+
+All-linear LoRA r=16 (random non-zero B), greedy, `min_new_tokens = max_new_tokens` so every call
+generates the same number of tokens. Candidates run interleaved in rounds with a rotating order after a
+warm-up call (which also captures and compiles), medians; tokens/s counts generated tokens (batch x new).
+Ratios are times relative to the base model's generate (lower is better). Needs `pip install -e '.[bench]'`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from bench_lora import build_model, interleaved, timing_parser
+
+import peftc
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SPEC = {"r": 16, "lora_alpha": 32, "target_modules": TARGETS, "init_lora_weights": False}
+
+
+def adapters(base: torch.nn.Module, k: int) -> tuple[peftc.AdaptedModel, torch.nn.Module]:
+    """peftc and PEFT with the same k random adapters a0..a{k-1}."""
+    from peft import LoraConfig, get_peft_model
+
+    am = peftc.apply(base, {"peft_type": "LORA", **SPEC}, adapter_name="a0")
+    for i in range(1, k):
+        am.add_adapter(f"a{i}", {"peft_type": "LORA", **SPEC})
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for name, p in am.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.02, generator=gen)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**SPEC), adapter_name="a0")
+    for i in range(1, k):
+        pm.add_adapter(f"a{i}", LoraConfig(**SPEC))
+    pm.load_state_dict(am.state_dict(), strict=True)
+    return am.eval(), pm.eval()
+
+
+def main() -> None:
+    parser = timing_parser(__doc__, batch=8, rounds=3, warmup=1)
+    parser.add_argument("--prompts", default="16,512")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=8, help="adapters of the mixed batch")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = build_model(tie=True)
+    n = args.new_tokens
+    print(f"model: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params; {n} new tokens; "
+          f"{args.threads} threads; {args.rounds} rounds, medians; LoRA r=16 all-linear", flush=True)
+    am, pm = adapters(base, args.adapters)
+    folded = am.fold(["a0"])
+    compiled = None
+    if not args.no_compile:
+        from peftc.backends.compile import compile_model
+
+        compiled = compile_model(am)
+    options = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0}
+    rows = []
+    for prompt in (int(x) for x in args.prompts.split(",")):
+        for batch in (int(x) for x in args.batches.split(",")):
+            ids = torch.randint(1, base.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
+            names = [f"a{i % args.adapters}" for i in range(batch)]
+
+            def gen(model: object, ids: torch.Tensor = ids, **extra: object) -> Callable[[], object]:
+                return lambda: model.generate(input_ids=ids, **options, **extra)
+
+            candidates = {
+                "base HF": gen(base), "PEFT": gen(pm), "peftc eager": gen(am), "peftc folded": gen(folded),
+                "PEFT mixed": gen(pm, adapter_names=names), "peftc mixed": gen(am, adapter_names=names),
+            }
+            if compiled is not None:
+                candidates["peftc compiled"] = gen(compiled)
+            start = time.time()
+            same = torch.equal(candidates["peftc eager"](), candidates["PEFT"]())
+            same_mixed = torch.equal(candidates["peftc mixed"](), candidates["PEFT mixed"]())
+            t, noise = interleaved(candidates, args.rounds, args.iters, args.warmup)
+            tokens = batch * n
+            print(f"prompt {prompt} batch {batch}: {time.time() - start:.0f} s; greedy ids equal PEFT's: {same}, "
+                  f"mixed: {same_mixed}; IQR/median {100 * noise:.0f}%", flush=True)
+            for name, seconds in t.items():
+                ratio = seconds / t["base HF"]
+                print(f"  {name:15s} {seconds:8.3f} s  {tokens / seconds:8.1f} tok/s  /base {ratio:.3f}", flush=True)
+            row = [prompt, batch] + [tokens / t[c] for c in ("base HF", "PEFT", "peftc eager")]
+            row += [tokens / t["peftc compiled"] if compiled is not None else float("nan"), tokens / t["peftc folded"]]
+            row += [t["peftc eager"] / t["base HF"], t["PEFT"] / t["base HF"],
+                    t["peftc mixed"] / t["peftc eager"], t["PEFT mixed"] / t["PEFT"], 100 * noise]
+            rows.append(row)
+    print()
+    head = ["prompt", "batch", "base tok/s", "PEFT tok/s", "peftc tok/s", "compiled tok/s", "folded tok/s",
+            "peftc/base", "PEFT/base", f"peftc {args.adapters}-mixed/single", f"PEFT {args.adapters}-mixed/single",
+            "IQR%"]
+    print("  ".join(head))
+    for row in rows:
+        print("  ".join(f"{v:>{len(h)}.3f}" if isinstance(v, float) and h.endswith(("/base", "single"))
+                        else f"{v:>{len(h)}.1f}" if isinstance(v, float) else f"{v:>{len(h)}d}"
+                        for v, h in zip(row, head)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""`compile_model(am).generate`: every prefill and decode step runs the compiled KV-cache graph, and
+after warm-up nothing recompiles: not the decode steps (the cache grows), other prompt lengths,
+adapter switches, per-sample adapters, disabled adapters or beam search. Counted with dynamo's
+CompileCounter, as tests/backends/test_compile.py counts forward compiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peftc.backends.compile import compile_model
+from torch._dynamo.testing import CompileCounter
+
+import peftc
+from tests import zoo
+from tests.oracle import randomize_adapters
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+pytestmark = [
+    pytest.mark.xdist_group("compile_generate"),
+    pytest.mark.filterwarnings("ignore:Attempted to insert a get_attr Node:UserWarning"),
+]
+
+
+def ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, zoo.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, input_ids: torch.Tensor, **options) -> torch.Tensor:
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, **options}
+    return model.generate(input_ids=input_ids, **options)
+
+
+def test_compiled_generate_never_recompiles_after_warmup() -> None:
+    torch._dynamo.reset()
+    am = peftc.apply(zoo.llama().model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": TARGETS})
+    am.add_adapter("other", {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": TARGETS})
+    am.set_adapter(["default", "other"])
+    randomize_adapters(am, seed=1)
+    am.set_adapter("default")
+    counter = CompileCounter()
+    compiled = compile_model(am, backend=counter)
+    try:
+        # warm-up: prefill (past 0) and decode (one new token) compile once each, per batch class
+        # (dynamo specialises a batch of 1, as it does sizes 0 and 1)
+        with torch.no_grad():
+            out = compiled.generate(input_ids=ids(2, 5), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                    output_logits=True, return_dict_in_generate=True)
+            want = generate(am, ids(2, 5), max_new_tokens=4, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, want.sequences)
+        for a, b in zip(out.logits, want.logits):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert torch.equal(generate(compiled, ids(1, 4)), generate(am, ids(1, 4)))
+        warm = counter.frame_count
+        assert warm <= 4
+
+        assert torch.equal(generate(compiled, ids(3, 9, 1), max_new_tokens=24), generate(am, ids(3, 9, 1),
+                                                                                          max_new_tokens=24))
+        assert torch.equal(generate(compiled, ids(1, 11, 2)), generate(am, ids(1, 11, 2)))
+        am.set_adapter("other")
+        try:
+            assert torch.equal(generate(compiled, ids(2, 4)), generate(am, ids(2, 4)))
+        finally:
+            am.set_adapter("default")
+        names = ["other", "__base__", "default"]
+        assert torch.equal(generate(compiled, ids(3, 4), adapter_names=names),
+                           generate(am, ids(3, 4), adapter_names=names))
+        with am.disable_adapter():
+            assert torch.equal(generate(compiled, ids(2, 4)), generate(am, ids(2, 4)))
+        assert torch.equal(generate(compiled, ids(2, 6), num_beams=2, adapter_names=["other", "default"]),
+                           generate(am, ids(2, 6), num_beams=2, adapter_names=["other", "default"]))
+        assert counter.frame_count == warm, f"recompiled: {counter.frame_count - warm} compiles after warm-up"
+    finally:
+        torch._dynamo.reset()
