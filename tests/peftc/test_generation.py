@@ -294,7 +294,8 @@ def test_kv_graph_is_rewritten_by_every_pass(llama2) -> None:
     assert adapter_nodes(active.gm.graph) and adapter_nodes(mixed.gm.graph)
     with am.disable_adapter():
         run(am, inputs)
-    disabled = [p for base in kv_bases for variant, p in am.programs.by_variant(base).items() if variant == ("disabled",)]
+    disabled = [p for base in kv_bases for variant, p in am.programs.by_variant(base).items()
+                if variant == ("disabled",)]
     assert disabled and all(adapter_nodes(p.captured.gm.graph) == [] for p in disabled)
 
 
