@@ -12,13 +12,10 @@ Eval mode, no_grad, medians of interleaved rounds (see bench_lora.py). Needs `pi
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
-from bench_lora import build_model, interleaved, timing_parser
-
-import peftc
+from bench_lora import build_model, interleaved, same_random_adapters, timing_parser
 
 SPEC = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
 
@@ -28,25 +25,6 @@ def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
         with torch.no_grad():
             return fn()
     return run
-
-
-def adapters(base: torch.nn.Module, k: int) -> tuple[peftc.AdaptedModel, torch.nn.Module]:
-    """peftc and PEFT with the same k random adapters a0..a{k-1}."""
-    from peft import LoraConfig, get_peft_model
-
-    am = peftc.apply(base, {"peft_type": "LORA", **SPEC}, adapter_name="a0")
-    for i in range(1, k):
-        am.add_adapter(f"a{i}", {"peft_type": "LORA", **SPEC})
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for name, p in am.named_parameters():
-            if ".lora_" in name:
-                p.normal_(0, 0.02, generator=gen)
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**SPEC), adapter_name="a0")
-    for i in range(1, k):
-        pm.add_adapter(f"a{i}", LoraConfig(**SPEC))
-    pm.load_state_dict(am.state_dict(), strict=True)
-    return am.eval(), pm.eval()
 
 
 def main() -> None:
@@ -60,7 +38,7 @@ def main() -> None:
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     rows = []
 
-    am, _ = adapters(base, 1)
+    am, _ = same_random_adapters(base, SPEC, 1)
     folded = am.fold()
     with torch.no_grad():
         diff = (folded(input_ids=ids).logits - am(input_ids=ids).logits).abs().max().item()
@@ -74,7 +52,7 @@ def main() -> None:
     print(rows[-1], flush=True)
 
     for k in (int(x) for x in args.adapters.split(",")):
-        am, pm = adapters(base, k)
+        am, pm = same_random_adapters(base, SPEC, k)
         names = [f"a{i % k}" for i in range(args.batch)]
         with torch.no_grad():
             diff = (am(input_ids=ids, adapter_names=names).logits

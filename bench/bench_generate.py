@@ -13,36 +13,14 @@ Ratios are times relative to the base model's generate (lower is better). Needs 
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 
 import torch
-from bench_lora import build_model, interleaved, timing_parser
-
-import peftc
+from bench_lora import build_model, interleaved, same_random_adapters, timing_parser
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPEC = {"r": 16, "lora_alpha": 32, "target_modules": TARGETS, "init_lora_weights": False}
-
-
-def adapters(base: torch.nn.Module, k: int) -> tuple[peftc.AdaptedModel, torch.nn.Module]:
-    """peftc and PEFT with the same k random adapters a0..a{k-1}."""
-    from peft import LoraConfig, get_peft_model
-
-    am = peftc.apply(base, {"peft_type": "LORA", **SPEC}, adapter_name="a0")
-    for i in range(1, k):
-        am.add_adapter(f"a{i}", {"peft_type": "LORA", **SPEC})
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for name, p in am.named_parameters():
-            if ".lora_" in name:
-                p.normal_(0, 0.02, generator=gen)
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**SPEC), adapter_name="a0")
-    for i in range(1, k):
-        pm.add_adapter(f"a{i}", LoraConfig(**SPEC))
-    pm.load_state_dict(am.state_dict(), strict=True)
-    return am.eval(), pm.eval()
 
 
 def main() -> None:
@@ -58,7 +36,7 @@ def main() -> None:
     n = args.new_tokens
     print(f"model: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params; {n} new tokens; "
           f"{args.threads} threads; {args.rounds} rounds, medians; LoRA r=16 all-linear", flush=True)
-    am, pm = adapters(base, args.adapters)
+    am, pm = same_random_adapters(base, SPEC, args.adapters)
     folded = am.fold(["a0"])
     compiled = None
     if not args.no_compile:

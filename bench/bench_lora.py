@@ -82,6 +82,25 @@ def interleaved(
     return {n: statistics.median(s) for n, s in samples.items()}, noise
 
 
+def same_random_adapters(base: torch.nn.Module, spec: dict, k: int) -> tuple[peftc.AdaptedModel, torch.nn.Module]:
+    """peftc and PEFT on copies of `base` with the same k random LoRA adapters a0..a{k-1} of `spec`."""
+    from peft import LoraConfig, get_peft_model
+
+    am = peftc.apply(base, {"peft_type": "LORA", **spec}, adapter_name="a0")
+    for i in range(1, k):
+        am.add_adapter(f"a{i}", {"peft_type": "LORA", **spec})
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for name, p in am.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.02, generator=gen)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**spec), adapter_name="a0")
+    for i in range(1, k):
+        pm.add_adapter(f"a{i}", LoraConfig(**spec))
+    pm.load_state_dict(am.state_dict(), strict=True)
+    return am.eval(), pm.eval()
+
+
 def train_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer | None) -> None:
     logits = model(input_ids=ids).logits
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
