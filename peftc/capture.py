@@ -206,7 +206,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -
             signature = inspect.signature(model.forward)  # with the extra kwargs named, as the guards name them
     except Exception as e:  # torch.export raises many types; all mean "could not trace"
         raise CaptureError(_explain_export_failure(model, e, hf)) from e
-    captured = _lift(ep, training)
+    captured = lift(ep, training)
     captured.guards = _guard_function(getattr(ep, "_guards_code", []), signature, captured.in_spec)
     return captured
 
@@ -297,8 +297,16 @@ def _named_extra_kwargs(model: torch.nn.Module, kwargs: dict) -> Iterator[None]:
         parameters=[p for p in params if p.kind is not p.VAR_KEYWORD]
         + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
     )
+    with traced_as_forward(model, named):
+        yield
+
+
+@contextlib.contextmanager
+def traced_as_forward(model: torch.nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
+    """`model.forward` is `fn` inside the block (an instance attribute, so a trace of `model` runs `fn` with the
+    model's own parameter names and module paths), and as it was after."""
     shadowed = model.__dict__.get("forward")  # an instance-level forward (accelerate hooks) is kept
-    model.forward = named
+    model.forward = fn
     try:
         yield
     finally:
@@ -336,7 +344,7 @@ def _user_frame(e: BaseException) -> str | None:
     return None
 
 
-def _lift(ep: torch.export.ExportedProgram, training: bool) -> CapturedGraph:
+def lift(ep: torch.export.ExportedProgram, training: bool) -> CapturedGraph:
     gm = ep.graph_module
     sig = ep.graph_signature
     placeholders = list(gm.graph.find_nodes(op="placeholder"))

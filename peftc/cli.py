@@ -329,7 +329,7 @@ def _site_row(site: Any) -> list[str]:
     return [site.module_path, op, site.method, site.adapter, rank, str(site.n_nodes), params]
 
 
-def _named_adapters(specs: list[str]) -> dict[str, str]:
+def named_adapters(specs: list[str]) -> dict[str, str]:
     """`--adapter [NAME=]DIR` values as name -> folder; the name defaults to the folder's name."""
     named: dict[str, str] = {}
     for spec in specs:
@@ -352,7 +352,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import peftc
     from peftc.capture import synthesize_inputs
 
-    adapters = _named_adapters(args.adapter)
+    adapters = named_adapters(args.adapter)
     names = list(adapters)
     refuse_existing([args.output, f"{args.output}.data"]  # (.data: ONNX external data, for files past 2 GB)
                     + ([_onnx_adapter_path(args.output, n) for n in names] if args.mode == "inputs" else []),

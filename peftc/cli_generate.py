@@ -63,9 +63,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     import peftc
-    from peftc.cli import UserError, _named_adapters, load_model
+    from peftc.cli import UserError, load_model, named_adapters
 
-    adapters = _named_adapters(args.adapter)
+    adapters = named_adapters(args.adapter)
     model, model_path = load_model(args.model)
     tokenizer = load_tokenizer(model_path)
     names = list(adapters)

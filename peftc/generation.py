@@ -21,18 +21,17 @@ stopping criteria, streamers, left padding are all transformers' code; nothing h
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from .capture import CapturedGraph, _lift, module_mode, progress
+from .capture import CapturedGraph, lift, module_mode, progress, traced_as_forward
 from .errors import CaptureError, ConfigError
 
 KIND = "kv"  # the program kind of the cache graph, beside plain forward graphs
@@ -112,26 +111,13 @@ def export_as_forward(model: nn.Module, fn: Callable, examples: dict[str, Any], 
     like every capture: state names and module paths are the model's."""
     mode = "train" if training else "eval"
     try:
-        with module_mode(model, training), _traced_as_forward(model, fn), \
+        with module_mode(model, training), traced_as_forward(model, fn), \
                 progress(f"peftc: capturing {type(model).__name__} {what} ({mode})"):
             ep = torch.export.export(model, (), dict(sorted(examples.items())), strict=False, dynamic_shapes=dynamic)
     except Exception as e:  # torch.export raises many types; all mean "could not trace"
         raise CaptureError(f"torch.export could not trace {type(model).__name__} {what} (for generate): "
                            f"{type(e).__name__}: {str(e).strip()[:2000]}") from e
-    return _lift(ep, training)
-
-
-@contextlib.contextmanager
-def _traced_as_forward(model: nn.Module, fn: Callable) -> Iterator[None]:
-    shadowed = model.__dict__.get("forward")  # an instance-level forward (accelerate hooks) is kept
-    model.forward = fn
-    try:
-        yield
-    finally:
-        if shadowed is None:
-            del model.forward
-        else:
-            model.forward = shadowed
+    return lift(ep, training)
 
 
 KV = ProgramKind(KIND, capture_kv)
