@@ -153,22 +153,38 @@ class LayerShape:
     dtype: torch.dtype
 
 
+def per_placement(am: Any, name: str, compute: Callable[[], Any]) -> Any:
+    """`compute()`, remembered on the model under `name` while its tensors keep their dtypes and devices."""
+    placement = frozenset(am.parameter_tree.placement())
+    cached = am.__dict__.get(name)
+    if cached is None or cached[0] != placement:
+        cached = am.__dict__[name] = (placement, compute())
+    return cached[1]
+
+
+def one_token_call(am: Any, *also: str) -> Any:
+    """The source model's output for one token (given as `input_ids` and as each input named in `also`),
+    eagerly: what a cache layout is read from."""
+    source = am.parameter_tree.source
+    am.parameter_tree.sync_source()
+    one = torch.ones(1, 1, dtype=torch.long, device=next(iter(am.parameters())).device)
+    with torch.no_grad(), module_mode(source, False):
+        return source(input_ids=one, use_cache=True, **dict.fromkeys(also, one))
+
+
 def cache_layout(am: Any) -> list[LayerShape]:
     """Each cache layer's (kv heads, head dim, dtype), read off a one-token eager call of the model
     (cached per placement). The graph's past inputs have these static dims; a prompt starts from
     empty pasts of this layout."""
-    placement = frozenset(am.parameter_tree.placement())
-    cached = am.__dict__.get("_peftc_kv_layout")
-    if cached is not None and cached[0] == placement:
-        return cached[1]
+    return per_placement(am, "_peftc_kv_layout", lambda: _cache_layout(am))
+
+
+def _cache_layout(am: Any) -> list[LayerShape]:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     source = am.parameter_tree.source
-    am.parameter_tree.sync_source()
-    device = next(iter(am.parameters())).device
-    with torch.no_grad(), module_mode(source, False):
-        out = source(input_ids=torch.ones(1, 1, dtype=torch.long, device=device), use_cache=True)
+    out = one_token_call(am)
     cache = getattr(out, cache_argument(source), None)
     if type(cache) is not DynamicCache:
         raise ConfigError(f"generate: {type(source).__name__} returns a {type(cache).__name__} cache; peftc's "
@@ -177,9 +193,7 @@ def cache_layout(am: Any) -> list[LayerShape]:
     if odd:
         raise ConfigError(f"generate: {type(source).__name__}'s cache has {', '.join(odd)} layers (sliding window "
                           "or other); peftc's generate graph supports full-attention layers (DynamicLayer) only")
-    layout = [LayerShape(layer.keys.shape[1], layer.keys.shape[-1], layer.keys.dtype) for layer in cache.layers]
-    am.__dict__["_peftc_kv_layout"] = (placement, layout)
-    return layout
+    return [LayerShape(layer.keys.shape[1], layer.keys.shape[-1], layer.keys.dtype) for layer in cache.layers]
 
 
 # -- the forward generate drives ---------------------------------------------------------------------------

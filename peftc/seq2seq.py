@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from .capture import CapturedGraph, module_mode
+from .capture import CapturedGraph
 from .errors import ConfigError
 from .generation import (
     EXAMPLE_BATCH,
@@ -36,6 +36,8 @@ from .generation import (
     _write_back,
     cache_argument,
     export_as_forward,
+    one_token_call,
+    per_placement,
 )
 
 EXAMPLE_SOURCE = 7  # encoder length of the examples: >= 2, distinct from the others
@@ -126,29 +128,23 @@ SEQ2SEQ = ProgramKind("seq2seq", capture_seq2seq)
 
 def cache_layout(am: Any) -> list[LayerShape]:
     """Each decoder layer's self-attention cache shape, from a one-token eager call (cached per placement)."""
-    placement = frozenset(am.parameter_tree.placement())
-    cached = am.__dict__.get("_peftc_seq2seq_layout")
-    if cached is not None and cached[0] == placement:
-        return cached[1]
+    return per_placement(am, "_peftc_seq2seq_layout", lambda: _cache_layout(am))
+
+
+def _cache_layout(am: Any) -> list[LayerShape]:
     from transformers import DynamicCache, EncoderDecoderCache
     from transformers.cache_utils import DynamicLayer
 
     source = am.parameter_tree.source
-    am.parameter_tree.sync_source()
-    device = next(iter(am.parameters())).device
-    one = torch.ones(1, 1, dtype=torch.long, device=device)
-    with torch.no_grad(), module_mode(source, False):
-        out = source(input_ids=one, decoder_input_ids=one, use_cache=True)
+    out = one_token_call(am, "decoder_input_ids")
     cache = getattr(out, cache_argument(source), None)
     caches = (cache.self_attention_cache, cache.cross_attention_cache) if type(cache) is EncoderDecoderCache else ()
     if not caches or any(type(c) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in c.layers)
                          for c in caches):
         raise ConfigError(f"generate: {type(source).__name__}'s cache is not an EncoderDecoderCache of DynamicCaches "
                           "with full-attention layers; peftc's generate graph holds only those")
-    layout = [LayerShape(layer.keys.shape[1], layer.keys.shape[-1], layer.keys.dtype)
-              for layer in cache.self_attention_cache.layers]
-    am.__dict__["_peftc_seq2seq_layout"] = (placement, layout)
-    return layout
+    return [LayerShape(layer.keys.shape[1], layer.keys.shape[-1], layer.keys.dtype)
+            for layer in cache.self_attention_cache.layers]
 
 
 @dataclasses.dataclass
