@@ -196,6 +196,8 @@ def module_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -> CapturedGraph:
     """Export `model(*args, **kwargs)` in the given mode into a lifted, tagged graph."""
+    # a view (ids[:2, :16]) would make the trace guard on its base tensor's sizes, which later calls lack
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._base is not None else t, (args, kwargs))
     kwargs = {k: kwargs[k] for k in sorted(kwargs)}
     hf = is_transformers_model(model)
     try:
@@ -226,7 +228,10 @@ def _guard_function(code: list[str], signature: inspect.Signature, in_spec: pytr
     def guards(flat_inputs: list[Any]) -> bool:
         args, kwargs = pytree.tree_unflatten(flat_inputs, in_spec)
         arguments = dict(signature.bind(*args, **kwargs).arguments)
-        return bool(predicate({**arguments, "flat_args": flat_inputs}))
+        try:
+            return bool(predicate({**arguments, "flat_args": flat_inputs}))
+        except (AttributeError, TypeError, IndexError, KeyError):  # a guard on something this call lacks
+            return False
 
     return guards
 

@@ -92,3 +92,32 @@ def test_a_graph_is_not_reused_where_the_traces_guards_fail() -> None:
     with torch.no_grad(), am.disable_adapter():
         torch.testing.assert_close(am(x, y), model(x, y))
     assert len(am.programs.captures) == 2
+
+
+def test_a_graph_captured_from_a_view_serves_other_tensors() -> None:
+    """A view as the first input (ids[:2, :5]) must not make the graph guard on the view's base tensor:
+    later calls with plain tensors of other sizes reuse it."""
+    case = zoo.llama()
+    ids = case.inputs["input_ids"]
+    am = peftc.apply(case.model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]},
+                     example_inputs={"input_ids": ids[:2, :5]})
+    assert all(g.guards is None or "_base" not in repr(g.guards) for g in am.programs.captures)
+    with torch.no_grad(), am.disable_adapter():
+        got = am(input_ids=ids.clone()).logits
+    torch.testing.assert_close(got, case.model(input_ids=ids, use_cache=False).logits)
+    assert len(am.programs.captures) == 1
+
+
+def test_a_guard_that_cannot_be_evaluated_rejects_the_graph() -> None:
+    """A guard about something a call lacks (a view's base, for a plain tensor) means: not this graph."""
+    from torch.utils import _pytree as pytree
+
+    from peftc.capture import _guard_function
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    flat, spec = pytree.tree_flatten(((torch.zeros(2, 3),), {}))
+    guards = _guard_function(["L['x']._base.size()[1] != L['x'].size()[1]"], __import__("inspect").signature(forward),
+                             spec)
+    assert guards(flat) is False
