@@ -251,12 +251,10 @@ class AdaptedModel(nn.Module):
         """Run with the adapters folded into the weights (PEFT's name). The folded tensors are new;
         the base weights are untouched, so `unmerge_adapter` is exact to the bit."""
         merged = self.merged_tensors(adapter_names, safe_merge)
-        self.programs.merged.install(self.parameter_tree, merged, self._chosen(adapter_names))
-        self.programs.clear()  # programs bind tensors once: a merged program must not outlive its tensors
+        self.programs.merge(merged, self._chosen(adapter_names))
 
     def unmerge_adapter(self) -> None:
-        self.programs.merged.uninstall(self.parameter_tree)
-        self.programs.clear()
+        self.programs.unmerge()
 
     @property
     def merged(self) -> bool:
@@ -274,7 +272,7 @@ class AdaptedModel(nn.Module):
             self.programs = programs
         clone.programs = programs.detached_copy(clone.parameter_tree, clone.adapter_set)
         clone.adapter_set.active = self._chosen(adapter_names)
-        clone.programs.merged.install(clone.parameter_tree, merged, clone.adapter_set.active)
+        clone.programs.merge(merged, clone.adapter_set.active)
         return clone
 
     def merge_and_unload(

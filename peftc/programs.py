@@ -147,6 +147,15 @@ class Programs:
             )
         return index.to(torch.int64)
 
+    def merge(self, merged: dict[str, dict[str, torch.Tensor]], adapter_names: list[str]) -> None:
+        """Run with `merged` (module path -> merged tensors of `adapter_names`) in place of those adapters."""
+        self.merged.install(self.tree, merged, adapter_names)
+        self.clear()  # programs bind tensors once: a merged program must not outlive the tensors it read
+
+    def unmerge(self) -> None:
+        self.merged.uninstall(self.tree)
+        self.clear()
+
     def live(self) -> list[EagerProgram]:
         return list(self._programs.values())
 
