@@ -34,7 +34,7 @@ except ImportError:  # Windows: no flock; stale temp folders are told by their a
 from . import names
 from .adapters import EXTRAS, has_extras, layer_kinds
 from .config import CONFIG_NAME, AdapterConfig, load_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TargetError
 from .method import TensorKey
 from .targets import resolve_all_linear
 
@@ -433,7 +433,10 @@ def load_adapter(model: Any, directory: str | os.PathLike, adapter_name: str, is
     as in PEFT); nothing is left of it if its weights do not load."""
     config = read_config(directory)
     config.inference_mode = not is_trainable
-    model.add_adapter(adapter_name, config)
+    try:
+        model.add_adapter(adapter_name, config)
+    except (ConfigError, TargetError) as e:  # the saved config does not fit this model: name the file
+        raise type(e)(f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: {e}") from None
     try:
         load_adapter_weights(model, os.fspath(directory), adapter_name)
     except BaseException:
