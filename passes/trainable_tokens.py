@@ -1,23 +1,28 @@
-"""LoRA's `trainable_token_indices`: chosen rows of an embedding matrix are trained, the rest stay frozen.
+"""Trainable tokens: chosen rows of an embedding matrix are trained, the rest stay frozen. Two ways in, one
+definition: LoRA's `trainable_token_indices` (a part of a LoRA config) and PEFT's standalone method
+(`TrainableTokensConfig`, peft_type TRAINABLE_TOKENS).
 
 PEFT's TrainableTokensLayer: the layer runs on W' = W.index_copy(0, indices, delta), `delta` starting as
 the rows W[indices]; an output head tied to the embedding (GPT-2's `lm_head`) runs on the same W'.
 Here the site's op is run again on W' (the lookup, or the tied head's linear), so it folds to W' itself.
 
-Names are PEFT's: the rows live at `<embedding>.token_adapter.trainable_tokens_delta.<adapter>` (saved
-without the adapter name), the base weight at `<embedding>.token_adapter.base_layer.weight`; a tied head
-shows the same tensors under `<head>.token_adapter....`, and PEFT saves only the embedding's.
+Names are PEFT's. As LoRA's part: the rows live at `<embedding>.token_adapter.trainable_tokens_delta.<adapter>`
+(saved without the adapter name), the base weight at `<embedding>.token_adapter.base_layer.weight`; a tied
+head shows the same tensors under `<head>.token_adapter....`, and PEFT saves only the embedding's. The
+standalone method wraps the layers themselves (`<embedding>.trainable_tokens_delta.<adapter>`), and PEFT
+saves a tied head's rows too (a copy of the embedding's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import LoraConfig
+from peftc.config import AdapterConfig, LoraConfig, target_names
 from peftc.errors import ConfigError
 from peftc.graph import cast, dtype_of
 from peftc.method import (
@@ -50,6 +55,23 @@ class TokenAdapter(ModuleAdapter):
     (`tied` names the embedding) and is not saved on its own."""
 
     tied: str | None = None
+    saved: bool = True  # whether checkpoints hold its tensors (a tied head's, only in the standalone method)
+
+
+@dataclass
+class TrainableTokensConfig(AdapterConfig):
+    """PEFT's `TrainableTokensConfig`, same fields and defaults: `target_modules` None means the model's
+    input embedding."""
+
+    peft_type_name: ClassVar[str] = "TRAINABLE_TOKENS"
+
+    token_indices: list[int] = field(default_factory=list)
+    target_modules: list[str] | str | None = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.target_modules = target_names(self.target_modules)
 
 
 @register_method
@@ -68,6 +90,8 @@ class TrainableTokens(Method):
     groups = ("trainable_tokens_delta",)
     layer_types = {"embedding": "nn.Embedding", "linear": "nn.Linear (tied to the embedding)"}
     site_ops = {"embedding": ("embedding",), "linear": ("linear",)}
+    indices_field: ClassVar[str] = "trainable_token_indices"  # the config field holding the token ids
+    saves_tied_heads: ClassVar[bool] = False  # whether checkpoints hold a tied head's rows again (as PEFT's)
 
     def targets(self, config: LoraConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
         """Each embedding named, then each head tied to it (showing the embedding's tensors, unsaved); PEFT
@@ -97,23 +121,35 @@ class TrainableTokens(Method):
 
     def adapter(self, target: Target, adapter: str, config: LoraConfig,
                 tensors: dict[TensorKey, tuple[str, torch.Tensor]]) -> TokenAdapter:
-        return TokenAdapter(target.names_at, adapter, self, target.kind, config, tensors, tied=target.tied)
+        return TokenAdapter(target.names_at, adapter, self, target.kind, config, tensors, tied=target.tied,
+                            saved=target.tied is None or self.saves_tied_heads)
 
-    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
+    def indices(self, config: AdapterConfig, module_name: str) -> list[int]:
+        """The token ids whose rows are trained at the embedding `module_name`."""
+        return token_indices(config, module_name)
+
+    def init_weights(self, config: AdapterConfig) -> bool:
+        """PEFT's `init_weights`: True starts the rows at the embedding's, False draws them at random."""
+        return True
+
+    def create(self, config: AdapterConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
         w = module.weight
-        indices = token_indices(config, module_name)
+        indices = self.indices(config, module_name)
         if not indices or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < w.shape[0]
                               for i in indices):
-            raise ConfigError(f"trainable_token_indices for {module_name!r}: expected token ids in "
+            raise ConfigError(f"{self.indices_field} for {module_name!r}: expected token ids in "
                               f"[0, {w.shape[0]}), got {indices!r}")
         index = torch.tensor(indices, dtype=torch.int64, device=w.device)
-        rows = w.detach()[index].to(adapter_dtype(w))  # PEFT's init_weights=True: start at the current rows
-        return AdapterTensors(params={DELTA: rows.clone()}, buffers={INDICES: index})
+        if self.init_weights(config):
+            rows = w.detach()[index].clone()
+        else:  # PEFT draws them in the weight's dtype, before its adapters are cast to fp32
+            rows = torch.randn((len(indices), w.shape[1]), dtype=w.dtype, device=w.device)
+        return AdapterTensors(params={DELTA: rows.to(adapter_dtype(w))}, buffers={INDICES: index})
 
     def emit(self, ctx: EmitContext) -> torch.fx.Node:
         b, site, y, tensors = ctx.builder, ctx.site, ctx.y, ctx.tensors
         # after another adapter's rows at this site, `y` is its op again: copy ours into its weight
-        op = current_base_op(site, y, "trainable_token_indices")
+        op = current_base_op(site, y, self.indices_field)
         w_index = WEIGHT_OPS[op.target][1]
         w = op.args[w_index]
         rows = cast(b, tensors[DELTA], dtype_of(tensors[DELTA]), dtype_of(w))
@@ -124,6 +160,54 @@ class TrainableTokens(Method):
         return {"weight": base["weight"].index_copy(0, tensors[INDICES], tensors[DELTA])}
 
 
+@register_method
+class StandaloneTrainableTokens(TrainableTokens):
+    """PEFT's TRAINABLE_TOKENS method: the rows of the embeddings `target_modules` selects (the input
+    embedding by default), and of the heads tied to them. The same adapter as LoRA's part, placed by the
+    method's own config."""
+
+    peft_type = "TRAINABLE_TOKENS"
+    config_cls = TrainableTokensConfig
+    part_of_field = None
+    example_config = {"peft_type": "TRAINABLE_TOKENS", "target_modules": ["emb"], "token_indices": [3, 5]}
+    example_model = "embedding_model"
+    layer_types = {"embedding": "nn.Embedding", "linear": "nn.Linear (only as a head tied to a targeted embedding)"}
+    indices_field = "token_indices"
+    saves_tied_heads = True
+
+    def prepare_config(self, config: TrainableTokensConfig, model: nn.Module) -> TrainableTokensConfig:
+        """PEFT's `_prepare_adapter_config`: no `target_modules` means the input embedding (its full name),
+        else a module named `embed_tokens`."""
+        if config.target_modules is None:
+            config.target_modules = input_embedding_path(model) or "embed_tokens"
+        return config
+
+    def module_kind(self, config: TrainableTokensConfig, module_name: str, module: nn.Module) -> str | None:
+        return "embedding" if isinstance(module, nn.Embedding) else None
+
+    def own_targets(self, config: TrainableTokensConfig, model: nn.Module, found: list[Target]) -> list[Target]:
+        """Each embedding, then each head tied to it, showing its tensors (PEFT ties the head's layer to the
+        input embedding's)."""
+        return [t for target in found for t in [target, *(
+            Target(head, head, model.get_submodule(head), "linear", tied=target.path)
+            for head in tied_heads(model, target.path))]]
+
+    def indices(self, config: TrainableTokensConfig, module_name: str) -> list[int]:
+        return list(config.token_indices)
+
+    def init_weights(self, config: TrainableTokensConfig) -> bool:
+        return config.init_weights
+
+
+def input_embedding_path(model: nn.Module) -> str | None:
+    """The module path of the model's input embedding (`get_input_embeddings`), if it has one."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is None:
+        return None
+    return next((name for name, m in model.named_modules() if m is embedding), None)
+
+
 def token_targets(config: LoraConfig, model: nn.Module) -> dict[str, list[int]]:
     """Module path -> token ids, as PEFT resolves `trainable_token_indices`: a list means the input
     embedding; a dict maps module names (matched by suffix) to their ids."""
@@ -131,9 +215,7 @@ def token_targets(config: LoraConfig, model: nn.Module) -> dict[str, list[int]]:
     if wanted is None:
         return {}
     if not isinstance(wanted, dict):
-        get = getattr(model, "get_input_embeddings", None)
-        embedding = get() if callable(get) else None
-        path = next((name for name, m in model.named_modules() if m is embedding), None) if embedding else None
+        path = input_embedding_path(model)
         if path is None:
             raise ConfigError(f"trainable_token_indices={wanted!r}: {type(model).__name__} has no input embedding "
                               "(get_input_embeddings); name the layer: {'<module name>': [token ids]}")

@@ -27,7 +27,7 @@ from .config import AdapterConfig, load_config
 from .errors import ConfigError, TargetError
 from .method import PARTS, Method, ModuleAdapter, Placed, Target, TensorKey, correct_fan_in_fan_out, methods_for
 from .state import ParameterTree, group_leaf
-from .targets import resolve_all_linear, select_targets
+from .targets import select_targets
 
 # the config fields that place adapters beside a method's own targets (LoRA's parts), from the registry
 EXTRAS = tuple(dict.fromkeys(part.part_of_field for parts in PARTS.values() for part in parts))
@@ -100,12 +100,13 @@ class AdapterSet:
         config = load_config(peft_config)
         method, *parts = methods_for(config.peft_type)
         source = self.tree.source
-        config = resolve_all_linear(copy.deepcopy(config), source)
+        config = method.prepare_config(copy.deepcopy(config), source)
         kinds = layer_kinds(source, method, config)
         # as PEFT, target_modules skips modules inside those trained as copies
         kinds = {p: k for p, k in kinds.items() if not excluded_by_copies(p, getattr(config, "modules_to_save", None))}
         correct_fan_in_fan_out(config, {p: source.get_submodule(p) for p in kinds})  # warns, as PEFT
-        own = [Target(path, path, source.get_submodule(path), kind) for path, kind in kinds.items()]
+        own = method.own_targets(config, source, [Target(path, path, source.get_submodule(path), kind)
+                                                  for path, kind in kinds.items()])
         placed = Placed(self.configs, self.modules, [(method, own)])
         for part in parts:  # the config's other fields that place adapters (LoRA's target_parameters, ...)
             placed.new.append((part, part.targets(config, source, adapter_name, placed)))

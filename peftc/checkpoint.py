@@ -36,7 +36,6 @@ from .adapters import EXTRAS, has_extras, layer_kinds
 from .config import CONFIG_NAME, AdapterConfig, load_config
 from .errors import CheckpointError, ConfigError, TargetError
 from .method import TensorKey
-from .targets import resolve_all_linear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"  # PEFT's older format: loaded only on request (allow_pickle=True)
@@ -65,7 +64,7 @@ def _module_params(model: Any, adapter_name: str) -> Iterator[tuple[Any, dict[Te
     """(module adapter, its parameters by key) for each module the adapter is placed on."""
     for mas in model.targeted_modules.values():
         for ma in mas:
-            if ma.adapter == adapter_name and not getattr(ma, "tied", None):  # a tied head's tensors are saved once
+            if ma.adapter == adapter_name and getattr(ma, "saved", True):  # (a tied head's are the embedding's)
                 yield ma, {key: t for key, (_, t) in ma.tensors.items() if isinstance(t, nn.Parameter)}
 
 
@@ -235,7 +234,7 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str,
     state, config = adapter_state_dict(model, adapter_name), model.peft_config[adapter_name]
     if path_initial_model_for_weight_conversion is not None:
         state, config = _subtract_mutated_init(model, adapter_name, path_initial_model_for_weight_conversion)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    tensors = _for_saving(state)
     config_data = _config_json(model, config)
     config_text = json.dumps(config_data, indent=2, sort_keys=True)
     if not overwrite:
@@ -254,6 +253,17 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str,
         tmp_config = _atomic_write(config_path, write_json, temp_dir)
         _replace_pair((tmp_weights, weights_path), (tmp_config, config_path), temp_dir)
     return out_dir
+
+
+def _for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors. safetensors refuses two keys on one storage, so a tensor saved under
+    two keys (a tied head's trainable tokens, which PEFT saves again) is copied for the second."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        t = value.detach().contiguous().cpu()
+        out[key] = t.clone() if id(value) in seen else t
+        seen.add(id(value))
+    return out
 
 
 def _replace_pair(first: tuple[str, str], second: tuple[str, str], temp_dir: str) -> None:
@@ -460,7 +470,7 @@ def hotswap_adapter(model: Any, directory: str | os.PathLike, adapter_name: str 
     if has_extras(live) or has_extras(config):
         raise ConfigError(f"{where}: hot-swapping adapters with {', '.join(EXTRAS)} is not supported yet")
     source = adapters.tree.source
-    targets = layer_kinds(source, mas[0].method, resolve_all_linear(copy.deepcopy(config), source))
+    targets = layer_kinds(source, mas[0].method, mas[0].method.prepare_config(copy.deepcopy(config), source))
     if set(targets) != {ma.module_path for ma in mas}:
         raise ConfigError(f"{where}: it targets other modules ({_listing_diff(targets, mas)})")
     saved = read_weights(os.path.join(os.fspath(directory), WEIGHTS_NAME))

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .config import AdapterConfig, register_config
 from .errors import CheckpointError
 from .graph import SiteBuilder
-from .targets import pattern_value
+from .targets import pattern_value, resolve_all_linear
 
 # (group, leaf): PEFT's name parts around the adapter name, e.g. ("lora_A", "weight")
 TensorKey = tuple[str, "str | None"]
@@ -215,6 +215,17 @@ class Method(ABC):
     @abstractmethod
     def create(self, config: AdapterConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
         """Parameters and run-time buffers for one adapted module, initialised as PEFT does."""
+
+    def prepare_config(self, config: AdapterConfig, model: nn.Module) -> AdapterConfig:
+        """The config with the fields that depend on the model filled in, as PEFT's `_prepare_adapter_config`
+        does (a copy the caller owns): by default `target_modules="all-linear"` expanded to module names."""
+        return resolve_all_linear(config, model)
+
+    def own_targets(self, config: AdapterConfig, model: nn.Module, found: list[Target]) -> list[Target]:
+        """The method's own targets, from those its `target_modules` select (`found`, in model order): by
+        default as found; a method adapting more than it is pointed at adds those here (trainable tokens:
+        the heads tied to each embedding)."""
+        return found
 
     def targets(self, config: AdapterConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
         """Where a part (`part_of_field`) places `config`'s adapter in `model`, with PEFT's names and

@@ -97,7 +97,8 @@ def select_targets(config: Any, model: nn.Module) -> list[str]:
         hints = {t: closest(t, names) for t in wanted}
         raise TargetError(
             f"target_modules={targets!r} matched no module of {type(model).__name__}"
-            + (f" (after exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
+            + (f" (after exclude_modules={config.exclude_modules!r})" if getattr(config, "exclude_modules", None)
+               else "")
             + (f" (with layers_to_transform={config.layers_to_transform!r})"
                if getattr(config, "layers_to_transform", None) is not None else "")
             + "; closest module names: "

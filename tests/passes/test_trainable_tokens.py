@@ -107,3 +107,61 @@ def test_refused_configs():
     with pytest.raises(ConfigError, match="embed_tokens"):
         peftc.apply(case.model, {"peft_type": "LORA", "target_modules": ["embed_tokens"],
                                  "trainable_token_indices": [1]})
+
+
+# -- PEFT's standalone TRAINABLE_TOKENS method: the same adapter, placed by its own config ---------------------
+
+def standalone_pair(case_name: str, **extra: Any) -> MethodPair:
+    fields = {"token_indices": tokens(case_name), **extra}
+    return make_pair(case_name, {"peft_type": "TRAINABLE_TOKENS", **fields}, peft.TrainableTokensConfig(**fields))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])  # gpt2: lm_head is tied to wte
+def test_standalone_trainable_tokens_match_peft(name: str, tmp_path: Path):
+    pair = standalone_pair(name)
+    check_eval(pair)
+    check_checkpoints(pair, tmp_path)  # the saved keys are PEFT's too
+    # no target_modules: PEFT's input embedding, saved by its full name
+    assert pair.am.peft_config["default"].target_modules == pair.pm.peft_config["default"].target_modules
+    check_train(pair)
+    check_fold(pair)
+
+
+def test_standalone_tied_head_is_saved_as_peft_saves_it(tmp_path: Path):
+    pair = standalone_pair("gpt2")
+    pair.am.save_adapter(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(saved) == ["base_model.model.lm_head.trainable_tokens_delta",
+                             "base_model.model.transformer.wte.trainable_tokens_delta"]
+    torch.testing.assert_close(saved["base_model.model.lm_head.trainable_tokens_delta"],
+                               saved["base_model.model.transformer.wte.trainable_tokens_delta"], atol=0, rtol=0)
+    # one trainable tensor, read by the lookup and the head
+    assert [k for k, _ in pair.am.adapter_parameters()] == \
+        ["base_model.model.transformer.wte.trainable_tokens_delta.default"]
+    graph = pair.am.graph_for(**zoo.gpt2().inputs).gm.graph
+    copies = [n for n in adapter_nodes(graph) if n.target == torch.ops.aten.index_copy.default]
+    assert sorted(u.target.__name__ for n in copies for u in n.users) == ["embedding.default", "linear.default"]
+
+
+def test_standalone_random_init_is_peft_s(tmp_path: Path):
+    """init_weights=False draws the rows as PEFT does: the same values on the same seed."""
+    case, ref = zoo.llama(), zoo.llama()
+    fields = {"token_indices": [3, 5], "init_weights": False}
+    torch.manual_seed(7)
+    am = peftc.apply(case.model, {"peft_type": "TRAINABLE_TOKENS", **fields})
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(ref.model, peft.TrainableTokensConfig(**fields))
+    ours, theirs = dict(am.adapter_parameters()), dict(pm.named_parameters())
+    assert ours and all(torch.equal(t, theirs[k]) for k, t in ours.items())
+    assert not torch.equal(next(iter(ours.values())), case.model.model.embed_tokens.weight[[3, 5]])
+
+
+def test_standalone_refused_configs():
+    case = zoo.llama()
+    with pytest.raises(ConfigError, match=r"token_indices for 'model.embed_tokens'"):
+        peftc.apply(case.model, {"peft_type": "TRAINABLE_TOKENS", "token_indices": [0, zoo.VOCAB]})
+    with pytest.raises(ConfigError, match=r"token_indices for 'model.embed_tokens'.*\[\]"):
+        peftc.apply(case.model, {"peft_type": "TRAINABLE_TOKENS"})
+    with pytest.raises(peftc.TargetError, match=r"'lm_head' \(Linear\).*only as a head tied"):
+        peftc.apply(case.model, {"peft_type": "TRAINABLE_TOKENS", "target_modules": ["lm_head"],
+                                 "token_indices": [1]})
