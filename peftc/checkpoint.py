@@ -68,11 +68,14 @@ def _module_params(model: Any, adapter_name: str) -> Iterator[tuple[Any, dict[Te
                 yield ma, {key: t for key, (_, t) in ma.tensors.items() if isinstance(t, nn.Parameter)}
 
 
-def adapter_state_dict(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: Any, adapter_name: str, saving: bool = False) -> dict[str, torch.Tensor]:
     """The adapter's parameters, and the shared tensors its method saves (VeRA's projections), live
-    (not copies) under PEFT's saved keys."""
-    out = {names.saved_key(ma.module_path, *key): t
-           for ma, params in _module_params(model, adapter_name) for key, t in params.items()}
+    (not copies) under PEFT's saved keys; `saving`: as the method saves them (`Method.saved_tensors`)."""
+    out = {}
+    for ma, params in _module_params(model, adapter_name):
+        if saving:
+            params = ma.method.saved_tensors(ma.config, ma.module_path, params)
+        out.update({names.saved_key(ma.module_path, *key): t for key, t in params.items()})
     for ma, _ in _module_params(model, adapter_name):
         if ma.method.saves_shared(ma.config):
             out.update({names.shared_saved_key(*key): model.get_buffer(fqn)
@@ -231,7 +234,7 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str,
     out_dir = adapter_dir(directory, adapter_name)
     if adapter_name not in model.peft_config:
         raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {sorted(model.peft_config)}")
-    state, config = adapter_state_dict(model, adapter_name), model.peft_config[adapter_name]
+    state, config = adapter_state_dict(model, adapter_name, saving=True), model.peft_config[adapter_name]
     if path_initial_model_for_weight_conversion is not None:
         state, config = _subtract_mutated_init(model, adapter_name, path_initial_model_for_weight_conversion)
     tensors = _for_saving(state)

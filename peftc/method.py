@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .config import AdapterConfig, register_config
 from .errors import CheckpointError
-from .graph import SiteBuilder
+from .graph import Call, SiteBuilder
 from .targets import pattern_value, resolve_all_linear
 
 # (group, leaf): PEFT's name parts around the adapter name, e.g. ("lora_A", "weight")
@@ -169,6 +169,9 @@ class AdapterTensors:
 
     params: dict[TensorKey, torch.Tensor]  # trainable, saved in checkpoints
     buffers: dict[TensorKey, torch.Tensor] = field(default_factory=dict)  # run-time values (scales), not saved
+    # frozen values in the state dict but not in checkpoints (AdaLoRA's `ranknum`, which PEFT keeps as a frozen
+    # parameter and leaves out of its saved files)
+    state: dict[TensorKey, torch.Tensor] = field(default_factory=dict)
     # replacement base tensors of the module ("weight": a residual), for inits that rewrite the base weight
     # (PiSSA, OLoRA): the adapted model registers them in place of its base tensors; the user's stay as they were
     base: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -245,6 +248,21 @@ class Method(ABC):
         once from every target (module path -> (module, kind)); each module's `emit` and `fold` get
         them among its tensors. Default: none."""
         return {}
+
+    def saved_tensors(self, config: AdapterConfig, module_path: str,
+                      tensors: dict[TensorKey, torch.Tensor]) -> dict[TensorKey, torch.Tensor]:
+        """One module's parameters as checkpoints hold them: by default as they are (AdaLoRA saves only the
+        rank triplets its `rank_pattern` keeps)."""
+        return tensors
+
+    def has_loss_term(self, config: AdapterConfig) -> bool:
+        """Whether an adapter of this config adds `loss_term` to the model's loss (AdaLoRA's trainable adapter)."""
+        return False
+
+    def loss_term(self, call: Call, config: AdapterConfig, modules: list[dict[TensorKey, Any]]) -> Any:
+        """The term added to the model's loss wherever its output has one, from the adapter's tensors at every
+        module it is placed on (in model order), through `call` (a graph builder's, or `eager`)."""
+        raise NotImplementedError(f"{self.peft_type} adds nothing to the loss")
 
     def saves_shared(self, config: AdapterConfig) -> bool:
         """Whether checkpoints carry the shared tensors (otherwise they are rebuilt from the config)."""

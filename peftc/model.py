@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from peftc.passes.adalora import rank_allocator
 from peftc.passes.dispatch import BASE_NAME, slot_indices
 from peftc.passes.remat import remat_plan
 
@@ -162,6 +163,11 @@ class AdaptedModel(nn.Module):
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False) -> None:
         """Load an adapter saved by peftc or PEFT from the folder `model_id` (not activated, as in PEFT)."""
         checkpoint.load_adapter(self, model_id, adapter_name, is_trainable)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA's rank allocation for the trainable AdaLoRA adapter (PEFT's `AdaLoraModel.update_and_allocate`):
+        call after each optimizer step and before zero_grad, or let `AdaLoraCallback` call it in a Trainer."""
+        rank_allocator(self).update_and_allocate(global_step)
 
     def hotswap_adapter(self, model_name_or_path: str, adapter_name: str = "default") -> None:
         """Replace a loaded adapter's weights and scales by a saved adapter's, in place (PEFT's

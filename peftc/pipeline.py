@@ -7,6 +7,7 @@
                           ──rebind──▶ targeted parameters, module copies           lora_params.py, rebind.py
       variant "mixed":    ──dispatch▶ every adapter, picked per sample            passes/dispatch.py
       variant "disabled": the base graph
+      every variant:      ──loss terms▶ regularisers added to a returned loss    passes/loss_terms.py
     lowering for eager execution:
                ──elide masks──▶ trivial attention masks dropped at run time   passes/attention_masks.py
                ──remat────────▶ layers recomputed in backward (train)          passes/remat.py
@@ -31,6 +32,7 @@ from peftc.passes.canonical_linear import LinearFromTransposedMatmul
 from peftc.passes.dispatch import DispatchAdapters
 from peftc.passes.fold import FoldAdapters
 from peftc.passes.lora_params import ParamAdapter, RebindParameters
+from peftc.passes.loss_terms import AddLossTerms, loss_output_index, loss_terms
 from peftc.passes.modules_to_save import CopyAdapter
 from peftc.passes.rebind import Binding, RebindToTensors, partition
 from peftc.passes.recompute_gates import RecomputeGatedActivations
@@ -75,7 +77,7 @@ def rewrite(base: CapturedGraph, variant: tuple, tree: ParameterTree, adapters: 
     """A new graph for `variant` (`Programs.variant`); `base` is never changed."""
     gm = copy_graph_module(base.gm)
     bind_tree_names(gm, tree)
-    run_passes(gm, variant_passes(variant, tree, adapters, merged, base.training))
+    run_passes(gm, variant_passes(variant, tree, adapters, merged, base.training) + loss_passes(base, adapters))
     mutated = [tree.names[f] for f in base.mutated_state]
     extra = ("adapter_index",) if variant[0] == "mixed" else ()
     return dataclasses.replace(base, gm=gm, mutated_state=mutated, extra_inputs=extra)
@@ -100,6 +102,14 @@ def variant_passes(variant: tuple, tree: ParameterTree, adapters: AdapterSet, me
         RebindParameters([(tree.state_names(mas[0].key), mas) for mas in params.values()], training),
         RebindToTensors(copy_bindings(tree, copies)),
     ]
+
+
+def loss_passes(base: CapturedGraph, adapters: AdapterSet) -> list[PassBase]:
+    """Where the call returns a loss, the loaded adapters' loss terms (AdaLoRA's orthogonal regularisation),
+    in every variant: PEFT adds them in its forward whatever adapters are active, merged or disabled."""
+    terms = loss_terms(adapters)
+    index = loss_output_index(base) if terms else None
+    return [AddLossTerms(terms, index)] if index is not None else []
 
 
 def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: bool) -> torch.fx.GraphModule:

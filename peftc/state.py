@@ -158,6 +158,9 @@ class ParameterTree:
             tensors[key] = (self.live_key(path, key, adapter), value)
         for fqn, tensor in tensors.values():
             self.set(fqn, tensor, persistent=False)
+        for key, value in created.state.items():  # frozen, in the state dict (a buffer: never made trainable)
+            tensors[key] = (self.live_key(path, key, adapter), value)
+            self.set(tensors[key][0], value, persistent=True)
         return tensors
 
     @staticmethod
