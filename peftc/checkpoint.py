@@ -35,7 +35,7 @@ from . import names
 from .adapters import EXTRAS, has_extras, layer_kinds
 from .config import CONFIG_NAME, AdapterConfig, load_config
 from .errors import CheckpointError, ConfigError, TargetError
-from .method import TensorKey
+from .method import Method, Target, TensorKey
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"  # PEFT's older format: loaded only on request (allow_pickle=True)
@@ -472,8 +472,11 @@ def hotswap_adapter(model: Any, directory: str | os.PathLike, adapter_name: str 
     mas = adapters.of(adapter_name)
     if has_extras(live) or has_extras(config):
         raise ConfigError(f"{where}: hot-swapping adapters with {', '.join(EXTRAS)} is not supported yet")
-    source = adapters.tree.source
-    targets = layer_kinds(source, mas[0].method, mas[0].method.prepare_config(copy.deepcopy(config), source))
+    source, method = adapters.tree.source, mas[0].method
+    prepared = method.prepare_config(copy.deepcopy(config), source)
+    found = [Target(path, path, source.get_submodule(path), kind)
+             for path, kind in layer_kinds(source, method, prepared).items()]
+    targets = [t.names_at for t in method.own_targets(prepared, source, found)]
     if set(targets) != {ma.module_path for ma in mas}:
         raise ConfigError(f"{where}: it targets other modules ({_listing_diff(targets, mas)})")
     saved = read_weights(os.path.join(os.fspath(directory), WEIGHTS_NAME))
@@ -484,6 +487,12 @@ def hotswap_adapter(model: Any, directory: str | os.PathLike, adapter_name: str 
                or any(a > b for a, b in zip(t.shape, expected[k].shape))]
     if too_big:
         raise ConfigError(f"{where}: larger than the loaded adapter at {too_big[:4]}")
+    smaller = [k for k, t in saved.items() if t.shape != expected[k].shape]
+    if smaller and type(method).saved_tensors is not Method.saved_tensors:
+        # its saved rows are a selection of the live ones (AdaLoRA's rank_pattern): padding them at the end
+        # would not put them back where the config says they are
+        raise ConfigError(f"{where}: smaller than the loaded adapter at {smaller[:4]}, and {method.peft_type} "
+                          "checkpoints hold a selection of its rows (rank_pattern); load it with load_adapter")
     with torch.random.fork_rng(devices=[]):  # create() draws fresh parameters we discard: keep the RNG as is
         buffers = {ma.module_path: ma.method.create(config, ma.module_path, source.get_submodule(ma.module_path),
                                                     ma.kind).buffers

@@ -193,3 +193,13 @@ def test_update_and_allocate_without_a_trainable_adapter_says_so():
     with pytest.raises(ConfigError, match="one trainable AdaLoRA adapter"):
         am.update_and_allocate(0)
 
+
+
+def test_hotswap_of_a_smaller_allocated_adapter_is_refused(tmp_path: Path):
+    """Its saved triplets are a selection of the live ones: padding them at the end would misplace them."""
+    pair = pair_of("llama", task_type="CAUSAL_LM")
+    train_both(pair, steps=6)
+    pair.am.save_adapter(tmp_path)
+    fresh = peftc.apply(zoo.llama().model, {"peft_type": "ADALORA", **fields("llama", task_type="CAUSAL_LM")})
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        fresh.hotswap_adapter(str(tmp_path))

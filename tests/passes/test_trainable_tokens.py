@@ -15,7 +15,15 @@ import peftc
 from peftc.errors import ConfigError
 from peftc.graph import adapter_nodes
 from tests import zoo
-from tests.oracle import MethodPair, check_checkpoints, check_eval, check_fold, check_train, make_pair
+from tests.oracle import (
+    MethodPair,
+    check_checkpoints,
+    check_eval,
+    check_fold,
+    check_train,
+    make_pair,
+    randomize_adapters,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*0/1 specialized:UserWarning",
                                         "ignore:fan_in_fan_out is set to False:UserWarning")
@@ -165,3 +173,16 @@ def test_standalone_refused_configs():
     with pytest.raises(peftc.TargetError, match=r"'lm_head' \(Linear\).*only as a head tied"):
         peftc.apply(case.model, {"peft_type": "TRAINABLE_TOKENS", "target_modules": ["lm_head"],
                                  "token_indices": [1]})
+
+
+def test_standalone_hotswap_with_a_tied_head(tmp_path: Path):
+    """Other rows hot-swapped in: the embedding and its tied head read them, no new capture."""
+    pair = standalone_pair("gpt2")
+    other = standalone_pair("gpt2", token_indices=tokens("gpt2")[::-1])
+    randomize_adapters(other.am, seed=5)
+    other.am.save_adapter(tmp_path)
+    n = len(pair.am.graphs)
+    pair.am.hotswap_adapter(str(tmp_path))
+    assert len(pair.am.graphs) == n
+    with torch.no_grad():
+        torch.testing.assert_close(pair.am(**zoo.gpt2().inputs).logits, other.am(**zoo.gpt2().inputs).logits)
