@@ -100,6 +100,19 @@ def test_tokenizer_beside_the_adapter_resizes_the_embeddings(tmp_path: Path):
     torch.testing.assert_close(got[..., :zoo.VOCAB], want[..., :zoo.VOCAB], atol=1e-5, rtol=0)
 
 
+def test_task_types_pick_peft_s_auto_classes():
+    """Each task type loads the base with the class PEFT's AutoPeftModelFor<Task> uses."""
+    import peft.auto
+
+    from peftc.api import base_model_class
+
+    theirs = {cls._target_peft_class.__name__: cls._target_class for cls in vars(peft.auto).values()
+              if isinstance(cls, type) and issubclass(cls, peft.auto._BaseAutoPeftModel) and cls._target_class}
+    for task_type, peft_class in peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items():
+        config = peftc.load_config({"peft_type": "LORA", "target_modules": ["q"], "task_type": task_type})
+        assert base_model_class(config, "adapter_config.json") is theirs[peft_class.__name__], task_type
+
+
 def write_config(directory: Path, **changes: Any) -> None:
     path = directory / "adapter_config.json"
     data = json.loads(path.read_text())
