@@ -39,11 +39,11 @@ def pair_of(case_name: str, training: bool = False, **extra: Any):
     return make_pair(case_name, {"peft_type": "ADALORA", **f}, peft.AdaLoraConfig(**f), training=training)
 
 
-@pytest.mark.parametrize(("name", "task_type"), [("llama", "CAUSAL_LM"), ("llama", None), ("gpt2", None),
-                                                 ("cnn", None)])
+@pytest.mark.parametrize(("name", "task_type"), [("llama", "CAUSAL_LM"), ("gpt2", None), ("cnn", None)])
 def test_adalora_matches_peft(name: str, task_type: str | None, tmp_path: Path):
     """Linear (llama), transformers Conv1D (gpt2) and Conv2d (cnn); with a task type the loss carries the
-    orthogonal regularisation, as PEFT's model for the task adds it."""
+    orthogonal regularisation, as PEFT's model for the task adds it, and without one (gpt2's labelled loss)
+    it does not, as in PEFT."""
     pair = pair_of(name, task_type=task_type)
     check_eval(pair)
     check_checkpoints(pair, tmp_path)
@@ -105,11 +105,17 @@ def assert_same_adapter(pair) -> None:
         torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_rank_allocation_matches_peft():
+@pytest.fixture(scope="module")
+def allocated():
+    """peftc and PEFT trained through a whole AdaLoRA schedule (shared: training captures take seconds)."""
+    pair = pair_of("llama", task_type="CAUSAL_LM")
+    return pair, train_both(pair, steps=6)
+
+
+def test_rank_allocation_matches_peft(allocated):
     """Warm-up, the cubic budget (masks every deltaT step), the final allocation, and the masked singular values
     kept at zero afterwards: the same patterns, masks and weights as PEFT at every step."""
-    pair = pair_of("llama", task_type="CAUSAL_LM")
-    patterns = train_both(pair, steps=6)
+    pair, patterns = allocated
     for step, (ours, theirs) in enumerate(patterns):
         assert ours == theirs, step
     assert patterns[0][0] is None  # warm-up (step <= tinit)
@@ -122,11 +128,10 @@ def test_rank_allocation_matches_peft():
         assert ma.tensors[("lora_E", None)][1][~mask].eq(0).all()
 
 
-def test_checkpoints_keep_the_allocated_ranks_both_ways(tmp_path: Path):
+def test_checkpoints_keep_the_allocated_ranks_both_ways(allocated, tmp_path: Path):
     """After allocation, PEFT saves only the kept triplets and the rank_pattern; peftc saves the same files,
     each loads in the other at those ranks, and the outputs are the same."""
-    pair = pair_of("llama", task_type="CAUSAL_LM")
-    train_both(pair, steps=6)
+    pair, _ = allocated
     pair.am.eval()
     pair.pm.eval()
     pair.am.save_adapter(tmp_path / "peftc")
@@ -195,11 +200,13 @@ def test_update_and_allocate_without_a_trainable_adapter_says_so():
 
 
 
-def test_hotswap_of_a_smaller_allocated_adapter_is_refused(tmp_path: Path):
+def test_hotswap_of_a_smaller_allocated_adapter_is_refused(allocated, tmp_path: Path):
     """Its saved triplets are a selection of the live ones: padding them at the end would misplace them."""
-    pair = pair_of("llama", task_type="CAUSAL_LM")
-    train_both(pair, steps=6)
+    pair, _ = allocated
     pair.am.save_adapter(tmp_path)
-    fresh = peftc.apply(zoo.llama().model, {"peft_type": "ADALORA", **fields("llama", task_type="CAUSAL_LM")})
-    with pytest.raises(ConfigError, match="rank_pattern"):
-        fresh.hotswap_adapter(str(tmp_path))
+    pair.am.add_adapter("fresh", {"peft_type": "ADALORA", **fields("llama", inference_mode=True)})
+    try:
+        with pytest.raises(ConfigError, match="rank_pattern"):
+            pair.am.hotswap_adapter(str(tmp_path), "fresh")
+    finally:
+        pair.am.delete_adapter("fresh")
