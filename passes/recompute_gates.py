@@ -16,7 +16,9 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .remat import outline
+from peftc.graph import outline
+
+from .remat import Checkpointed
 
 aten = torch.ops.aten
 
@@ -43,7 +45,8 @@ def _outline_pairs(gm: torch.fx.GraphModule) -> PassResult:
         if mul.target == aten.mul.Tensor and all(isinstance(a, torch.fx.Node) for a in mul.args):
             pairs.append((act, mul))
     for i, (act, mul) in enumerate(pairs):
-        outline(gm, f"gate_{i}", [act, mul], {"use_reentrant": False}).meta[RECOMPUTED] = act.target.name()
+        call = outline(gm, f"gate_{i}", [act, mul], Checkpointed.wrapping({"use_reentrant": False}))
+        call.meta[RECOMPUTED] = act.target.name()
     if pairs:
         gm.graph.lint()
         gm.recompile()

@@ -16,7 +16,7 @@ result is the same trade as PEFT's, on any model with a stack of identical block
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.checkpoint import checkpoint
 
 from peftc.errors import ConfigError
+from peftc.graph import outline
 from peftc.sites import module_path
 
 REMAT = "peftc_remat"  # meta on the call node of an outlined region: the layer's module path
@@ -85,6 +86,11 @@ class Checkpointed(nn.Module):
     def forward(self, *args: Any) -> tuple[Any, ...]:
         return checkpoint(self.body, *args, **self.checkpoint_kwargs)
 
+    @staticmethod
+    def wrapping(checkpoint_kwargs: dict[str, Any]) -> Callable[[torch.fx.GraphModule], nn.Module]:
+        """`outline`'s wrap: the outlined body, checkpointed with `checkpoint_kwargs`."""
+        return lambda body: Checkpointed(body, checkpoint_kwargs)
+
 
 def find_regions(graph: torch.fx.Graph, layers: Sequence[str]) -> dict[str, list[torch.fx.Node]]:
     """Layer path -> its region: the nodes from the first to the last one traced inside that layer.
@@ -124,7 +130,7 @@ class CheckpointLayers(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         regions = find_regions(gm.graph, self.plan.layers)
         for i, (layer, nodes) in enumerate(regions.items()):
-            outline(gm, f"remat_{i}", nodes, self.plan.checkpoint_kwargs).meta[REMAT] = layer
+            outline(gm, f"remat_{i}", nodes, Checkpointed.wrapping(self.plan.checkpoint_kwargs)).meta[REMAT] = layer
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, bool(regions))
@@ -134,34 +140,3 @@ class CheckpointLayers(PassBase):
             inline = [n.name for n in nodes if not (n.target is operator.getitem and REMAT in n.args[0].meta)]
             if inline:
                 raise AssertionError(f"layer {layer!r} still runs inline: {inline[:4]}")
-
-
-def outline(
-    gm: torch.fx.GraphModule, name: str, nodes: list[torch.fx.Node], checkpoint_kwargs: dict[str, Any]
-) -> torch.fx.Node:
-    """Move `nodes` (in graph order; no node outside them reads one of them before the last) into a
-    checkpointed sub-GraphModule, called from `gm` as `name` where the last one was; returns the call."""
-    inside = set(nodes)
-    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-
-    body = torch.fx.Graph()
-    env = {a: body.placeholder(a.name) for a in inputs}
-    for a in inputs:
-        env[a].meta = dict(a.meta)
-    for n in nodes:
-        env[n] = body.node_copy(n, env.__getitem__)
-    body.output(tuple(env[o] for o in outputs))
-    # GraphModule(gm, ...) copies the get_attr targets the body reads (constants, higher-order op bodies)
-    gm.add_submodule(name, Checkpointed(torch.fx.GraphModule(gm, body), checkpoint_kwargs))
-
-    graph = gm.graph
-    with graph.inserting_before(nodes[-1]):
-        call = graph.call_module(name, tuple(inputs))
-        for k, out in enumerate(outputs):
-            item = graph.call_function(operator.getitem, (call, k))
-            item.meta = dict(out.meta)
-            out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in inside)
-    for n in reversed(nodes):
-        graph.erase_node(n)
-    return call

@@ -8,6 +8,7 @@ provenance survives the rewrite.
 from __future__ import annotations
 
 import copy
+import operator
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +16,14 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn as nn
 
 from .capture import STATE, USER
 from .sites import ADAPTER
 
 aten = torch.ops.aten
+
+ADDED_STATE = "peftc_added_state"  # placeholder meta: a tensor a rewrite added (adapter tensors), not a traced one
 
 # applies an aten op to its arguments: `SiteBuilder.call` in a graph (a method's `emit`), `eager` on
 # tensors (its `fold`, its `create`), so one function computes a method's tensors both ways
@@ -44,6 +48,7 @@ def add_state_input(gm: torch.fx.GraphModule, fqn: str, example: torch.Tensor) -
     with ctx:
         node = graph.placeholder(_node_name(fqn, {n.target for n in graph.find_nodes(op="placeholder")}))
     node.meta[STATE] = fqn
+    node.meta[ADDED_STATE] = True
     node.meta["val"] = torch.empty(example.shape, dtype=example.dtype, device="meta")
     return node
 
@@ -52,6 +57,37 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A new GraphModule over a copy of `gm`'s graph (node meta shallow-copied, constants shared):
     rewrites run on copies, so one capture serves every variant (adapters, folded, mixed)."""
     return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def outline(gm: torch.fx.GraphModule, name: str, nodes: list[torch.fx.Node],
+            wrap: Callable[[torch.fx.GraphModule], nn.Module], at: torch.fx.Node | None = None) -> torch.fx.Node:
+    """Move `nodes` (in graph order) into a sub-GraphModule, wrapped by `wrap` and called from `gm` as `name`
+    before `at` (default: where the last of them was; no node outside them may read one before that);
+    returns the call. Its outputs, a tuple, are the moved nodes that nodes outside read."""
+    inside = set(nodes)
+    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+
+    body = torch.fx.Graph()
+    env = {a: body.placeholder(a.name) for a in inputs}
+    for a in inputs:
+        env[a].meta = dict(a.meta)
+    for n in nodes:
+        env[n] = body.node_copy(n, env.__getitem__)
+    body.output(tuple(env[o] for o in outputs))
+    # GraphModule(gm, ...) copies the get_attr targets the body reads (constants, higher-order op bodies)
+    gm.add_submodule(name, wrap(torch.fx.GraphModule(gm, body)))
+
+    graph = gm.graph
+    with graph.inserting_before(nodes[-1] if at is None else at):
+        call = graph.call_module(name, tuple(inputs))
+        for k, out in enumerate(outputs):
+            item = graph.call_function(operator.getitem, (call, k))
+            item.meta = dict(out.meta)
+            out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in inside)
+    for n in reversed(nodes):
+        graph.erase_node(n)
+    return call
 
 
 def drop_unused_state(gm: torch.fx.GraphModule, candidates: list[torch.fx.Node]) -> None:

@@ -31,6 +31,7 @@ from peftc.passes.attention_masks import ElideAttentionMasks
 from peftc.passes.canonical_linear import LinearFromTransposedMatmul
 from peftc.passes.dispatch import DispatchAdapters
 from peftc.passes.fold import FoldAdapters
+from peftc.passes.hoist_invariants import HoistAdapterInvariants
 from peftc.passes.lora_params import ParamAdapter, RebindParameters
 from peftc.passes.loss_terms import AddLossTerms, loss_output_index, loss_terms
 from peftc.passes.modules_to_save import CopyAdapter
@@ -116,11 +117,14 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     """What an eager program runs for the graph `gm`: a copy lowered for eager execution. Attention
     masks that are trivial at run time are dropped (a choice made from tensor values, which only
     eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
-    otherwise recompute gated activations. None of this changes a value: `gm` stays the graph that
+    otherwise recompute gated activations; inference graphs compute what depends on the adapters'
+    tensors alone once, not at every call. None of this changes a value: `gm` stays the graph that
     inspection, torch.compile and ONNX see (torch.compile runs the remat stage alone)."""
     stages: list[PassBase] = [ElideAttentionMasks()]
     if training:
         stages.append(CheckpointLayers(remat) if remat is not None else RecomputeGatedActivations())
+    else:
+        stages.append(HoistAdapterInvariants())
     return run_passes(copy_graph_module(gm), stages)
 
 
