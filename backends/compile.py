@@ -31,6 +31,7 @@ import torch
 import torch.fx
 from peftc.backends.eager import EagerProgram
 from peftc.passes.dispatch import BASE_ONLY
+from peftc.passes.hoist_invariants import Prologue, split_hoisted
 from peftc.passes.remat import CheckpointLayers
 
 from peftc.capture import CapturedGraph
@@ -106,7 +107,8 @@ class CompiledModel:
         inline_grad_blocks(gm)
         if program.captured.training and self.model.programs.remat is not None:
             CheckpointLayers(self.model.programs.remat)(gm)  # as the eager program does (dynamo traces checkpoint)
-        gm.forward = _compiled_forward(gm, program.captured, self.options)
+        prologue = None if program.captured.training else split_hoisted(gm)
+        gm.forward = _compiled_forward(gm, program.captured, self.options, prologue)
         compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model.parameter_tree.resolve)
         self._compiled[id(program)] = (program, compiled)
         return compiled
@@ -118,7 +120,10 @@ def compile_model(model: Any, **compile_options: Any) -> CompiledModel:
     return CompiledModel(model, **compile_options)
 
 
-def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options: dict[str, Any]) -> Callable:
+def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options: dict[str, Any],
+                      prologue: Prologue | None) -> Callable:
+    """`gm` compiled, called with the program's inputs; an inference graph's adapter invariants (LoRA's
+    stacked and gathered weights) are computed eagerly by `prologue`, kept across calls, and passed in."""
     compiled = torch.compile(gm.forward, **options)
     n_state = len(captured.state_names())
     dynamic = {}  # input position -> the dims the captured graph keeps symbolic
@@ -127,10 +132,16 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
             dims = [d for d, size in enumerate(check[2]) if not isinstance(size, int)]
             if dims:
                 dynamic[n_state + i] = dims
+    n_inputs = n_state + len(captured.input_checks) + len(captured.extra_inputs)
     for i, _ in enumerate(captured.extra_inputs):  # adapter_index: one entry per sample
         dynamic[n_state + len(captured.input_checks) + i] = [0]
+    for k, per_sample in enumerate(prologue.per_sample if prologue is not None else []):
+        if per_sample:
+            dynamic[n_inputs + k] = [0]
 
     def forward(*inputs: Any) -> Any:
+        if prologue is not None:
+            inputs = (*inputs, *prologue(inputs))
         if not (captured.training and torch.is_grad_enabled()):
             # requires_grad is guarded on and set_adapter flips it: state that needs no grad goes in detached
             inputs = (*(t.detach() for t in inputs[:n_state]), *inputs[n_state:])

@@ -17,7 +17,9 @@ Train programs do not get the pass.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -128,3 +130,57 @@ class HoistAdapterInvariants(PassBase):
 
 def _is_view(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+
+
+@dataclasses.dataclass
+class Prologue:
+    """The hoisted sub-graph taken out of a graph (`split_hoisted`): `kept` runs on the graph's inputs at
+    `positions`, and its outputs are the graph's last inputs; `per_sample[k]` says output k has a row per
+    sample (it was gathered by the adapter index)."""
+
+    kept: KeptWhileInputsUnchanged
+    positions: list[int]
+    per_sample: list[bool]
+
+    def __call__(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        with torch.no_grad():  # the kept values are constants of the graph that reads them
+            return tuple(self.kept(*(inputs[i] for i in self.positions)))
+
+
+def split_hoisted(gm: torch.fx.GraphModule) -> Prologue | None:
+    """before: the graph computes its adapter invariants inline
+    after:  they are inputs of the graph, appended after the others, computed by the returned Prologue
+
+    For torch.compile: the compiled graph reads the invariants, computed eagerly once (None where there
+    are none worth hoisting), so the adapters' stacking and gathers stay out of every compiled step."""
+    if not HoistAdapterInvariants()(gm).modified:
+        return None
+    graph = gm.graph
+    (call,) = graph.find_nodes(op="call_module", target=HOISTED)
+    inputs = list(graph.find_nodes(op="placeholder"))
+    body = getattr(gm, HOISTED).body
+    indexed = _depends_on_index(body.graph)
+    last = inputs[-1]
+    per_sample = []
+    for item in sorted(call.users, key=lambda n: n.args[1]):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"hoisted_{item.args[1]}")
+        item.replace_all_uses_with(last)
+        graph.erase_node(item)
+        per_sample.append(indexed[item.args[1]])
+    kept = getattr(gm, HOISTED)
+    positions = [inputs.index(a) for a in call.args]
+    graph.erase_node(call)
+    gm.delete_submodule(HOISTED)
+    graph.lint()
+    gm.recompile()
+    return Prologue(kept, positions, per_sample)
+
+
+def _depends_on_index(body: torch.fx.Graph) -> list[bool]:
+    """For each output of a hoisted body: whether it reads the adapter index."""
+    reads: dict[torch.fx.Node, bool] = {}
+    for node in body.nodes:
+        reads[node] = node.meta.get(INDEX, False) or any(reads[a] for a in node.all_input_nodes)
+    (output,) = body.find_nodes(op="output")
+    return [reads[n] for n in output.args[0]]
