@@ -40,7 +40,7 @@ PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
 PRESENT = ("present.%d.key", "present.%d.value")
 # a model folder's tokenizer files, copied beside the decoder for onnxruntime-genai's tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json")
+                   "vocab.json", "merges.txt")
 
 
 def export_onnx_decoder(model: Any, path: str | os.PathLike, mode: str = "merged",
