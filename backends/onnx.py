@@ -192,6 +192,7 @@ class OnnxAdapterSession:
         self.adapter_inputs: dict[str, list[int]] = meta["adapter_inputs"]
         self.task: str | None = meta.get("task")  # "text-generation": a decoder with a KV cache
         self.cache: list[list[int]] = meta.get("cache", [])  # its layers' [kv heads, head dim]
+        self.cache_dtype: str = meta.get("cache_dtype", "float32")
         device = self.session.get_providers()[0]
         self._device = "cuda" if device == "CUDAExecutionProvider" else "cpu"
         self._adapters: dict[str, dict[str, Any]] = {}  # inputs mode: name -> input name -> OrtValue

@@ -50,7 +50,8 @@ def export_onnx_decoder(model: Any, path: str | os.PathLike, mode: str = "merged
     adapter's tensors as inputs, defaulting to that adapter)."""
     layout = generation.cache_layout(model)
     return export_program(model, path, mode, (), generation.example_call(model), adapter_names, kind=generation.KV,
-                          rename=_genai_name, metadata={"task": TASK, "cache": [[s.heads, s.head_dim] for s in layout]},
+                          rename=_genai_name, metadata={"task": TASK, "cache": [[s.heads, s.head_dim] for s in layout],
+                                                       "cache_dtype": str(layout[0].dtype).removeprefix("torch.")},
                           **export_options)
 
 
@@ -163,7 +164,7 @@ def generate(session: Any, input_ids: Any, attention_mask: Any = None, max_new_t
         raise ConfigError("generate: pass pad_token_id with eos_token_id (what finished rows continue with)")
     batch = ids.shape[0]
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' rule for left padding
-    empty = {name % i: np.zeros((batch, heads, 0, head_dim), np.float32)
+    empty = {name % i: np.zeros((batch, heads, 0, head_dim), session.cache_dtype)
              for i, (heads, head_dim) in enumerate(session.cache) for name in PAST}
     feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty}
     finished = torch.zeros(batch, dtype=torch.bool)

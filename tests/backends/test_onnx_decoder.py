@@ -202,11 +202,17 @@ def test_genai_greedy_equals_torch(decoders, name: str, mode: str) -> None:
 
 
 @pytest.mark.xdist_group("onnx-decoder-gpt2")
-def test_cli_writes_the_genai_folder(decoders) -> None:
-    folder = decoders("gpt2").folder("switch")
+def test_cli_writes_the_genai_folder(decoders, capsys) -> None:
+    dec = decoders("gpt2")
+    folder = dec.folder("switch")
     assert sorted(os.listdir(folder)) == ["decoder.onnx", "genai_config.json", "tokenizer_config.json"]  # no adapters
     assert json.load(open(os.path.join(folder, "tokenizer_config.json"))) == TOKENIZER_CONFIG
     assert OnnxAdapterSession(os.path.join(folder, "decoder.onnx")).adapter_names == ["default", "other"]
+    capsys.readouterr()
+    again = ["export", os.path.join(dec.root, "model"), "--adapter", os.path.join(dec.root, "adapters"),
+             "--task", "text-generation", "-o", folder]
+    assert main(again) == 2  # an earlier export is not replaced without --overwrite
+    assert f"{folder}/decoder.onnx and {folder}/genai_config.json already exist" in capsys.readouterr().err
 
 
 @pytest.mark.xdist_group("onnx-decoder-llama")
