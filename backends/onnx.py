@@ -391,8 +391,11 @@ def _fit(array: np.ndarray, shape: list[int], where: str) -> np.ndarray:
     """`array` in `shape`, zero-padded at the end of each dim where it is smaller."""
     if list(array.shape) == shape:
         return np.ascontiguousarray(array)
-    if array.ndim != len(shape) or any(a > s for a, s in zip(array.shape, shape)):
+    if array.ndim != len(shape):
         raise CheckpointError(f"{where}: shape {list(array.shape)} does not fit the exported {shape}")
+    if any(a > s for a, s in zip(array.shape, shape)):
+        raise CheckpointError(f"{where}: shape {list(array.shape)} does not fit the exported {shape} (larger: "
+                              "an adapter of a higher rank than the export's needs a new export)")
     out = np.zeros(shape, dtype=array.dtype)
     out[tuple(slice(0, n) for n in array.shape)] = array
     return out
