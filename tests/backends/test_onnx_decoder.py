@@ -199,6 +199,8 @@ def test_genai_greedy_equals_torch(decoders, name: str, mode: str) -> None:
         for adapter in ("other", "default"):
             want = dec.torch_generate(inputs, adapter, **stop)
             assert_tokens(genai_generate(model, ids, adapter=(adapters, adapter)), want)
+        # no active adapter: the inputs' initializers, the exported ("default") adapter
+        assert_tokens(genai_generate(model, ids), want)
 
 
 @pytest.mark.xdist_group("onnx-decoder-gpt2")
