@@ -148,16 +148,20 @@ def save_onnx_adapter(model: Any, path: str | os.PathLike, adapter_name: str | N
                for fqn, key in _adapter_input_keys(model, adapter_name).items()}
     path = os.fspath(path)
     if path.endswith(ORT_ADAPTER_SUFFIX):
-        import onnxruntime as ort
-
-        adapter = ort.AdapterFormat()
-        adapter.set_adapter_version(1)
-        adapter.set_model_version(1)
-        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(t.numpy()) for k, t in tensors.items()})
-        adapter.export_adapter(path)
+        _write_ort_adapter(path, {k: t.numpy() for k, t in tensors.items()})
     else:
         save_file(tensors, path)
     return path
+
+
+def _write_ort_adapter(path: str, arrays: dict[str, np.ndarray]) -> None:
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()})
+    adapter.export_adapter(path)
 
 
 def default_providers() -> list[str]:
@@ -221,6 +225,18 @@ class OnnxAdapterSession:
             array = _fit(tensors[key], shape, f"{source}: {key}")
             values[key] = ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
         self._adapters[adapter_name] = values
+
+    def save_adapter(self, adapter_name: str, path: str | os.PathLike) -> str:
+        """Write a loaded adapter as this model's inputs take it (a lower rank zero-padded to the export's)
+        in ONNX Runtime's adapter format: the file onnxruntime-genai's `og.Adapters.load` needs, which
+        does not pad."""
+        if adapter_name not in self._adapters:
+            raise ConfigError(f"no loaded adapter named {adapter_name!r}; loaded: {list(self._adapters)}")
+        path = os.fspath(path)
+        if not path.endswith(ORT_ADAPTER_SUFFIX):
+            raise ConfigError(f"{path}: save_adapter writes ONNX Runtime's adapter format (*{ORT_ADAPTER_SUFFIX})")
+        _write_ort_adapter(path, {k: np.asarray(v.numpy()) for k, v in self._adapters[adapter_name].items()})
+        return path
 
     def run(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None,
             adapter_index: Any = None) -> dict[str, np.ndarray]:

@@ -244,6 +244,31 @@ def test_adapter_saved_after_export_runs_without_reexport(decoders, tmp_path) ->
     assert_tokens(genai_generate(model, plain["input_ids"], adapter=(adapters, "late")), want_plain)
 
 
+@pytest.mark.xdist_group("onnx-decoder-llama")
+def test_lower_rank_file_padded_for_genai(decoders, tmp_path) -> None:
+    """genai takes adapter files at the exported shapes only (a rank-2 file in a rank-4 export fails with
+    "Got invalid dimensions for input ... Got: 2 Expected: 4"): the session pads on load and writes the
+    padded file, which genai then runs as the session does."""
+    dec = decoders("llama")
+    folder = dec.folder("inputs")
+    stored = ort.AdapterFormat.read_adapter(os.path.join(folder, "other.onnx_adapter"))
+    rank2 = {k: np.ascontiguousarray(v.numpy()[:2] if k.endswith("lora_A.weight") else
+                                     v.numpy()[:, :2] if k.endswith("lora_B.weight") else v.numpy())
+             for k, v in stored.get_parameters().items()}
+    session = dec.session("inputs")
+    session.load_adapter(write_ort_adapter(tmp_path / "r2.onnx_adapter", rank2), "r2")
+    padded = session.save_adapter("r2", tmp_path / "r2_padded.onnx_adapter")
+    model = og.Model(folder)
+    adapters = og.Adapters(model)
+    adapters.load(padded, "r2")
+    ids = prompts(batch=2, pad=0)["input_ids"]
+    config = json.load(open(os.path.join(folder, "genai_config.json")))["model"]
+    want = session.generate(ids, max_new_tokens=NEW, adapter_names="r2", eos_token_id=config["eos_token_id"],
+                            pad_token_id=config["pad_token_id"])
+    assert_tokens(genai_generate(model, ids, adapter=(adapters, "r2")), want)
+    assert not np.array_equal(want, genai_generate(model, ids))  # not the exported adapter
+
+
 def write_ort_adapter(path: Any, tensors: dict[str, np.ndarray]) -> str:
     writer = ort.AdapterFormat()
     writer.set_adapter_version(1)
