@@ -31,7 +31,7 @@ import torch
 from peftc import generation
 from peftc.errors import ConfigError
 
-from .onnx import ORT_ADAPTER_SUFFIX, export_program, save_onnx_adapter
+from .onnx import ORT_ADAPTER_SUFFIX, OnnxAdapterSession, export_program, save_onnx_adapter
 
 TASK = "text-generation"
 DECODER_FILE = "decoder.onnx"
@@ -70,7 +70,8 @@ def export_genai(model: Any, folder: str | os.PathLike, mode: str = "merged", to
                  adapter_names: Sequence[str] | None = None, **export_options: Any) -> str:
     """Write a folder onnxruntime-genai loads (`og.Model(folder)`): the decoder, `genai_config.json`, the
     tokenizer files found in `tokenizer_from` (a model folder) and, in mode "inputs", every loaded adapter
-    as `<name>.onnx_adapter` for `og.Adapters.load`. Returns the folder."""
+    as `<name>.onnx_adapter` for `og.Adapters.load`, zero-padded to the exported (active) adapter's rank.
+    Returns the folder."""
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     export_onnx_decoder(model, os.path.join(folder, DECODER_FILE), mode, adapter_names, **export_options)
@@ -81,9 +82,12 @@ def export_genai(model: Any, folder: str | os.PathLike, mode: str = "merged", to
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(tokenizer_from, name)):
                 shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(folder, name))
-    if mode == "inputs":
+    if mode == "inputs":  # each adapter at the exported shapes (genai does not pad a lower rank)
+        session = OnnxAdapterSession(os.path.join(folder, DECODER_FILE), ["CPUExecutionProvider"])
         for name in model.adapter_order:
-            save_onnx_adapter(model, os.path.join(folder, name + ORT_ADAPTER_SUFFIX), name)
+            path = save_onnx_adapter(model, os.path.join(folder, name + ORT_ADAPTER_SUFFIX), name)
+            session.load_adapter(path, name)  # a rank above the exported adapter's is an error naming the tensor
+            session.save_adapter(name, path)
     return folder
 
 

@@ -38,8 +38,9 @@ def lora(targets: list[str], alpha: int) -> dict[str, Any]:
 
 
 class Decoders:
-    """One zoo causal LM with random adapters "default" and "other", saved (model and adapters) for the CLI,
-    and its decoder folder per mode, exported on first use."""
+    """One zoo causal LM with random adapters "default" and "other" (on Llama of rank 2, below the inputs
+    export's 4: its file is padded), saved (model and adapters) for the CLI, and its decoder folder per mode,
+    exported on first use."""
 
     def __init__(self, name: str, root: str):
         case = getattr(zoo, name)()
@@ -48,7 +49,7 @@ class Decoders:
             json.dump(TOKENIZER_CONFIG, f)
         targets = [t for t in case.targets if t not in ("embed_tokens", "wte")]
         self.am = peftc.apply(case.model, lora(targets, 8), example_inputs=case.inputs)
-        self.am.add_adapter("other", lora(targets, 16))
+        self.am.add_adapter("other", {**lora(targets, 16), "r": 2 if name == "llama" else 4})  # Llama: two ranks
         self.am.set_adapter(["default", "other"])
         randomize_adapters(self.am, seed=2)
         self.am.set_adapter("default")
