@@ -62,12 +62,24 @@ def export_onnx(
     `adapter_index` input (int64, one entry per sample, -1 for the base model alone, else the
     position in `model.adapter_order`). "inputs": the one active adapter's tensors are graph
     inputs named by their PEFT keys (`base_model.model.<module>.lora_A.weight`,
-    `...lora_scaling`), fed at run time from a file `save_onnx_adapter` writes.
+    `...lora_scaling`), fed at run time from a file `save_onnx_adapter` writes; each also has an
+    initializer of its name holding the exported adapter (ONNX's overridable default).
 
     `example_inputs` (a dict of keyword tensors or a tuple of positional ones, batch >= 2) names
     the call to export, e.g. with an attention mask; default: `input_ids` for a transformers
     model. `export_options` go to `torch.onnx.export` (`opset_version`, `external_data`, ...).
     """
+    args, kwargs = _example_call(model, example_inputs)
+    return export_program(model, path, mode, args, kwargs, adapter_names, **export_options)
+
+
+def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, kwargs: dict,
+                   adapter_names: Sequence[str] | None = None, kind: Any = None, rename: Any = None,
+                   metadata: dict[str, Any] | None = None, **export_options: Any) -> str:
+    """Export the program of kind `kind` (None: the forward; see `peftc.generation.ProgramKind`) for the call
+    (`args`, `kwargs`) in `mode` to `path`: the piece `export_onnx` and the decoder export share.
+    `rename(name) -> name` renames inputs and outputs from their defaults (keyword names, output fields);
+    `metadata` is stored beside the runner's own."""
     if mode not in MODES:
         raise ConfigError(f"export mode {mode!r}: choose one of {', '.join(MODES)}")
     if adapter_names is not None and mode != "merged":
@@ -76,43 +88,56 @@ def export_onnx(
     if mode == "inputs" and (len(model.active_adapters) != 1 or model.merged):
         raise ConfigError(f"mode='inputs' exports one active, unmerged adapter; active: {model.active_adapters}"
                           + (" (merged)" if model.merged else ""))
-    args, kwargs = _example_call(model, example_inputs)
     if mode == "merged":
         model = model.fold(adapter_names)
-    program, flat = model.programs.program(args, kwargs, model.training, mixed=mode == "switch")
+    program, flat = model.programs.program(args, kwargs, model.training, mixed=mode == "switch", kind=kind)
     captured = program.captured
     state = set(captured.state_names())
     adapter_keys = {fqn: key for fqn, key in _adapter_input_keys(model).items() if fqn in state} if mode == "inputs" \
         else {}
 
     entry = _Entry(captured, model, flat, adapter_keys).eval()  # the graph's own mode was fixed at capture
-    user_names = _user_input_names(args, kwargs, flat)
+    rename = rename or (lambda name: name)
+    user_names = [rename(n) for n in _user_input_names(args, kwargs, flat)]
     index_names = ["adapter_index"] if mode == "switch" else []
     example = [v for v in flat if isinstance(v, torch.Tensor)]
     if mode == "switch":
         example.append(torch.zeros(batch_size(example), dtype=torch.int64))
-    example += [_as_input(model.parameter_tree.tensor(fqn)) for fqn in adapter_keys]
+    adapter_values = {key: _as_input(model.parameter_tree.tensor(fqn)) for fqn, key in adapter_keys.items()}
+    example += list(adapter_values.values())
     dynamic = [_dynamic_dims(check) for check in captured.input_checks if check[0] == "tensor"]
     dynamic += [{0: Dim.AUTO}] * len(index_names) + [None] * len(adapter_keys)
-    output_names = _output_names(captured)
+    output_names = [rename(n) for n in _output_names(captured)]
     metadata = {
         "mode": mode,
         "adapters": model.active_adapters if mode != "switch" else model.adapter_order,
         "inputs": user_names,
-        "adapter_inputs": {key: list(_as_input(model.parameter_tree.tensor(fqn)).shape)
-                           for fqn, key in adapter_keys.items()},
+        "adapter_inputs": {key: list(t.shape) for key, t in adapter_values.items()},
         "outputs": output_names,
+        **(metadata or {}),
     }
     external_data = export_options.pop("external_data", None)  # None: only past ONNX's 2 GB limit
     export_options.setdefault("verbose", False)
     with torch.no_grad():
         program_onnx = torch.onnx.export(
-            entry, tuple(example), dynamo=True, input_names=[*user_names, *index_names, *adapter_keys.values()],
+            entry, tuple(example), dynamo=True, input_names=[*user_names, *index_names, *adapter_values],
             output_names=output_names, dynamic_shapes={"inputs": tuple(dynamic)}, **export_options,
         )
+    _overridable(program_onnx.model.graph, adapter_values)
     program_onnx.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
     program_onnx.save(os.fspath(path), external_data=external_data)
     return os.fspath(path)
+
+
+def _overridable(graph: Any, values: dict[str, torch.Tensor]) -> None:
+    """Give each adapter input an initializer of its name holding the exported adapter: ONNX's overridable
+    initializer, so a client that feeds no adapter (onnxruntime-genai without an active adapter) runs."""
+    import onnx_ir as ir
+
+    for value in graph.inputs:
+        if value.name in values:
+            value.const_value = ir.tensor(values[value.name].detach().cpu().numpy(), name=value.name)
+            graph.register_initializer(value)
 
 
 def save_onnx_adapter(model: Any, path: str | os.PathLike, adapter_name: str | None = None) -> str:
@@ -123,16 +148,20 @@ def save_onnx_adapter(model: Any, path: str | os.PathLike, adapter_name: str | N
                for fqn, key in _adapter_input_keys(model, adapter_name).items()}
     path = os.fspath(path)
     if path.endswith(ORT_ADAPTER_SUFFIX):
-        import onnxruntime as ort
-
-        adapter = ort.AdapterFormat()
-        adapter.set_adapter_version(1)
-        adapter.set_model_version(1)
-        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(t.numpy()) for k, t in tensors.items()})
-        adapter.export_adapter(path)
+        _write_ort_adapter(path, {k: t.numpy() for k, t in tensors.items()})
     else:
         save_file(tensors, path)
     return path
+
+
+def _write_ort_adapter(path: str, arrays: dict[str, np.ndarray]) -> None:
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()})
+    adapter.export_adapter(path)
 
 
 def default_providers() -> list[str]:
@@ -165,6 +194,9 @@ class OnnxAdapterSession:
         self.input_names: list[str] = meta["inputs"]
         self.output_names: list[str] = meta["outputs"]
         self.adapter_inputs: dict[str, list[int]] = meta["adapter_inputs"]
+        self.task: str | None = meta.get("task")  # "text-generation": a decoder with a KV cache
+        self.cache: list[list[int]] = meta.get("cache", [])  # its layers' [kv heads, head dim]
+        self.cache_dtype: str = meta.get("cache_dtype", "float32")
         device = self.session.get_providers()[0]
         self._device = "cuda" if device == "CUDAExecutionProvider" else "cpu"
         self._adapters: dict[str, dict[str, Any]] = {}  # inputs mode: name -> input name -> OrtValue
@@ -194,6 +226,18 @@ class OnnxAdapterSession:
             values[key] = ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
         self._adapters[adapter_name] = values
 
+    def save_adapter(self, adapter_name: str, path: str | os.PathLike) -> str:
+        """Write a loaded adapter as this model's inputs take it (a lower rank zero-padded to the export's)
+        in ONNX Runtime's adapter format: the file onnxruntime-genai's `og.Adapters.load` needs, which
+        does not pad."""
+        if adapter_name not in self._adapters:
+            raise ConfigError(f"no loaded adapter named {adapter_name!r}; loaded: {list(self._adapters)}")
+        path = os.fspath(path)
+        if not path.endswith(ORT_ADAPTER_SUFFIX):
+            raise ConfigError(f"{path}: save_adapter writes ONNX Runtime's adapter format (*{ORT_ADAPTER_SUFFIX})")
+        _write_ort_adapter(path, {k: np.asarray(v.numpy()) for k, v in self._adapters[adapter_name].items()})
+        return path
+
     def run(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None,
             adapter_index: Any = None) -> dict[str, np.ndarray]:
         """Outputs by name for `inputs` (numpy arrays or torch tensors, by input name). A switch-mode
@@ -215,6 +259,15 @@ class OnnxAdapterSession:
             elif self.mode == "inputs":
                 feed.update(self._adapters[wanted[0]])
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 20,
+                 adapter_names: str | Sequence[str] | None = None, **options: Any) -> np.ndarray:
+        """Prompt + new tokens from a decoder exported with a KV cache (`export_onnx_decoder`): greedy or
+        sampled (`do_sample`, `temperature`, `top_k`, `top_p`), per-sample adapters in switch mode; see
+        `peftc.backends.onnx_decoder.generate`."""
+        from .onnx_decoder import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens, adapter_names, **options)
 
     def _checked_index(self, index: np.ndarray, batch: int) -> np.ndarray:
         n = len(self.exported_adapters)
@@ -354,8 +407,11 @@ def _fit(array: np.ndarray, shape: list[int], where: str) -> np.ndarray:
     """`array` in `shape`, zero-padded at the end of each dim where it is smaller."""
     if list(array.shape) == shape:
         return np.ascontiguousarray(array)
-    if array.ndim != len(shape) or any(a > s for a, s in zip(array.shape, shape)):
+    if array.ndim != len(shape):
         raise CheckpointError(f"{where}: shape {list(array.shape)} does not fit the exported {shape}")
+    if any(a > s for a, s in zip(array.shape, shape)):
+        raise CheckpointError(f"{where}: shape {list(array.shape)} does not fit the exported {shape} (larger: "
+                              "an adapter of a higher rank than the export's needs a new export)")
     out = np.zeros(shape, dtype=array.dtype)
     out[tuple(slice(0, n) for n in array.shape)] = array
     return out

@@ -9,6 +9,7 @@
 
 from .api import apply, load
 from .backends.onnx import export_onnx, save_onnx_adapter
+from .backends.onnx_decoder import export_genai, export_onnx_decoder
 from .config import AdapterConfig, LoraConfig, load_config
 from .errors import CaptureError, CheckpointError, ConfigError, PeftcError, TargetError
 from .model import AdaptedModel
@@ -25,7 +26,9 @@ __all__ = [
     "TargetError",
     "apply",
     "create_loraplus_optimizer",
+    "export_genai",
     "export_onnx",
+    "export_onnx_decoder",
     "load",
     "load_config",
     "save_onnx_adapter",

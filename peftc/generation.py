@@ -123,6 +123,16 @@ def export_as_forward(model: nn.Module, fn: Callable, examples: dict[str, Any], 
 KV = ProgramKind(KIND, capture_kv)
 
 
+def example_call(am: Any) -> dict[str, Any]:
+    """The cache graph's inputs at the example sizes for the model's cache layout: a call that captures the
+    graph (an export traces it at these sizes)."""
+    device = next(iter(am.parameters())).device
+    past = tuple(torch.zeros(1, s.heads, 0, s.head_dim, dtype=s.dtype, device=device) for s in cache_layout(am))
+    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    return _examples({"input_ids": one, "attention_mask": one, "position_ids": one, "past_keys": past,
+                      "past_values": past})
+
+
 def _examples(kwargs: dict) -> dict[str, Any]:
     """Inputs of the call's structure at the example sizes (sorted by name, as captures are)."""
     ids = kwargs["input_ids"]

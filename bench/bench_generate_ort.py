@@ -1,0 +1,111 @@
+"""ONNX Runtime rows for bench_generate.py: decode tokens/s of peftc's exported KV-cache decoders.
+
+    from bench_generate_ort import ort_candidates, ort_rows
+    candidates.update(ort_candidates(am, ids, new_tokens, names, threads=4))  # into bench_generate's interleaving
+    ort_rows(am, batch=8, prompt_len=16, new_tokens=64)  # or standalone: [(label, tokens/s), ...]
+
+Candidates: "ORT merged" (the first adapter folded into the weights), "ORT switch" (every adapter stacked,
+all samples on the first adapter), "ORT switch mixed" (one adapter per sample, `names`), each through
+`OnnxAdapterSession.generate` (CPU provider, greedy, fixed new tokens); and "genai merged" / "genai switch
+mixed", onnxruntime-genai's own loop on the same folders (`adapter_index` through `set_model_input`) when
+onnxruntime-genai is installed. Each decoder is exported once per adapted model (into a temporary folder).
+Tokens/s counts generated tokens (batch x new) over the whole call (prompt step included), as
+bench_generate.py's torch rows do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from peftc.backends.onnx import OnnxAdapterSession
+
+import peftc
+
+_FOLDERS: dict[tuple[int, str], str] = {}  # (id of the adapted model, mode) -> its exported folder
+
+
+def exported(am: Any, mode: str) -> str:
+    """The genai folder of `am`'s decoder in `mode` ("merged": its first adapter folded), exported once."""
+    key = (id(am), mode)
+    if key not in _FOLDERS:
+        folder = tempfile.mkdtemp(prefix=f"peftc-ort-{mode}-")
+        names = am.adapter_order[:1] if mode == "merged" else None
+        start = time.perf_counter()
+        peftc.export_genai(am, folder, mode=mode, adapter_names=names)
+        print(f"  exported the {mode} decoder in {time.perf_counter() - start:.0f} s", flush=True)
+        _FOLDERS[key] = folder
+    return _FOLDERS[key]
+
+
+def ort_candidates(am: Any, ids: torch.Tensor, new_tokens: int, names: Sequence[str], threads: int = 0,
+                   genai: bool = True) -> dict[str, Callable[[], Any]]:
+    """Label -> a call generating `new_tokens` greedily for the prompts `ids` (no padding)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    first = am.adapter_order[0]
+
+    def session(mode: str) -> OnnxAdapterSession:
+        return OnnxAdapterSession(os.path.join(exported(am, mode), "decoder.onnx"), ["CPUExecutionProvider"], options)
+
+    merged, switch = session("merged"), session("switch")
+    batch = ids.shape[0]
+
+    def run(s: OnnxAdapterSession, adapters: Sequence[str] | None) -> Callable[[], Any]:
+        return lambda: s.generate(ids, max_new_tokens=new_tokens, adapter_names=adapters)
+
+    out = {"ORT merged": run(merged, None), "ORT switch": run(switch, [first] * batch),
+           "ORT switch mixed": run(switch, list(names))}
+    if genai and importlib.util.find_spec("onnxruntime_genai") is not None:
+        index = [switch.exported_adapters.index(n) for n in names]
+        out["genai merged"] = _genai(exported(am, "merged"), ids, new_tokens, None)
+        out["genai switch mixed"] = _genai(exported(am, "switch"), ids, new_tokens, index)
+    return out
+
+
+def _genai(folder: str, ids: torch.Tensor, new_tokens: int, index: list[int] | None) -> Callable[[], Any]:
+    import onnxruntime_genai as og
+
+    model = og.Model(folder)
+    length = ids.shape[1] + new_tokens
+    tokens = ids.numpy().astype(np.int32)
+
+    def call() -> Any:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=ids.shape[0])
+        generator = og.Generator(model, params)
+        if index is not None:
+            generator.set_model_input("adapter_index", np.array(index, dtype=np.int64))
+        generator.append_tokens(tokens)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return generator.get_sequence(0)
+
+    return call
+
+
+def ort_rows(am: Any, batch: int, prompt_len: int, new_tokens: int, rounds: int = 3,
+             threads: int = 0) -> list[tuple[str, float]]:
+    """(label, tokens/s) of each candidate: one warm-up call, then the median of `rounds` interleaved calls."""
+    ids = torch.randint(1, am.parameter_tree.source.config.vocab_size, (batch, prompt_len),
+                        generator=torch.Generator().manual_seed(1))
+    order = am.adapter_order
+    names = [order[i % len(order)] for i in range(batch)]
+    candidates = ort_candidates(am, ids, new_tokens, names, threads)
+    times: dict[str, list[float]] = {label: [] for label in candidates}
+    for call in candidates.values():
+        call()
+    for _ in range(rounds):
+        for label, call in candidates.items():
+            start = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - start)
+    return [(label, batch * new_tokens / float(np.median(t))) for label, t in times.items()]
