@@ -360,8 +360,8 @@ class LoraConfig(AdapterConfig):
         check_ranks(self)
         check_probability(self, "lora_dropout")
         check_target_parameters(self)
-        if self.bias != "none":
-            raise ConfigError(f"bias={self.bias!r} is not supported by peftc yet (only 'none')")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
         if not (init is True or init is False or self.init_method in ("gaussian", "pissa", "olora")):
             raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet ({self.init_choices})")

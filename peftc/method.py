@@ -235,6 +235,10 @@ class Method(ABC):
         them among its tensors. Default: none."""
         return {}
 
+    def frozen(self, config: AdapterConfig) -> frozenset[TensorKey]:
+        """The adapter parameters that stay frozen in training, though saved (MiCA's lora_B). Default: none."""
+        return frozenset()
+
     def saves_shared(self, config: AdapterConfig) -> bool:
         """Whether checkpoints carry the shared tensors (otherwise they are rebuilt from the config)."""
         return True

@@ -301,14 +301,18 @@ class AdaptedModel(nn.Module):
         return dict(self.adapter_set.modules)
 
     def adapter_parameters(self, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of one adapter, or of the active adapters."""
+        """(name, parameter) of what one adapter, or the active adapters, train: their parameters but those the
+        method keeps frozen (MiCA's lora_B), and the base biases their `bias` option trains."""
         wanted = self.adapter_set.active if adapter is None else [adapter]
         for mas in self.targeted_modules.values():
             for ma in mas:
                 if ma.adapter in wanted and not getattr(ma, "tied", None):  # a tied head's are the embedding's
-                    for fqn, t in ma.tensors.values():
-                        if isinstance(t, nn.Parameter):
+                    frozen = ma.method.frozen(ma.config)
+                    for key, (fqn, t) in ma.tensors.items():
+                        if isinstance(t, nn.Parameter) and key not in frozen:
                             yield fqn, t
+        biases = {fqn: t for name in wanted for fqn, t in self.adapter_set.bias_parameters(name, trained=True).items()}
+        yield from biases.items()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -148,6 +148,18 @@ class ParameterTree:
         self.set(self.names[f"{path}.{leaf}"], new)
         module._parameters[leaf] = new
 
+    def own_trainable(self, key: str) -> None:
+        """Give the source tensor `key` (a base bias PEFT's `bias` option trains) a copy of its own, holding its
+        current value, so that training it never writes into the user's model."""
+        module_path, leaf = names.split_module(key)
+        module = self.source.get_submodule(module_path)
+        old = module._parameters[leaf]
+        if any(p is old for fqn, p in self.source.named_parameters(remove_duplicate=False) if fqn != key):
+            raise ConfigError(f"parameter {key!r} is tied to another, and bias training would change both uses")
+        new = nn.Parameter(old.detach().clone(), requires_grad=False)
+        self.set(self.names[key], new)
+        module._parameters[leaf] = new
+
     def register_created(self, path: str, adapter: str, created: AdapterTensors, trainable: bool,
                          ) -> dict[TensorKey, tuple[str, torch.Tensor]]:
         """Register one adapter's new tensors under PEFT's live names at module `path`."""
