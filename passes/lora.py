@@ -37,7 +37,7 @@ from peftc.method import (
 from peftc.targets import pattern_value
 
 from .dora import MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
-from .lora_init import decompose
+from .lora_init import decompose, mica, orthogonal
 from .lora_mixed import emit_mixed_lora
 
 aten = torch.ops.aten
@@ -46,6 +46,8 @@ A, B = ("lora_A", "weight"), ("lora_B", "weight")
 B_BIAS = ("lora_B", "bias")  # lora_bias=True
 EMB_A, EMB_B = ("lora_embedding_A", None), ("lora_embedding_B", None)
 SCALE = ("lora_scaling", None)
+# the layers PEFT's inits that are not decompositions support (its Conv layers refuse them)
+INIT_KINDS = {"orthogonal": ("linear", "conv1d", "embedding"), "mica": ("linear", "conv1d", "embedding")}
 
 
 def lora_rank_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
@@ -116,8 +118,13 @@ class Lora(Method):
     variants = {
         "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d"),
         "`lora_bias`": ("linear", "conv1d", "conv2d"),
+        "`bias=\"lora_only\"` / `\"all\"` (the base biases train, saved under PEFT's keys)": ("linear", "conv1d",
+                                                                                                  "conv2d"),
         "PiSSA init (`init_lora_weights=\"pissa\"`)": ("linear", "conv1d"),
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
+        "orthogonal init (`init_lora_weights=\"orthogonal\"`; an embedding gets the default init, as in PEFT)":
+            INIT_KINDS["orthogonal"],
+        "MiCA (`init_lora_weights=\"mica\"`: B the minor singular vectors, frozen)": INIT_KINDS["mica"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
         "`modules_to_save` (and task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS heads): trained copies": ("module",),
@@ -133,6 +140,10 @@ class Lora(Method):
         if isinstance(module, nn.Conv2d):
             return "conv2d"
         return None
+
+    def frozen(self, config: LoraConfig) -> frozenset[TensorKey]:
+        # MiCA trains A only: B holds the base weight's minor singular vectors
+        return frozenset({B, EMB_B}) if config.init_method == "mica" else frozenset()
 
     def settings(self, config: LoraConfig, module_name: str) -> dict[str, float]:
         r, alpha = lora_rank_alpha(config, module_name)
@@ -150,7 +161,15 @@ class Lora(Method):
             fan_out, fan_in = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
         else:
             fan_out, fan_in = w.shape
-        if r > min(fan_in, fan_out) and config.init_method in ("pissa", "olora"):
+        init_method = config.init_method
+        if init_method in ("orthogonal", "mica") and kind not in INIT_KINDS[init_method]:
+            raise ConfigError(
+                f"init_lora_weights={config.init_lora_weights!r} is not available for module {module_name!r} "
+                f"({self.layer_types[kind]}): PEFT implements it for {', '.join(INIT_KINDS[init_method])} layers"
+            )
+        if init_method == "orthogonal" and r % 2:
+            raise ConfigError(f"r={r} for module {module_name!r}: init_lora_weights='orthogonal' needs an even rank")
+        if r > min(fan_in, fan_out) and init_method in ("pissa", "olora", "mica"):
             # any other r is valid, as in PEFT (its own tests use r above a layer's size); only a decomposition
             # of W cannot give more than min(in, out) components
             raise ConfigError(
@@ -163,7 +182,9 @@ class Lora(Method):
             if config.lora_bias:
                 raise ConfigError(f"lora_bias=True for module {module_name!r}: PEFT has no bias for Embedding LoRA")
             a, b = torch.randn(r, fan_in), torch.randn(fan_out, r)
-            if init is not False:  # also for PiSSA/OLoRA, which PEFT's Embedding does not implement
+            if init_method == "mica":
+                a, b = mica(kind, w, r)
+            elif init is not False:  # also for PiSSA/OLoRA/orthogonal, which PEFT's Embedding does not implement
                 nn.init.zeros_(a)
                 nn.init.normal_(b)
             params = {EMB_A: a, EMB_B: b}
@@ -183,8 +204,12 @@ class Lora(Method):
             params = {A: a, B: b}
             if config.lora_bias:
                 params[B_BIAS] = _bias_like(b)
-            if config.init_method in ("pissa", "olora"):
+            if init_method in ("pissa", "olora"):
                 params[A], params[B], base["weight"] = decompose(config, module_name, kind, w, r, scale)
+            elif init_method == "orthogonal":
+                params[A], params[B] = orthogonal(fan_in, fan_out, r, w.dtype)
+            elif init_method == "mica":
+                params[A], params[B] = mica(kind, w, r)
             else:
                 init_factors(config, params, r)
         # PEFT keeps float adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)

@@ -310,7 +310,8 @@ class LoraConfig(AdapterConfig):
     )
     unsupported_task_types: ClassVar[tuple[str, ...]] = ()  # their heads become modules_to_save, as in PEFT
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
-    init_choices: ClassVar[str] = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
+    init_choices: ClassVar[str] = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal' "
+                                   "or 'mica'")
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -363,11 +364,14 @@ class LoraConfig(AdapterConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
-        if not (init is True or init is False or self.init_method in ("gaussian", "pissa", "olora")):
+        if not (init is True or init is False or self.init_method is not None):
             raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet ({self.init_choices})")
         if self.lora_bias and init not in (True, False):
             # as PEFT: a bias on lora_B has no place in an init that decomposes the base weight
             raise ConfigError(f"lora_bias=True needs init_lora_weights True or False, got {init!r}")
+        if self.init_method == "mica" and self.use_dora:
+            raise ConfigError("init_lora_weights='mica' cannot be combined with use_dora=True (PEFT has no such "
+                              "variant combination)")
         if self.lora_bias and self.use_dora:
             raise ConfigError("lora_bias=True cannot be combined with use_dora=True (PEFT rejects it too)")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
@@ -376,12 +380,15 @@ class LoraConfig(AdapterConfig):
 
     @property
     def init_method(self) -> str | None:
-        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', or None for True/False and unknown values."""
+        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', 'orthogonal', 'mica', or None for True/False
+        and unknown values (PEFT compares gaussian, olora and mica case-insensitively)."""
         init = self.init_lora_weights
         if not isinstance(init, str):
             return None
-        if init.lower() in ("gaussian", "olora"):
+        if init.lower() in ("gaussian", "olora", "mica"):
             return init.lower()
+        if init == "orthogonal":
+            return init
         return "pissa" if init == "pissa" or self.pissa_niter is not None else None
 
     @property
