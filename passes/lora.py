@@ -22,7 +22,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import LoraConfig
+from peftc.config import AdapterConfig, LoraConfig
 from peftc.errors import CheckpointError, ConfigError
 from peftc.graph import cast, cast_like, dtype_of, eager
 from peftc.method import (
@@ -37,6 +37,7 @@ from peftc.method import (
 from peftc.targets import pattern_value
 
 from .dora import MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
+from .lora_factors import DIAG, bdlora_factor, bdlora_side, branch, dense_factors, kasa_init
 from .lora_init import decompose, mica, orthogonal
 from .lora_mixed import emit_mixed_lora
 
@@ -97,7 +98,7 @@ class Lora(Method):
     peft_type = "LORA"
     example_config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = LoraConfig
-    groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+    groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_diag",
               "trainable_tokens_delta")
     layer_types = {
         "linear": "nn.Linear",
@@ -125,6 +126,8 @@ class Lora(Method):
         "orthogonal init (`init_lora_weights=\"orthogonal\"`; an embedding gets the default init, as in PEFT)":
             INIT_KINDS["orthogonal"],
         "MiCA (`init_lora_weights=\"mica\"`: B the minor singular vectors, frozen)": INIT_KINDS["mica"],
+        "KaSA (`kasa_config`: a truncated base weight, a learned diagonal between A and B)": ("linear",),
+        "BD-LoRA (`use_bdlora`: A or B block-diagonal)": ("linear",),
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
         "`modules_to_save` (and task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS heads): trained copies": ("module",),
@@ -140,6 +143,13 @@ class Lora(Method):
         if isinstance(module, nn.Conv2d):
             return "conv2d"
         return None
+
+    def check_beside(self, config: LoraConfig, loaded: dict[str, AdapterConfig]) -> None:
+        # KaSA truncates the base weight every adapter reads: PEFT refuses KaSA beside non-KaSA adapters
+        for name, other in loaded.items():
+            if other.peft_type == self.peft_type and (other.kasa_config is None) != (config.kasa_config is None):
+                raise ConfigError(f"KaSA truncates the base weights: an adapter with kasa_config cannot be loaded "
+                                  f"beside one without, as adapter {name!r} is")
 
     def frozen(self, config: LoraConfig) -> frozenset[TensorKey]:
         # MiCA trains A only: B holds the base weight's minor singular vectors
@@ -177,6 +187,11 @@ class Lora(Method):
                 f"init_lora_weights={config.init_lora_weights!r} takes r components of the weight, which has "
                 f"only {min(fan_in, fan_out)}"
             )
+        factor_variant = "kasa_config" if config.kasa_config is not None else \
+            "use_bdlora" if config.use_bdlora is not None else None
+        if factor_variant and kind != "linear":
+            raise ConfigError(f"{factor_variant} for module {module_name!r} ({self.layer_types[kind]}): PEFT "
+                              "implements this variant for nn.Linear only")
         init, base = config.init_lora_weights, {}
         if kind == "embedding":
             if config.lora_bias:
@@ -212,6 +227,13 @@ class Lora(Method):
                 params[A], params[B] = mica(kind, w, r)
             else:
                 init_factors(config, params, r)
+            # the variants' own init follows the factors', in PEFT's order (LoraVariant.init)
+            side = bdlora_side(config, module_name) if config.use_bdlora is not None else None
+            if side is not None:
+                key = A if side == "A" else B
+                params[key] = bdlora_factor(config, module_name, side, tuple(params[key].shape), w.dtype)
+            if config.kasa_config is not None:
+                params[DIAG], base["weight"] = kasa_init(module_name, w, r, w.dtype)
         # PEFT keeps float adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
         dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
@@ -240,8 +262,8 @@ class Lora(Method):
             groups = _conv_groups(site.node)
             h = b.call(aten.conv2d.default, x, tensors[A], None, stride, padding)
             h = b.call(aten.conv2d.default, h, tensors[B], tensors.get(B_BIAS), [1, 1], [0, 0], [1, 1], groups)
-        else:
-            h = b.call(aten.linear.default, b.call(aten.linear.default, x, tensors[A]), tensors[B], tensors.get(B_BIAS))
+        else:  # (KaSA's diagonal and BD-LoRA's blocks, where the config has them)
+            h = branch(b.call, x, tensors, (A, B, B_BIAS), site.input.meta["val"].shape[-1])
         if config.use_dora:
             lw = lora_weight(b.call, kind, tensors[key_a], tensors[key_b])
             return emit_dora(b, site, y, kind, x, h, lw, tensors[MAGNITUDE], scale, dropped)
@@ -250,8 +272,10 @@ class Lora(Method):
         return b.call(aten.add.Tensor, y, delta)
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
-        if ctx.kind not in ("linear", "conv1d"):
-            return None  # embedding and conv2d take the generic per-sample form
+        if ctx.kind not in ("linear", "conv1d") or any(
+                slot is not None and (slot[1].kasa_config is not None or slot[1].use_bdlora is not None)
+                for slot in ctx.slots):
+            return None  # embedding, conv2d and the variants that reshape the factors take the generic form
         return emit_mixed_lora(ctx, (A, B, SCALE))
 
     def fold(
@@ -269,7 +293,10 @@ class Lora(Method):
             )
         scale = tensors[SCALE]
         key_a, key_b = _factors(kind)
-        lw = lora_weight(eager, kind, tensors[key_a], tensors[key_b])
+        if kind == "linear":  # B·A as `branch` applies it (KaSA's diagonal and BD-LoRA's blocks made dense)
+            lw = torch.mm(*reversed(dense_factors(tensors, (A, B), base["weight"].shape[1])))
+        else:
+            lw = lora_weight(eager, kind, tensors[key_a], tensors[key_b])
         merged = base["weight"] + out_first(eager, kind, lw) * scale
         if config.use_dora:
             merged = fold_dora(kind, merged, base["weight"], lw, tensors[MAGNITUDE], scale)

@@ -112,6 +112,7 @@ class AdapterSet:
             raise ConfigError(f"an adapter named {adapter_name!r} is already loaded")
         config = load_config(peft_config)
         method, *parts = methods_for(config.peft_type)
+        method.check_beside(config, self.configs)
         source = self.tree.source
         config = resolve_all_linear(copy.deepcopy(config), source)
         kinds = layer_kinds(source, method, config)

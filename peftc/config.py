@@ -305,7 +305,7 @@ class LoraConfig(AdapterConfig):
     unsupported: ClassVar[tuple[str, ...]] = (
         "megatron_config", "eva_config", "corda_config",
         "lora_ga_config", "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config",
-        "layer_replication", "use_bdlora", "arrow_config", "kasa_config",
+        "layer_replication", "arrow_config",
         "ensure_weight_tying", "loftq_config",
     )
     unsupported_task_types: ClassVar[tuple[str, ...]] = ()  # their heads become modules_to_save, as in PEFT
@@ -366,12 +366,12 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         if not (init is True or init is False or self.init_method is not None):
             raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet ({self.init_choices})")
+        self.kasa_config = sub_config(self, "kasa_config", KASA_FIELDS)
+        self.use_bdlora = sub_config(self, "use_bdlora", BDLORA_FIELDS)
+        check_factor_variants(self)
         if self.lora_bias and init not in (True, False):
             # as PEFT: a bias on lora_B has no place in an init that decomposes the base weight
             raise ConfigError(f"lora_bias=True needs init_lora_weights True or False, got {init!r}")
-        if self.init_method == "mica" and self.use_dora:
-            raise ConfigError("init_lora_weights='mica' cannot be combined with use_dora=True (PEFT has no such "
-                              "variant combination)")
         if self.lora_bias and self.use_dora:
             raise ConfigError("lora_bias=True cannot be combined with use_dora=True (PEFT rejects it too)")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
@@ -396,6 +396,51 @@ class LoraConfig(AdapterConfig):
         """n of init_lora_weights='pissa_niter_<n>' (PEFT's fast randomized SVD), else None."""
         match = re.fullmatch(r"pissa_niter_(\d+)", str(self.init_lora_weights))
         return int(match.group(1)) if match else None
+
+
+# PEFT's sub-configs of the LoRA variants peftc implements: field -> default (saved as PEFT's asdict writes them)
+KASA_FIELDS = {"beta": 1e-4, "gamma": 1e-3}
+BDLORA_FIELDS = {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
+
+
+def sub_config(config: AdapterConfig, name: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """A variant's sub-config as a dict with every field (PEFT's dataclass, or `{}`, selects the variant with
+    its defaults); None leaves the variant off. Unknown fields are an error naming them."""
+    value = getattr(config, name)
+    if value is None:
+        return None
+    if _looks_like_peft_config(value) or dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a dict of {sorted(fields)} or None, got {value!r}")
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    return {**fields, **value}
+
+
+def check_factor_variants(config: LoraConfig) -> None:
+    """KaSA and BD-LoRA: their sub-configs' values, and the combinations PEFT has no variant for."""
+    kasa, bd = config.kasa_config, config.use_bdlora
+    if kasa is not None:
+        for key in ("beta", "gamma"):
+            if not isinstance(kasa[key], (int, float)) or isinstance(kasa[key], bool) or kasa[key] < 0:
+                raise ConfigError(f"kasa_config[{key!r}] must be a non-negative number, got {kasa[key]!r}")
+    if bd is not None:
+        if not isinstance(bd["nblocks"], int) or isinstance(bd["nblocks"], bool) or bd["nblocks"] <= 0:
+            raise ConfigError(f"use_bdlora['nblocks'] must be a positive integer, got {bd['nblocks']!r}")
+        for key in ("target_modules_bd_a", "target_modules_bd_b"):
+            if bd[key] is not None and not (isinstance(bd[key], list) and all(isinstance(p, str) for p in bd[key])):
+                raise ConfigError(f"use_bdlora[{key!r}] must be a list of module-name substrings, got {bd[key]!r}")
+    on = [name for name, value in (("kasa_config", kasa), ("use_bdlora", bd), ("use_dora", config.use_dora),
+                                   ("init_lora_weights='mica'", config.init_method == "mica")) if value]
+    if len(on) > 1:
+        raise ConfigError(f"{' and '.join(on)} cannot be combined: PEFT has no LoRA variant for that combination")
+    if (kasa is not None or bd is not None) and config.init_lora_weights not in (True, False, "gaussian"):
+        raise ConfigError(f"{on[0]} needs init_lora_weights True, False or 'gaussian' (peftc has not checked its "
+                          f"init against PEFT's after {config.init_lora_weights!r}), got {config.init_lora_weights!r}")
+    if (kasa is not None or bd is not None) and config.target_parameters:
+        raise ConfigError(f"{on[0]} cannot be combined with target_parameters (PEFT's ParamWrapper has no variants)")
 
 
 def check_target_parameters(config: LoraConfig) -> None:

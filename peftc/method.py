@@ -235,6 +235,10 @@ class Method(ABC):
         them among its tensors. Default: none."""
         return {}
 
+    def check_beside(self, config: AdapterConfig, loaded: dict[str, AdapterConfig]) -> None:
+        """Raise a ConfigError if an adapter of `config` cannot be added beside the `loaded` ones. Default: it can."""
+        return None
+
     def frozen(self, config: AdapterConfig) -> frozenset[TensorKey]:
         """The adapter parameters that stay frozen in training, though saved (MiCA's lora_B). Default: none."""
         return frozenset()

@@ -78,7 +78,7 @@ def test_mica_freezes_b_only():
     ({"init_lora_weights": "orthogonal", "target_modules": ["conv0"]}, "orthogonal.*PEFT implements it for"),
     ({"init_lora_weights": "mica", "target_modules": ["conv0"]}, "mica.*PEFT implements it for"),
     ({"init_lora_weights": "mica", "r": 6}, "r=6 .*only 5"),
-    ({"init_lora_weights": "mica", "use_dora": True}, "mica' cannot be combined with use_dora"),
+    ({"init_lora_weights": "mica", "use_dora": True}, "use_dora and init_lora_weights='mica' cannot be combined"),
 ])
 def test_refused_as_peft_refuses(extra: dict[str, Any], match: str):
     case = zoo.cnn()
