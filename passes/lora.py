@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.fx
@@ -40,6 +41,7 @@ from .dora import MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weigh
 from .lora_factors import DIAG, bdlora_factor, bdlora_side, branch, dense_factors, kasa_init
 from .lora_init import decompose, mica, orthogonal
 from .lora_mixed import emit_mixed_lora
+from .lora_velora import EMBED, init_embed, project
 
 aten = torch.ops.aten
 
@@ -49,6 +51,8 @@ EMB_A, EMB_B = ("lora_embedding_A", None), ("lora_embedding_B", None)
 SCALE = ("lora_scaling", None)
 # the layers PEFT's inits that are not decompositions support (its Conv layers refuse them)
 INIT_KINDS = {"orthogonal": ("linear", "conv1d", "embedding"), "mica": ("linear", "conv1d", "embedding")}
+# the layers PEFT's LoRA variants with a sub-config support (its `lora_variants` of each layer class)
+VARIANT_KINDS = {"kasa_config": ("linear",), "use_bdlora": ("linear",), "velora_config": ("linear", "conv1d")}
 
 
 def lora_rank_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
@@ -99,7 +103,7 @@ class Lora(Method):
     example_config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = LoraConfig
     groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_diag",
-              "trainable_tokens_delta")
+              "lora_velora_embed", "trainable_tokens_delta")
     layer_types = {
         "linear": "nn.Linear",
         "conv1d": "transformers Conv1D",
@@ -126,8 +130,11 @@ class Lora(Method):
         "orthogonal init (`init_lora_weights=\"orthogonal\"`; an embedding gets the default init, as in PEFT)":
             INIT_KINDS["orthogonal"],
         "MiCA (`init_lora_weights=\"mica\"`: B the minor singular vectors, frozen)": INIT_KINDS["mica"],
-        "KaSA (`kasa_config`: a truncated base weight, a learned diagonal between A and B)": ("linear",),
-        "BD-LoRA (`use_bdlora`: A or B block-diagonal)": ("linear",),
+        "KaSA (`kasa_config`: a truncated base weight, a learned diagonal between A and B)":
+            VARIANT_KINDS["kasa_config"],
+        "BD-LoRA (`use_bdlora`: A or B block-diagonal)": VARIANT_KINDS["use_bdlora"],
+        "VeLoRA (`velora_config`: A's gradient from compressed inputs; init_type 'batch_average' or 'random')":
+            VARIANT_KINDS["velora_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
         "`modules_to_save` (and task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS heads): trained copies": ("module",),
@@ -153,7 +160,9 @@ class Lora(Method):
 
     def frozen(self, config: LoraConfig) -> frozenset[TensorKey]:
         # MiCA trains A only: B holds the base weight's minor singular vectors
-        return frozenset({B, EMB_B}) if config.init_method == "mica" else frozenset()
+        # VeLoRA's projection is a saved buffer in PEFT: a frozen parameter here, so checkpoints carry it
+        return frozenset({B, EMB_B} if config.init_method == "mica" else ()) | \
+            frozenset({EMBED} if config.velora_config is not None else ())
 
     def settings(self, config: LoraConfig, module_name: str) -> dict[str, float]:
         r, alpha = lora_rank_alpha(config, module_name)
@@ -187,11 +196,10 @@ class Lora(Method):
                 f"init_lora_weights={config.init_lora_weights!r} takes r components of the weight, which has "
                 f"only {min(fan_in, fan_out)}"
             )
-        factor_variant = "kasa_config" if config.kasa_config is not None else \
-            "use_bdlora" if config.use_bdlora is not None else None
-        if factor_variant and kind != "linear":
-            raise ConfigError(f"{factor_variant} for module {module_name!r} ({self.layer_types[kind]}): PEFT "
-                              "implements this variant for nn.Linear only")
+        variant = next((name for name in VARIANT_KINDS if getattr(config, name) is not None), None)
+        if variant and kind not in VARIANT_KINDS[variant]:
+            raise ConfigError(f"{variant} for module {module_name!r} ({self.layer_types[kind]}): PEFT implements "
+                              f"this variant for {', '.join(self.layer_types[k] for k in VARIANT_KINDS[variant])} only")
         init, base = config.init_lora_weights, {}
         if kind == "embedding":
             if config.lora_bias:
@@ -234,6 +242,8 @@ class Lora(Method):
                 params[key] = bdlora_factor(config, module_name, side, tuple(params[key].shape), w.dtype)
             if config.kasa_config is not None:
                 params[DIAG], base["weight"] = kasa_init(module_name, w, r, w.dtype)
+            if config.velora_config is not None:
+                params[EMBED] = init_embed(fan_in, config.velora_config, w.dtype)
         # PEFT keeps float adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
         dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
@@ -262,8 +272,11 @@ class Lora(Method):
             groups = _conv_groups(site.node)
             h = b.call(aten.conv2d.default, x, tensors[A], None, stride, padding)
             h = b.call(aten.conv2d.default, h, tensors[B], tensors.get(B_BIAS), [1, 1], [0, 0], [1, 1], groups)
+        elif config.velora_config is not None and training:  # A's gradient from compressed activations
+            h = project(b, x, tensors, A, config.velora_config, _in_features(site, kind))
+            h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))
         else:  # (KaSA's diagonal and BD-LoRA's blocks, where the config has them)
-            h = branch(b.call, x, tensors, (A, B, B_BIAS), site.input.meta["val"].shape[-1])
+            h = branch(b.call, x, tensors, (A, B, B_BIAS), _in_features(site, kind))
         if config.use_dora:
             lw = lora_weight(b.call, kind, tensors[key_a], tensors[key_b])
             return emit_dora(b, site, y, kind, x, h, lw, tensors[MAGNITUDE], scale, dropped)
@@ -272,6 +285,10 @@ class Lora(Method):
         return b.call(aten.add.Tensor, y, delta)
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
+        if ctx.training and any(slot is not None and slot[1].velora_config is not None for slot in ctx.slots):
+            # PEFT computes VeLoRA's batch projection per adapter's sub-batch; peftc's forms see the whole batch
+            raise ConfigError("mixed batches (adapter_names) in training are not supported with velora_config; "
+                              "train one adapter at a time, or run mixed batches in eval mode")
         if ctx.kind not in ("linear", "conv1d") or any(
                 slot is not None and (slot[1].kasa_config is not None or slot[1].use_bdlora is not None)
                 for slot in ctx.slots):
@@ -336,6 +353,12 @@ class Lora(Method):
             rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
             alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         )
+
+
+def _in_features(site: Any, kind: str) -> int:
+    """The input features of a linear / Conv1D site, from its weight (stored (out, in) / (in, out))."""
+    shape = site.weight.meta["val"].shape
+    return shape[0] if kind == "conv1d" else shape[1]
 
 
 def _conv_geometry(node: torch.fx.Node) -> tuple[list[int], list[int]]:

@@ -304,7 +304,7 @@ class LoraConfig(AdapterConfig):
     peft_type_name: ClassVar[str] = "LORA"
     unsupported: ClassVar[tuple[str, ...]] = (
         "megatron_config", "eva_config", "corda_config",
-        "lora_ga_config", "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config",
+        "lora_ga_config", "alora_invocation_tokens", "use_qalora", "monteclora_config",
         "layer_replication", "arrow_config",
         "ensure_weight_tying", "loftq_config",
     )
@@ -368,6 +368,7 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet ({self.init_choices})")
         self.kasa_config = sub_config(self, "kasa_config", KASA_FIELDS)
         self.use_bdlora = sub_config(self, "use_bdlora", BDLORA_FIELDS)
+        self.velora_config = sub_config(self, "velora_config", VELORA_FIELDS)
         check_factor_variants(self)
         if self.lora_bias and init not in (True, False):
             # as PEFT: a bias on lora_B has no place in an init that decomposes the base weight
@@ -401,6 +402,7 @@ class LoraConfig(AdapterConfig):
 # PEFT's sub-configs of the LoRA variants peftc implements: field -> default (saved as PEFT's asdict writes them)
 KASA_FIELDS = {"beta": 1e-4, "gamma": 1e-3}
 BDLORA_FIELDS = {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
+VELORA_FIELDS = {"num_groups": 64, "scale": 1.0, "init_type": "batch_average"}
 
 
 def sub_config(config: AdapterConfig, name: str, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -420,8 +422,8 @@ def sub_config(config: AdapterConfig, name: str, fields: dict[str, Any]) -> dict
 
 
 def check_factor_variants(config: LoraConfig) -> None:
-    """KaSA and BD-LoRA: their sub-configs' values, and the combinations PEFT has no variant for."""
-    kasa, bd = config.kasa_config, config.use_bdlora
+    """KaSA, BD-LoRA and VeLoRA: their sub-configs' values, and the combinations PEFT has no variant for."""
+    kasa, bd, velora = config.kasa_config, config.use_bdlora, config.velora_config
     if kasa is not None:
         for key in ("beta", "gamma"):
             if not isinstance(kasa[key], (int, float)) or isinstance(kasa[key], bool) or kasa[key] < 0:
@@ -432,14 +434,28 @@ def check_factor_variants(config: LoraConfig) -> None:
         for key in ("target_modules_bd_a", "target_modules_bd_b"):
             if bd[key] is not None and not (isinstance(bd[key], list) and all(isinstance(p, str) for p in bd[key])):
                 raise ConfigError(f"use_bdlora[{key!r}] must be a list of module-name substrings, got {bd[key]!r}")
-    on = [name for name, value in (("kasa_config", kasa), ("use_bdlora", bd), ("use_dora", config.use_dora),
+    if velora is not None:
+        if not isinstance(velora["num_groups"], int) or isinstance(velora["num_groups"], bool) \
+                or velora["num_groups"] <= 0:
+            raise ConfigError(f"velora_config['num_groups'] must be a positive integer, got {velora['num_groups']!r}")
+        if not isinstance(velora["scale"], (int, float)) or isinstance(velora["scale"], bool) or velora["scale"] <= 0:
+            raise ConfigError(f"velora_config['scale'] must be a positive number, got {velora['scale']!r}")
+        if velora["init_type"] == "batch_average_once":
+            raise ConfigError("velora_config['init_type']='batch_average_once' is not supported by peftc: its "
+                              "projection is set by the first training batch and kept, state a captured graph does "
+                              "not carry; use 'batch_average' (recomputed every step) or 'random'")
+        if velora["init_type"] not in ("batch_average", "random"):
+            raise ConfigError(f"velora_config['init_type'] must be 'batch_average', 'batch_average_once' or "
+                              f"'random', got {velora['init_type']!r}")
+    on = [name for name, value in (("kasa_config", kasa), ("use_bdlora", bd), ("velora_config", velora),
+                                   ("use_dora", config.use_dora),
                                    ("init_lora_weights='mica'", config.init_method == "mica")) if value]
     if len(on) > 1:
         raise ConfigError(f"{' and '.join(on)} cannot be combined: PEFT has no LoRA variant for that combination")
     if (kasa is not None or bd is not None) and config.init_lora_weights not in (True, False, "gaussian"):
         raise ConfigError(f"{on[0]} needs init_lora_weights True, False or 'gaussian' (peftc has not checked its "
                           f"init against PEFT's after {config.init_lora_weights!r}), got {config.init_lora_weights!r}")
-    if (kasa is not None or bd is not None) and config.target_parameters:
+    if (kasa is not None or bd is not None or velora is not None) and config.target_parameters:
         raise ConfigError(f"{on[0]} cannot be combined with target_parameters (PEFT's ParamWrapper has no variants)")
 
 
