@@ -52,7 +52,12 @@ SCALE = ("lora_scaling", None)
 # the layers PEFT's inits that are not decompositions support (its Conv layers refuse them)
 INIT_KINDS = {"orthogonal": ("linear", "conv1d", "embedding"), "mica": ("linear", "conv1d", "embedding")}
 # the layers PEFT's LoRA variants with a sub-config support (its `lora_variants` of each layer class)
-VARIANT_KINDS = {"kasa_config": ("linear",), "use_bdlora": ("linear",), "velora_config": ("linear", "conv1d")}
+VARIANT_KINDS = {"kasa_config": ("linear",), "use_bdlora": ("linear",), "velora_config": ("linear", "conv1d"),
+                 "monteclora_config": ("linear", "conv1d")}
+# MonteCLoRA's sampler (PEFT's `MontecloraSampler`): its parameters, and its buffers (kept frozen here, saved)
+SAMPLER = "lora_monteclora_sampler"
+STD_PRIOR, EXPERT_PRIOR = (SAMPLER, "std_prior"), (SAMPLER, "expert_weights_prior")
+VAR_PRIOR, EXPERT_WEIGHTS = (SAMPLER, "gaussian_var_prior"), (SAMPLER, "expert_weights")
 
 
 def lora_rank_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
@@ -103,7 +108,7 @@ class Lora(Method):
     example_config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = LoraConfig
     groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_diag",
-              "lora_velora_embed", "trainable_tokens_delta")
+              "lora_velora_embed", SAMPLER, "trainable_tokens_delta")
     layer_types = {
         "linear": "nn.Linear",
         "conv1d": "transformers Conv1D",
@@ -135,6 +140,8 @@ class Lora(Method):
         "BD-LoRA (`use_bdlora`: A or B block-diagonal)": VARIANT_KINDS["use_bdlora"],
         "VeLoRA (`velora_config`: A's gradient from compressed inputs; init_type 'batch_average' or 'random')":
             VARIANT_KINDS["velora_config"],
+        "MonteCLoRA (`monteclora_config`: eval, fold and checkpoints; training refused)":
+            VARIANT_KINDS["monteclora_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
         "`modules_to_save` (and task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS heads): trained copies": ("module",),
@@ -161,8 +168,10 @@ class Lora(Method):
     def frozen(self, config: LoraConfig) -> frozenset[TensorKey]:
         # MiCA trains A only: B holds the base weight's minor singular vectors
         # VeLoRA's projection is a saved buffer in PEFT: a frozen parameter here, so checkpoints carry it
+        # and so are MonteCLoRA's sampler buffers
         return frozenset({B, EMB_B} if config.init_method == "mica" else ()) | \
-            frozenset({EMBED} if config.velora_config is not None else ())
+            frozenset({EMBED} if config.velora_config is not None else ()) | \
+            frozenset({VAR_PRIOR, EXPERT_WEIGHTS} if config.monteclora_config is not None else ())
 
     def settings(self, config: LoraConfig, module_name: str) -> dict[str, float]:
         r, alpha = lora_rank_alpha(config, module_name)
@@ -244,6 +253,11 @@ class Lora(Method):
                 params[DIAG], base["weight"] = kasa_init(module_name, w, r, w.dtype)
             if config.velora_config is not None:
                 params[EMBED] = init_embed(fan_in, config.velora_config, w.dtype)
+            if config.monteclora_config is not None:  # (PEFT also pre-draws training samples here: not needed)
+                samples = config.monteclora_config["num_samples"]
+                params[STD_PRIOR] = torch.rand(r, dtype=w.dtype)
+                params[EXPERT_PRIOR] = torch.rand(samples, dtype=w.dtype)
+                params[VAR_PRIOR], params[EXPERT_WEIGHTS] = torch.eye(r, dtype=w.dtype), torch.ones(samples) / samples
         # PEFT keeps float adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
         dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
@@ -272,6 +286,12 @@ class Lora(Method):
             groups = _conv_groups(site.node)
             h = b.call(aten.conv2d.default, x, tensors[A], None, stride, padding)
             h = b.call(aten.conv2d.default, h, tensors[B], tensors.get(B_BIAS), [1, 1], [0, 0], [1, 1], groups)
+        elif config.monteclora_config is not None and training:
+            raise ConfigError(
+                "training with monteclora_config is not supported by peftc: PEFT perturbs A with a Monte Carlo sample "
+                "taken, one per step, from a buffer it pre-draws, and keeps a variational loss as module state; a "
+                "captured graph carries neither. Outside training MonteCLoRA is LoRA: eval, fold and checkpoints work"
+            )
         elif config.velora_config is not None and training:  # A's gradient from compressed activations
             h = project(b, x, tensors, A, config.velora_config, _in_features(site, kind))
             h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))
@@ -285,6 +305,8 @@ class Lora(Method):
         return b.call(aten.add.Tensor, y, delta)
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
+        if ctx.training and any(slot is not None and slot[1].monteclora_config is not None for slot in ctx.slots):
+            return None  # the generic form runs `emit`, which refuses MonteCLoRA training
         if ctx.training and any(slot is not None and slot[1].velora_config is not None for slot in ctx.slots):
             # PEFT computes VeLoRA's batch projection per adapter's sub-batch; peftc's forms see the whole batch
             raise ConfigError("mixed batches (adapter_names) in training are not supported with velora_config; "

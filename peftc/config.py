@@ -304,7 +304,7 @@ class LoraConfig(AdapterConfig):
     peft_type_name: ClassVar[str] = "LORA"
     unsupported: ClassVar[tuple[str, ...]] = (
         "megatron_config", "eva_config", "corda_config",
-        "lora_ga_config", "alora_invocation_tokens", "use_qalora", "monteclora_config",
+        "lora_ga_config", "alora_invocation_tokens", "use_qalora",
         "layer_replication", "arrow_config",
         "ensure_weight_tying", "loftq_config",
     )
@@ -369,6 +369,7 @@ class LoraConfig(AdapterConfig):
         self.kasa_config = sub_config(self, "kasa_config", KASA_FIELDS)
         self.use_bdlora = sub_config(self, "use_bdlora", BDLORA_FIELDS)
         self.velora_config = sub_config(self, "velora_config", VELORA_FIELDS)
+        self.monteclora_config = sub_config(self, "monteclora_config", MONTECLORA_FIELDS)
         check_factor_variants(self)
         if self.lora_bias and init not in (True, False):
             # as PEFT: a bias on lora_B has no place in an init that decomposes the base weight
@@ -403,6 +404,8 @@ class LoraConfig(AdapterConfig):
 KASA_FIELDS = {"beta": 1e-4, "gamma": 1e-3}
 BDLORA_FIELDS = {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
 VELORA_FIELDS = {"num_groups": 64, "scale": 1.0, "init_type": "batch_average"}
+MONTECLORA_FIELDS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
+                     "kl_loss_weight": 1e-5, "buffer_size": 150}
 
 
 def sub_config(config: AdapterConfig, name: str, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -423,7 +426,7 @@ def sub_config(config: AdapterConfig, name: str, fields: dict[str, Any]) -> dict
 
 def check_factor_variants(config: LoraConfig) -> None:
     """KaSA, BD-LoRA and VeLoRA: their sub-configs' values, and the combinations PEFT has no variant for."""
-    kasa, bd, velora = config.kasa_config, config.use_bdlora, config.velora_config
+    kasa, bd, velora, monte = config.kasa_config, config.use_bdlora, config.velora_config, config.monteclora_config
     if kasa is not None:
         for key in ("beta", "gamma"):
             if not isinstance(kasa[key], (int, float)) or isinstance(kasa[key], bool) or kasa[key] < 0:
@@ -447,7 +450,12 @@ def check_factor_variants(config: LoraConfig) -> None:
         if velora["init_type"] not in ("batch_average", "random"):
             raise ConfigError(f"velora_config['init_type'] must be 'batch_average', 'batch_average_once' or "
                               f"'random', got {velora['init_type']!r}")
+    if monte is not None:
+        for key in ("num_samples", "dirichlet_prior", "buffer_size"):  # as PEFT's MontecloraConfig checks them
+            if not isinstance(monte[key], (int, float)) or isinstance(monte[key], bool) or monte[key] <= 0:
+                raise ConfigError(f"monteclora_config[{key!r}] must be greater than 0, got {monte[key]!r}")
     on = [name for name, value in (("kasa_config", kasa), ("use_bdlora", bd), ("velora_config", velora),
+                                   ("monteclora_config", monte),
                                    ("use_dora", config.use_dora),
                                    ("init_lora_weights='mica'", config.init_method == "mica")) if value]
     if len(on) > 1:
@@ -455,7 +463,7 @@ def check_factor_variants(config: LoraConfig) -> None:
     if (kasa is not None or bd is not None) and config.init_lora_weights not in (True, False, "gaussian"):
         raise ConfigError(f"{on[0]} needs init_lora_weights True, False or 'gaussian' (peftc has not checked its "
                           f"init against PEFT's after {config.init_lora_weights!r}), got {config.init_lora_weights!r}")
-    if (kasa is not None or bd is not None or velora is not None) and config.target_parameters:
+    if any(v is not None for v in (kasa, bd, velora, monte)) and config.target_parameters:
         raise ConfigError(f"{on[0]} cannot be combined with target_parameters (PEFT's ParamWrapper has no variants)")
 
 
