@@ -113,6 +113,10 @@ class AdapterSet:
         config = load_config(peft_config)
         method, *parts = methods_for(config.peft_type)
         method.check_beside(config, self.configs)
+        replication = getattr(config, "layer_replication", None)
+        if replication and replication != self.tree.replicated:
+            raise ConfigError(f"layer_replication={replication!r}: the model's layers were laid out when it was "
+                              f"adapted ({self.tree.replicated!r}); an adapter with another layout cannot be added")
         source = self.tree.source
         config = resolve_all_linear(copy.deepcopy(config), source)
         kinds = layer_kinds(source, method, config)

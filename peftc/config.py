@@ -305,7 +305,7 @@ class LoraConfig(AdapterConfig):
     unsupported: ClassVar[tuple[str, ...]] = (
         "megatron_config", "eva_config", "corda_config",
         "lora_ga_config", "alora_invocation_tokens", "use_qalora",
-        "layer_replication", "arrow_config",
+        "arrow_config",
         "ensure_weight_tying", "loftq_config",
     )
     unsupported_task_types: ClassVar[tuple[str, ...]] = ()  # their heads become modules_to_save, as in PEFT
@@ -365,12 +365,15 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
         if not (init is True or init is False or self.init_method is not None):
-            raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet ({self.init_choices})")
+            reason = INIT_REFUSED.get(str(init), "")
+            raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet"
+                              + (f": {reason}" if reason else "") + f" ({self.init_choices})")
         self.kasa_config = sub_config(self, "kasa_config", KASA_FIELDS)
         self.use_bdlora = sub_config(self, "use_bdlora", BDLORA_FIELDS)
         self.velora_config = sub_config(self, "velora_config", VELORA_FIELDS)
         self.monteclora_config = sub_config(self, "monteclora_config", MONTECLORA_FIELDS)
         check_factor_variants(self)
+        check_layer_replication(self)
         if self.lora_bias and init not in (True, False):
             # as PEFT: a bias on lora_B has no place in an init that decomposes the base weight
             raise ConfigError(f"lora_bias=True needs init_lora_weights True or False, got {init!r}")
@@ -400,6 +403,14 @@ class LoraConfig(AdapterConfig):
         return int(match.group(1)) if match else None
 
 
+# PEFT's inits peftc refuses, and why
+INIT_REFUSED = {
+    "loftq": "PEFT's loftq_init quantises the base weight with bitsandbytes (NF4/int8) on a CUDA/XPU device, and "
+             "peftc has no quantised base layers",
+    "eva": "a data-driven init (PEFT's initialize_lora_eva_weights(model, dataloader)), not implemented",
+    "corda": "a data-driven init (PEFT's preprocess_corda(model, config, run_model)), not implemented",
+    "lora_ga": "a gradient-driven init (PEFT's preprocess_loraga(model, config, train_step)), not implemented",
+}
 # PEFT's sub-configs of the LoRA variants peftc implements: field -> default (saved as PEFT's asdict writes them)
 KASA_FIELDS = {"beta": 1e-4, "gamma": 1e-3}
 BDLORA_FIELDS = {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
@@ -465,6 +476,20 @@ def check_factor_variants(config: LoraConfig) -> None:
                           f"init against PEFT's after {config.init_lora_weights!r}), got {config.init_lora_weights!r}")
     if any(v is not None for v in (kasa, bd, velora, monte)) and config.target_parameters:
         raise ConfigError(f"{on[0]} cannot be combined with target_parameters (PEFT's ParamWrapper has no variants)")
+
+
+def check_layer_replication(config: LoraConfig) -> None:
+    """`layer_replication`: [start, end) pairs of layer indices (saved as lists, as PEFT's JSON holds them)."""
+    layer_map = config.layer_replication
+    if layer_map is None:
+        return
+    if not isinstance(layer_map, (list, tuple)) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                       for i in pair) and 0 <= pair[0] < pair[1]
+            for pair in layer_map):
+        raise ConfigError(f"layer_replication must be a list of [start, end) pairs with 0 <= start < end, "
+                          f"got {layer_map!r}")
+    config.layer_replication = [list(pair) for pair in layer_map]
 
 
 def check_target_parameters(config: LoraConfig) -> None:

@@ -29,11 +29,11 @@ from peftc.passes.remat import remat_plan
 from . import checkpoint, merge, weighted
 from .adapters import AdapterSet
 from .capture import CapturedGraph, default_call_kwargs, is_transformers_model, split_inputs, synthesize_inputs
-from .config import AdapterConfig
+from .config import AdapterConfig, load_config
 from .errors import CheckpointError, ConfigError
 from .method import ModuleAdapter
 from .programs import Programs
-from .state import ParameterTree, Slot, structural_copy
+from .state import ParameterTree, Slot, replicate_layers, structural_copy
 
 
 class AdaptedModel(nn.Module):
@@ -59,7 +59,13 @@ class AdaptedModel(nn.Module):
         self.training = model.training if training is None else training
         self.base_model = Slot(type(model).__name__)
         self.base_model.add_module("model", Slot(type(model).__name__))
-        self.parameter_tree = ParameterTree(self, structural_copy(model))
+        config = load_config(config)
+        source = structural_copy(model)
+        replication = getattr(config, "layer_replication", None)
+        if replication:  # the base model's structure changes before capture, for every adapter
+            replicate_layers(source, replication)
+        self.parameter_tree = ParameterTree(self, source)
+        self.parameter_tree.replicated = replication
         self.adapter_set = AdapterSet(self.parameter_tree)
         self.programs = Programs(self.parameter_tree, self.adapter_set, default_call_kwargs(model),
                                  is_transformers_model(model))

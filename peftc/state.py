@@ -70,6 +70,43 @@ def structural_copy(model: nn.Module, keep_requires_grad: bool = False) -> nn.Mo
     return copy.deepcopy(model, memo)
 
 
+def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> None:
+    """PEFT's `replicate_layers` (LoRA's `layer_replication`), on the source copy: the decoder layer list
+    rebuilt from [start, end) ranges of the original layers, each a copy sharing the original's parameters
+    (`layer_idx` renumbered for the KV cache); `config.num_hidden_layers` follows."""
+    inner = model
+    while hasattr(inner, "model"):
+        inner = inner.model
+    inner = getattr(inner, "bert", inner)
+    if isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        owner, attr = inner, "layers"
+    elif isinstance(getattr(getattr(inner, "encoder", None), "layer", None), nn.ModuleList):
+        owner, attr = inner.encoder, "layer"
+    elif isinstance(getattr(inner, "h", None), nn.ModuleList):
+        owner, attr = inner, "h"
+    else:
+        raise ConfigError("layer_replication: no decoder layer list found (PEFT looks for `layers`, "
+                          "`encoder.layer` or `h` under the model: Llama, BERT or Falcon compatible architectures)")
+    layers = getattr(owner, attr)
+    out_of_range = [pair for pair in layer_map if pair[1] > len(layers)]
+    if out_of_range:
+        raise ConfigError(f"layer_replication: ranges {out_of_range} reach past the model's {len(layers)} layers")
+    new: list[nn.Module] = []
+    for start, end in layer_map:
+        for i in range(start, end):
+            clone = copy.deepcopy(layers[i])
+            for name, module in layers[i].named_modules():
+                for leaf, p in module.named_parameters(recurse=False):
+                    clone.get_submodule(name).register_parameter(leaf, p)
+            for module in clone.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = len(new)
+            new.append(clone)
+    setattr(owner, attr, nn.ModuleList(new))
+    if hasattr(getattr(inner, "config", None), "num_hidden_layers"):
+        inner.config.num_hidden_layers = len(new)
+
+
 def group_leaf(key: TensorKey, adapter: str) -> tuple[str, str, str | None]:
     """PEFT's name parts of an adapter tensor: (group, adapter, leaf), e.g. ("lora_A", "default", "weight")."""
     group, leaf = key
@@ -83,6 +120,7 @@ class ParameterTree:
         self.root = root
         self.source = source
         self.names: dict[str, str] = {}  # source FQN -> tree FQN
+        self.replicated: list[list[int]] | None = None  # the layer_replication the source was built with
         for fqn, p in source.named_parameters(remove_duplicate=False):
             self.names[fqn] = names.base_key(fqn, set())
             set_tensor(root, self.names[fqn], p)
