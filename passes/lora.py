@@ -356,8 +356,10 @@ class Lora(Method):
         initial: dict[TensorKey, torch.Tensor],
     ) -> dict[TensorKey, torch.Tensor]:
         # W_res + s·BA = W + s·(BA - B0·A0) = W + s·[B | -B0]·[A ; A0]: a LoRA of twice the rank
-        if config.use_dora or config.lora_bias:
-            raise CheckpointError("only plain LoRA adapters convert against their initial adapter (no DoRA, lora_bias)")
+        variants = [name for name in ("use_dora", "lora_bias", *VARIANT_KINDS) if getattr(config, name)]
+        if variants:
+            raise CheckpointError(f"only plain LoRA adapters convert against their initial adapter (this one has "
+                                  f"{', '.join(variants)})")
         out = {}
         for key, value in tensors.items():
             rows = key in (A, EMB_A)

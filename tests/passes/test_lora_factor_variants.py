@@ -131,3 +131,11 @@ def test_non_strict_bdlora_leaves_unmatched_modules_plain():
     assert tuple(sd["base_model.model.lin1.lora_A.default.weight"].shape) == (4, 6)  # 24 inputs in 4 blocks
     assert tuple(sd["base_model.model.lin0.lora_A.default.weight"].shape) == (4, 12)
     assert DIAG not in dict(am.targeted_modules["lin0"][0].tensors)
+
+
+def test_weighted_combination_of_a_kasa_adapter_is_refused():
+    case = zoo.mlp()
+    am = peftc.apply(case.model, {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"], "kasa_config": {}},
+                     example_inputs=case.inputs)
+    with pytest.raises(ConfigError, match="has kasa_config set; its update is not B·A"):
+        am.add_weighted_adapter(["default"], [1.0], "sum")
