@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import LoraConfig
+from peftc.config import AdapterConfig, LoraConfig
 from peftc.errors import CheckpointError, ConfigError
 from peftc.graph import cast, cast_like, dtype_of, eager
 from peftc.method import (
@@ -37,8 +38,10 @@ from peftc.method import (
 from peftc.targets import pattern_value
 
 from .dora import MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
-from .lora_init import decompose
+from .lora_factors import DIAG, bdlora_factor, bdlora_side, branch, dense_factors, kasa_init
+from .lora_init import decompose, mica, orthogonal
 from .lora_mixed import emit_mixed_lora
+from .lora_velora import EMBED, init_embed, project
 
 aten = torch.ops.aten
 
@@ -46,6 +49,15 @@ A, B = ("lora_A", "weight"), ("lora_B", "weight")
 B_BIAS = ("lora_B", "bias")  # lora_bias=True
 EMB_A, EMB_B = ("lora_embedding_A", None), ("lora_embedding_B", None)
 SCALE = ("lora_scaling", None)
+# the layers PEFT's inits that are not decompositions support (its Conv layers refuse them)
+INIT_KINDS = {"orthogonal": ("linear", "conv1d", "embedding"), "mica": ("linear", "conv1d", "embedding")}
+# the layers PEFT's LoRA variants with a sub-config support (its `lora_variants` of each layer class)
+VARIANT_KINDS = {"kasa_config": ("linear",), "use_bdlora": ("linear",), "velora_config": ("linear", "conv1d"),
+                 "monteclora_config": ("linear", "conv1d")}
+# MonteCLoRA's sampler (PEFT's `MontecloraSampler`): its parameters, and its buffers (kept frozen here, saved)
+SAMPLER = "lora_monteclora_sampler"
+STD_PRIOR, EXPERT_PRIOR = (SAMPLER, "std_prior"), (SAMPLER, "expert_weights_prior")
+VAR_PRIOR, EXPERT_WEIGHTS = (SAMPLER, "gaussian_var_prior"), (SAMPLER, "expert_weights")
 
 
 def lora_rank_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
@@ -95,8 +107,8 @@ class Lora(Method):
     peft_type = "LORA"
     example_config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin0", "lin1"]}
     config_cls = LoraConfig
-    groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-              "trainable_tokens_delta")
+    groups = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_diag",
+              "lora_velora_embed", SAMPLER, "trainable_tokens_delta")
     layer_types = {
         "linear": "nn.Linear",
         "conv1d": "transformers Conv1D",
@@ -116,8 +128,20 @@ class Lora(Method):
     variants = {
         "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d"),
         "`lora_bias`": ("linear", "conv1d", "conv2d"),
+        "`bias=\"lora_only\"` / `\"all\"` (the base biases train, saved under PEFT's keys)": ("linear", "conv1d",
+                                                                                                  "conv2d"),
         "PiSSA init (`init_lora_weights=\"pissa\"`)": ("linear", "conv1d"),
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
+        "orthogonal init (`init_lora_weights=\"orthogonal\"`; an embedding gets the default init, as in PEFT)":
+            INIT_KINDS["orthogonal"],
+        "MiCA (`init_lora_weights=\"mica\"`: B the minor singular vectors, frozen)": INIT_KINDS["mica"],
+        "KaSA (`kasa_config`: a truncated base weight, a learned diagonal between A and B)":
+            VARIANT_KINDS["kasa_config"],
+        "BD-LoRA (`use_bdlora`: A or B block-diagonal)": VARIANT_KINDS["use_bdlora"],
+        "VeLoRA (`velora_config`: A's gradient from compressed inputs; init_type 'batch_average' or 'random')":
+            VARIANT_KINDS["velora_config"],
+        "MonteCLoRA (`monteclora_config`: eval, fold and checkpoints; training refused)":
+            VARIANT_KINDS["monteclora_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
         "`modules_to_save` (and task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS heads): trained copies": ("module",),
@@ -133,6 +157,21 @@ class Lora(Method):
         if isinstance(module, nn.Conv2d):
             return "conv2d"
         return None
+
+    def check_beside(self, config: LoraConfig, loaded: dict[str, AdapterConfig]) -> None:
+        # KaSA truncates the base weight every adapter reads: PEFT refuses KaSA beside non-KaSA adapters
+        for name, other in loaded.items():
+            if other.peft_type == self.peft_type and (other.kasa_config is None) != (config.kasa_config is None):
+                raise ConfigError(f"KaSA truncates the base weights: an adapter with kasa_config cannot be loaded "
+                                  f"beside one without, as adapter {name!r} is")
+
+    def frozen(self, config: LoraConfig) -> frozenset[TensorKey]:
+        # MiCA trains A only: B holds the base weight's minor singular vectors
+        # VeLoRA's projection is a saved buffer in PEFT: a frozen parameter here, so checkpoints carry it
+        # and so are MonteCLoRA's sampler buffers
+        return frozenset({B, EMB_B} if config.init_method == "mica" else ()) | \
+            frozenset({EMBED} if config.velora_config is not None else ()) | \
+            frozenset({VAR_PRIOR, EXPERT_WEIGHTS} if config.monteclora_config is not None else ())
 
     def settings(self, config: LoraConfig, module_name: str) -> dict[str, float]:
         r, alpha = lora_rank_alpha(config, module_name)
@@ -150,7 +189,15 @@ class Lora(Method):
             fan_out, fan_in = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
         else:
             fan_out, fan_in = w.shape
-        if r > min(fan_in, fan_out) and config.init_method in ("pissa", "olora"):
+        init_method = config.init_method
+        if init_method in ("orthogonal", "mica") and kind not in INIT_KINDS[init_method]:
+            raise ConfigError(
+                f"init_lora_weights={config.init_lora_weights!r} is not available for module {module_name!r} "
+                f"({self.layer_types[kind]}): PEFT implements it for {', '.join(INIT_KINDS[init_method])} layers"
+            )
+        if init_method == "orthogonal" and r % 2:
+            raise ConfigError(f"r={r} for module {module_name!r}: init_lora_weights='orthogonal' needs an even rank")
+        if r > min(fan_in, fan_out) and init_method in ("pissa", "olora", "mica"):
             # any other r is valid, as in PEFT (its own tests use r above a layer's size); only a decomposition
             # of W cannot give more than min(in, out) components
             raise ConfigError(
@@ -158,12 +205,18 @@ class Lora(Method):
                 f"init_lora_weights={config.init_lora_weights!r} takes r components of the weight, which has "
                 f"only {min(fan_in, fan_out)}"
             )
+        variant = next((name for name in VARIANT_KINDS if getattr(config, name) is not None), None)
+        if variant and kind not in VARIANT_KINDS[variant]:
+            raise ConfigError(f"{variant} for module {module_name!r} ({self.layer_types[kind]}): PEFT implements "
+                              f"this variant for {', '.join(self.layer_types[k] for k in VARIANT_KINDS[variant])} only")
         init, base = config.init_lora_weights, {}
         if kind == "embedding":
             if config.lora_bias:
                 raise ConfigError(f"lora_bias=True for module {module_name!r}: PEFT has no bias for Embedding LoRA")
             a, b = torch.randn(r, fan_in), torch.randn(fan_out, r)
-            if init is not False:  # also for PiSSA/OLoRA, which PEFT's Embedding does not implement
+            if init_method == "mica":
+                a, b = mica(kind, w, r)
+            elif init is not False:  # also for PiSSA/OLoRA/orthogonal, which PEFT's Embedding does not implement
                 nn.init.zeros_(a)
                 nn.init.normal_(b)
             params = {EMB_A: a, EMB_B: b}
@@ -183,10 +236,28 @@ class Lora(Method):
             params = {A: a, B: b}
             if config.lora_bias:
                 params[B_BIAS] = _bias_like(b)
-            if config.init_method in ("pissa", "olora"):
+            if init_method in ("pissa", "olora"):
                 params[A], params[B], base["weight"] = decompose(config, module_name, kind, w, r, scale)
+            elif init_method == "orthogonal":
+                params[A], params[B] = orthogonal(fan_in, fan_out, r, w.dtype)
+            elif init_method == "mica":
+                params[A], params[B] = mica(kind, w, r)
             else:
                 init_factors(config, params, r)
+            # the variants' own init follows the factors', in PEFT's order (LoraVariant.init)
+            side = bdlora_side(config, module_name) if config.use_bdlora is not None else None
+            if side is not None:
+                key = A if side == "A" else B
+                params[key] = bdlora_factor(config, module_name, side, tuple(params[key].shape), w.dtype)
+            if config.kasa_config is not None:
+                params[DIAG], base["weight"] = kasa_init(module_name, w, r, w.dtype)
+            if config.velora_config is not None:
+                params[EMBED] = init_embed(fan_in, config.velora_config, w.dtype)
+            if config.monteclora_config is not None:  # (PEFT also pre-draws training samples here: not needed)
+                samples = config.monteclora_config["num_samples"]
+                params[STD_PRIOR] = torch.rand(r, dtype=w.dtype)
+                params[EXPERT_PRIOR] = torch.rand(samples, dtype=w.dtype)
+                params[VAR_PRIOR], params[EXPERT_WEIGHTS] = torch.eye(r, dtype=w.dtype), torch.ones(samples) / samples
         # PEFT keeps float adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
         dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
@@ -215,8 +286,17 @@ class Lora(Method):
             groups = _conv_groups(site.node)
             h = b.call(aten.conv2d.default, x, tensors[A], None, stride, padding)
             h = b.call(aten.conv2d.default, h, tensors[B], tensors.get(B_BIAS), [1, 1], [0, 0], [1, 1], groups)
-        else:
-            h = b.call(aten.linear.default, b.call(aten.linear.default, x, tensors[A]), tensors[B], tensors.get(B_BIAS))
+        elif config.monteclora_config is not None and training:
+            raise ConfigError(
+                "training with monteclora_config is not supported by peftc: PEFT perturbs A with a Monte Carlo sample "
+                "taken, one per step, from a buffer it pre-draws, and keeps a variational loss as module state; a "
+                "captured graph carries neither. Outside training MonteCLoRA is LoRA: eval, fold and checkpoints work"
+            )
+        elif config.velora_config is not None and training:  # A's gradient from compressed activations
+            h = project(b, x, tensors, A, config.velora_config, _in_features(site, kind))
+            h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))
+        else:  # (KaSA's diagonal and BD-LoRA's blocks, where the config has them)
+            h = branch(b.call, x, tensors, (A, B, B_BIAS), _in_features(site, kind))
         if config.use_dora:
             lw = lora_weight(b.call, kind, tensors[key_a], tensors[key_b])
             return emit_dora(b, site, y, kind, x, h, lw, tensors[MAGNITUDE], scale, dropped)
@@ -225,8 +305,16 @@ class Lora(Method):
         return b.call(aten.add.Tensor, y, delta)
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
-        if ctx.kind not in ("linear", "conv1d"):
-            return None  # embedding and conv2d take the generic per-sample form
+        if ctx.training and any(slot is not None and slot[1].monteclora_config is not None for slot in ctx.slots):
+            return None  # the generic form runs `emit`, which refuses MonteCLoRA training
+        if ctx.training and any(slot is not None and slot[1].velora_config is not None for slot in ctx.slots):
+            # PEFT computes VeLoRA's batch projection per adapter's sub-batch; peftc's forms see the whole batch
+            raise ConfigError("mixed batches (adapter_names) in training are not supported with velora_config; "
+                              "train one adapter at a time, or run mixed batches in eval mode")
+        if ctx.kind not in ("linear", "conv1d") or any(
+                slot is not None and (slot[1].kasa_config is not None or slot[1].use_bdlora is not None)
+                for slot in ctx.slots):
+            return None  # embedding, conv2d and the variants that reshape the factors take the generic form
         return emit_mixed_lora(ctx, (A, B, SCALE))
 
     def fold(
@@ -244,7 +332,10 @@ class Lora(Method):
             )
         scale = tensors[SCALE]
         key_a, key_b = _factors(kind)
-        lw = lora_weight(eager, kind, tensors[key_a], tensors[key_b])
+        if kind == "linear":  # B·A as `branch` applies it (KaSA's diagonal and BD-LoRA's blocks made dense)
+            lw = torch.mm(*reversed(dense_factors(tensors, (A, B), base["weight"].shape[1])))
+        else:
+            lw = lora_weight(eager, kind, tensors[key_a], tensors[key_b])
         merged = base["weight"] + out_first(eager, kind, lw) * scale
         if config.use_dora:
             merged = fold_dora(kind, merged, base["weight"], lw, tensors[MAGNITUDE], scale)
@@ -265,8 +356,10 @@ class Lora(Method):
         initial: dict[TensorKey, torch.Tensor],
     ) -> dict[TensorKey, torch.Tensor]:
         # W_res + s·BA = W + s·(BA - B0·A0) = W + s·[B | -B0]·[A ; A0]: a LoRA of twice the rank
-        if config.use_dora or config.lora_bias:
-            raise CheckpointError("only plain LoRA adapters convert against their initial adapter (no DoRA, lora_bias)")
+        variants = [name for name in ("use_dora", "lora_bias", *VARIANT_KINDS) if getattr(config, name)]
+        if variants:
+            raise CheckpointError(f"only plain LoRA adapters convert against their initial adapter (this one has "
+                                  f"{', '.join(variants)})")
         out = {}
         for key, value in tensors.items():
             rows = key in (A, EMB_A)
@@ -284,6 +377,12 @@ class Lora(Method):
             rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
             alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         )
+
+
+def _in_features(site: Any, kind: str) -> int:
+    """The input features of a linear / Conv1D site, from its weight (stored (out, in) / (in, out))."""
+    shape = site.weight.meta["val"].shape
+    return shape[0] if kind == "conv1d" else shape[1]
 
 
 def _conv_geometry(node: torch.fx.Node) -> tuple[list[int], list[int]]:

@@ -1,5 +1,7 @@
-"""LoRA inits that decompose the base weight: PiSSA (SVD) and OLoRA (QR).
+"""LoRA inits that read the base weight or draw factors of their own: PiSSA (SVD), OLoRA (QR), MiCA
+(the minor singular vectors) and orthogonal.
 
+PiSSA and OLoRA decompose the base weight:
 A and B take W's principal part and the base weight becomes the residual W - s·BA, so the adapted
 model starts exactly where the base model is. PEFT overwrites the base layer's weight in place;
 peftc returns the residual as a new tensor (`AdapterTensors.base`) and the user's model keeps its
@@ -43,3 +45,23 @@ def decompose(
         a, b = root @ uh, v @ root
     residual = (w - scale * b @ a).to(weight.dtype)
     return a.contiguous(), b.contiguous(), residual.T if kind == "conv1d" else residual
+
+
+def orthogonal(fan_in: int, fan_out: int, r: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's `orthogonal_init` (A, B): random Gaussians projected on the odd and even rows of a random
+    orthogonal r×r matrix, so B·A = 0 at the start; drawn in PEFT's order, cast to the base dtype as PEFT does."""
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    a = torch.randn(fan_in, r // 2).mm(q[0::2, :]).T / 10.0
+    b = torch.randn(r // 2, fan_out).T.mm(q[1::2, :]) / 10.0
+    return a.contiguous().to(dtype), b.contiguous().to(dtype)
+
+
+def mica(kind: str, weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's `mica_init` (A, B): B the r left singular vectors of the (out, in) weight with the smallest
+    singular values, A zero (so B·A = 0); B stays frozen in training (`Lora.frozen`)."""
+    w = weight.detach().to(torch.float32)
+    if kind in ("conv1d", "embedding"):  # stored (in, out): an embedding's update is (dim, num_embeddings)
+        w = w.T
+    u, _, _ = torch.linalg.svd(w, full_matrices=False)
+    b, a = u[:, -r:].contiguous(), torch.zeros(r, w.shape[1], device=w.device)
+    return a.to(weight.dtype), b.to(weight.dtype)

@@ -62,6 +62,17 @@ def layer_kinds(model: nn.Module, method: Method, config: AdapterConfig) -> dict
     return kinds
 
 
+def trained_biases(config: AdapterConfig, model: nn.Module, targets: list[str]) -> list[str]:
+    """Names (in `model`) of the base biases a config's `bias` field trains, as PEFT selects them: "all"
+    every parameter named `bias`, "<method>_only" the biases of the modules the method adapts."""
+    bias = getattr(config, "bias", "none")
+    if bias == "none":
+        return []
+    if bias == "all":
+        return sorted({fqn for fqn, _ in model.named_parameters() if fqn == "bias" or fqn.endswith(".bias")})
+    return [f"{path}.bias" for path in targets if getattr(model.get_submodule(path), "bias", None) is not None]
+
+
 class AdapterSet:
     """Loaded adapters: their configs (in `adapter_index` order), their placements by module, the active ones."""
 
@@ -71,6 +82,8 @@ class AdapterSet:
         self.modules: dict[str, list[ModuleAdapter]] = {}  # module path -> adapters placed there, in order
         self.active: list[str] = []
         self.padded: set[str] = set()  # adapters hot-swapped in at a smaller rank (zero-padded)
+        # adapter -> source names of the base biases its config's `bias` trains ("all", "lora_only")
+        self.biases: dict[str, list[str]] = {}
 
     @property
     def order(self) -> list[str]:
@@ -99,6 +112,11 @@ class AdapterSet:
             raise ConfigError(f"an adapter named {adapter_name!r} is already loaded")
         config = load_config(peft_config)
         method, *parts = methods_for(config.peft_type)
+        method.check_beside(config, self.configs)
+        replication = getattr(config, "layer_replication", None)
+        if replication and replication != self.tree.replicated:
+            raise ConfigError(f"layer_replication={replication!r}: the model's layers were laid out when it was "
+                              f"adapted ({self.tree.replicated!r}); an adapter with another layout cannot be added")
         source = self.tree.source
         config = method.prepare_config(copy.deepcopy(config), source)
         kinds = layer_kinds(source, method, config)
@@ -121,6 +139,10 @@ class AdapterSet:
             self._place(adapter_name, config, method, targets)
         if new:
             self.tree.rename_base(self.adapted_paths())
+        owned = {key for keys in self.biases.values() for key in keys}  # copied (and trained) already
+        self.biases[adapter_name] = trained_biases(config, self.tree.source, [t.path for t in placements[0][1]])
+        for key in set(self.biases[adapter_name]) - owned:
+            self.tree.own_trainable(key)
         self.set_trainable()
 
     def _place(self, adapter: str, config: AdapterConfig, method: Method, targets: list[Target]) -> None:
@@ -164,7 +186,8 @@ class AdapterSet:
         adapter either completes or leaves the model as it was."""
         modules = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set))
                    for root in (self.tree.root, self.tree.source) for m in root.modules()]
-        books = dict(self.configs), {p: list(mas) for p, mas in self.modules.items()}, dict(self.tree.names)
+        books = (dict(self.configs), {p: list(mas) for p, mas in self.modules.items()}, dict(self.tree.names),
+                 dict(self.biases))
         try:
             yield
         except BaseException:
@@ -172,7 +195,7 @@ class AdapterSet:
                 for live, before in zip((m._modules, m._parameters, m._buffers, m._non_persistent_buffers_set), saved):
                     live.clear()
                     live.update(before)
-            self.configs, self.modules, self.tree.names = books
+            self.configs, self.modules, self.tree.names, self.biases = books
             raise
 
     # -- activating and removing ----------------------------------------------------------------
@@ -186,13 +209,29 @@ class AdapterSet:
         self.set_trainable()
 
     def set_trainable(self) -> None:
-        """Active adapters are trainable unless loaded for inference; the others are frozen."""
+        """Active adapters are trainable unless loaded for inference; the others are frozen. A base bias
+        trains while an active adapter's `bias` selects it (PEFT's `_mark_only_adapters_as_trainable`)."""
         for mas in self.modules.values():
             for ma in mas:
                 trainable = ma.adapter in self.active and not ma.config.inference_mode
-                for _, t in ma.tensors.values():
+                frozen = ma.method.frozen(ma.config)
+                for key, (_, t) in ma.tensors.items():
                     if isinstance(t, nn.Parameter):
-                        t.requires_grad_(trainable)
+                        t.requires_grad_(trainable and key not in frozen)
+        training = {key for adapter in self.active if not self.configs[adapter].inference_mode
+                    for key in self.biases.get(adapter, ()) if self._trains_bias(adapter, key)}
+        for key in {key for keys in self.biases.values() for key in keys}:
+            self.tree.tensor(self.tree.names[key]).requires_grad_(key in training)
+
+    def _trains_bias(self, adapter: str, key: str) -> bool:
+        # a module trained as copies (modules_to_save) trains its copy's bias; the original's is only saved
+        return not excluded_by_copies(key, getattr(self.configs[adapter], "modules_to_save", None))
+
+    def bias_parameters(self, adapter: str, trained: bool = False) -> dict[str, nn.Parameter]:
+        """The base biases `adapter`'s `bias` option saves (or with `trained`, trains), by their names in the
+        adapted model (PEFT's keys)."""
+        return {self.tree.names[key]: self.tree.tensor(self.tree.names[key]) for key in self.biases.get(adapter, ())
+                if not trained or self._trains_bias(adapter, key)}
 
     def delete(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
@@ -205,6 +244,7 @@ class AdapterSet:
             if not self.modules[path]:
                 del self.modules[path]
         del self.configs[adapter_name]
+        self.biases.pop(adapter_name, None)  # (trained values stay in the base, as under PEFT)
         self.padded.discard(adapter_name)  # (an adapter added later under this name is not padded)
         self.active = [a for a in self.active if a != adapter_name] or self.order[:1]
         self.tree.rename_base(self.adapted_paths())

@@ -69,13 +69,23 @@ def _module_params(model: Any, adapter_name: str) -> Iterator[tuple[Any, dict[Te
 
 
 def adapter_state_dict(model: Any, adapter_name: str, saving: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter's parameters, and the shared tensors its method saves (VeRA's projections), live
-    (not copies) under PEFT's saved keys; `saving`: as the method saves them (`Method.saved_tensors`)."""
+    """The adapter's parameters, the shared tensors its method saves (VeRA's projections) and the base
+    biases it trains, live (not copies) under PEFT's saved keys; `saving`: as the method saves them
+    (`Method.saved_tensors`)."""
     out = {}
     for ma, params in _module_params(model, adapter_name):
         if saving:
             params = ma.method.saved_tensors(ma.config, ma.module_path, params)
         out.update({names.saved_key(ma.module_path, *key): t for key, t in params.items()})
+    # the base biases its `bias` option trains, under their own keys (PEFT's `_get_learnable_bias_state_dict`)
+    out.update(model.adapter_set.bias_parameters(adapter_name))
+    if getattr(model.peft_config[adapter_name], "bias", "none") == "all":
+        # PEFT's "all" also takes every live key ending in ".bias", so a copy's bias (modules_to_save) is saved
+        # a second time under its live key less the adapter name (a copy: safetensors refuses shared storage)
+        copies = f".{names.MODULES_TO_SAVE}.{adapter_name}."
+        out.update({fqn.replace(copies, f".{names.MODULES_TO_SAVE}."): t.detach().clone() for ma, params in
+                    _module_params(model, adapter_name) for key, t in params.items()
+                    for fqn, _ in [ma.tensors[key]] if copies in fqn and fqn.endswith(".bias")})
     for ma, _ in _module_params(model, adapter_name):
         if ma.method.saves_shared(ma.config):
             out.update({names.shared_saved_key(*key): model.get_buffer(fqn)

@@ -304,13 +304,14 @@ class LoraConfig(AdapterConfig):
     peft_type_name: ClassVar[str] = "LORA"
     unsupported: ClassVar[tuple[str, ...]] = (
         "megatron_config", "eva_config", "corda_config",
-        "lora_ga_config", "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config",
-        "layer_replication", "use_bdlora", "arrow_config", "kasa_config",
+        "lora_ga_config", "alora_invocation_tokens", "use_qalora",
+        "arrow_config",
         "ensure_weight_tying", "loftq_config",
     )
     unsupported_task_types: ClassVar[tuple[str, ...]] = ()  # their heads become modules_to_save, as in PEFT
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
-    init_choices: ClassVar[str] = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
+    init_choices: ClassVar[str] = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal' "
+                                   "or 'mica'")
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -360,11 +361,19 @@ class LoraConfig(AdapterConfig):
         check_ranks(self)
         check_probability(self, "lora_dropout")
         check_target_parameters(self)
-        if self.bias != "none":
-            raise ConfigError(f"bias={self.bias!r} is not supported by peftc yet (only 'none')")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
-        if not (init is True or init is False or self.init_method in ("gaussian", "pissa", "olora")):
-            raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet ({self.init_choices})")
+        if not (init is True or init is False or self.init_method is not None):
+            reason = INIT_REFUSED.get(str(init), "")
+            raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet"
+                              + (f": {reason}" if reason else "") + f" ({self.init_choices})")
+        self.kasa_config = sub_config(self, "kasa_config", KASA_FIELDS)
+        self.use_bdlora = sub_config(self, "use_bdlora", BDLORA_FIELDS)
+        self.velora_config = sub_config(self, "velora_config", VELORA_FIELDS)
+        self.monteclora_config = sub_config(self, "monteclora_config", MONTECLORA_FIELDS)
+        check_factor_variants(self)
+        check_layer_replication(self)
         if self.lora_bias and init not in (True, False):
             # as PEFT: a bias on lora_B has no place in an init that decomposes the base weight
             raise ConfigError(f"lora_bias=True needs init_lora_weights True or False, got {init!r}")
@@ -376,12 +385,15 @@ class LoraConfig(AdapterConfig):
 
     @property
     def init_method(self) -> str | None:
-        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', or None for True/False and unknown values."""
+        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', 'orthogonal', 'mica', or None for True/False
+        and unknown values (PEFT compares gaussian, olora and mica case-insensitively)."""
         init = self.init_lora_weights
         if not isinstance(init, str):
             return None
-        if init.lower() in ("gaussian", "olora"):
+        if init.lower() in ("gaussian", "olora", "mica"):
             return init.lower()
+        if init == "orthogonal":
+            return init
         return "pissa" if init == "pissa" or self.pissa_niter is not None else None
 
     @property
@@ -389,6 +401,95 @@ class LoraConfig(AdapterConfig):
         """n of init_lora_weights='pissa_niter_<n>' (PEFT's fast randomized SVD), else None."""
         match = re.fullmatch(r"pissa_niter_(\d+)", str(self.init_lora_weights))
         return int(match.group(1)) if match else None
+
+
+# PEFT's inits peftc refuses, and why
+INIT_REFUSED = {
+    "loftq": "PEFT's loftq_init quantises the base weight with bitsandbytes (NF4/int8) on a CUDA/XPU device, and "
+             "peftc has no quantised base layers",
+    "eva": "a data-driven init (PEFT's initialize_lora_eva_weights(model, dataloader)), not implemented",
+    "corda": "a data-driven init (PEFT's preprocess_corda(model, config, run_model)), not implemented",
+    "lora_ga": "a gradient-driven init (PEFT's preprocess_loraga(model, config, train_step)), not implemented",
+}
+# PEFT's sub-configs of the LoRA variants peftc implements: field -> default (saved as PEFT's asdict writes them)
+KASA_FIELDS = {"beta": 1e-4, "gamma": 1e-3}
+BDLORA_FIELDS = {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
+VELORA_FIELDS = {"num_groups": 64, "scale": 1.0, "init_type": "batch_average"}
+MONTECLORA_FIELDS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
+                     "kl_loss_weight": 1e-5, "buffer_size": 150}
+
+
+def sub_config(config: AdapterConfig, name: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """A variant's sub-config as a dict with every field (PEFT's dataclass, or `{}`, selects the variant with
+    its defaults); None leaves the variant off. Unknown fields are an error naming them."""
+    value = getattr(config, name)
+    if value is None:
+        return None
+    if _looks_like_peft_config(value) or dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a dict of {sorted(fields)} or None, got {value!r}")
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    return {**fields, **value}
+
+
+def check_factor_variants(config: LoraConfig) -> None:
+    """KaSA, BD-LoRA and VeLoRA: their sub-configs' values, and the combinations PEFT has no variant for."""
+    kasa, bd, velora, monte = config.kasa_config, config.use_bdlora, config.velora_config, config.monteclora_config
+    if kasa is not None:
+        for key in ("beta", "gamma"):
+            if not isinstance(kasa[key], (int, float)) or isinstance(kasa[key], bool) or kasa[key] < 0:
+                raise ConfigError(f"kasa_config[{key!r}] must be a non-negative number, got {kasa[key]!r}")
+    if bd is not None:
+        if not isinstance(bd["nblocks"], int) or isinstance(bd["nblocks"], bool) or bd["nblocks"] <= 0:
+            raise ConfigError(f"use_bdlora['nblocks'] must be a positive integer, got {bd['nblocks']!r}")
+        for key in ("target_modules_bd_a", "target_modules_bd_b"):
+            if bd[key] is not None and not (isinstance(bd[key], list) and all(isinstance(p, str) for p in bd[key])):
+                raise ConfigError(f"use_bdlora[{key!r}] must be a list of module-name substrings, got {bd[key]!r}")
+    if velora is not None:
+        if not isinstance(velora["num_groups"], int) or isinstance(velora["num_groups"], bool) \
+                or velora["num_groups"] <= 0:
+            raise ConfigError(f"velora_config['num_groups'] must be a positive integer, got {velora['num_groups']!r}")
+        if not isinstance(velora["scale"], (int, float)) or isinstance(velora["scale"], bool) or velora["scale"] <= 0:
+            raise ConfigError(f"velora_config['scale'] must be a positive number, got {velora['scale']!r}")
+        if velora["init_type"] == "batch_average_once":
+            raise ConfigError("velora_config['init_type']='batch_average_once' is not supported by peftc: its "
+                              "projection is set by the first training batch and kept, state a captured graph does "
+                              "not carry; use 'batch_average' (recomputed every step) or 'random'")
+        if velora["init_type"] not in ("batch_average", "random"):
+            raise ConfigError(f"velora_config['init_type'] must be 'batch_average', 'batch_average_once' or "
+                              f"'random', got {velora['init_type']!r}")
+    if monte is not None:
+        for key in ("num_samples", "dirichlet_prior", "buffer_size"):  # as PEFT's MontecloraConfig checks them
+            if not isinstance(monte[key], (int, float)) or isinstance(monte[key], bool) or monte[key] <= 0:
+                raise ConfigError(f"monteclora_config[{key!r}] must be greater than 0, got {monte[key]!r}")
+    on = [name for name, value in (("kasa_config", kasa), ("use_bdlora", bd), ("velora_config", velora),
+                                   ("monteclora_config", monte),
+                                   ("use_dora", config.use_dora),
+                                   ("init_lora_weights='mica'", config.init_method == "mica")) if value]
+    if len(on) > 1:
+        raise ConfigError(f"{' and '.join(on)} cannot be combined: PEFT has no LoRA variant for that combination")
+    if (kasa is not None or bd is not None) and config.init_lora_weights not in (True, False, "gaussian"):
+        raise ConfigError(f"{on[0]} needs init_lora_weights True, False or 'gaussian' (peftc has not checked its "
+                          f"init against PEFT's after {config.init_lora_weights!r}), got {config.init_lora_weights!r}")
+    if any(v is not None for v in (kasa, bd, velora, monte)) and config.target_parameters:
+        raise ConfigError(f"{on[0]} cannot be combined with target_parameters (PEFT's ParamWrapper has no variants)")
+
+
+def check_layer_replication(config: LoraConfig) -> None:
+    """`layer_replication`: [start, end) pairs of layer indices (saved as lists, as PEFT's JSON holds them)."""
+    layer_map = config.layer_replication
+    if layer_map is None:
+        return
+    if not isinstance(layer_map, (list, tuple)) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                       for i in pair) and 0 <= pair[0] < pair[1]
+            for pair in layer_map):
+        raise ConfigError(f"layer_replication must be a list of [start, end) pairs with 0 <= start < end, "
+                          f"got {layer_map!r}")
+    config.layer_replication = [list(pair) for pair in layer_map]
 
 
 def check_target_parameters(config: LoraConfig) -> None:

@@ -56,6 +56,9 @@ def merged_tensors(tree: ParameterTree, adapters: AdapterSet, adapter_names: Seq
     unknown = [n for n in adapter_names if n not in adapters.configs]
     if unknown:
         raise ConfigError(f"unknown adapter(s) {unknown}; loaded: {adapters.order}")
+    if tree.replicated:
+        raise ConfigError("cannot merge LoRA layers when base model layers are replicated (layer_replication): the "
+                          "replicas share one base weight, each with its own adapter (PEFT refuses too)")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for path, mas in adapters.named(adapter_names).items():
         # an adapter on a parameter (target_parameters) merges into that parameter of its module; a module

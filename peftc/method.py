@@ -264,6 +264,14 @@ class Method(ABC):
         module it is placed on (in model order), through `call` (a graph builder's, or `eager`)."""
         raise NotImplementedError(f"{self.peft_type} adds nothing to the loss")
 
+    def check_beside(self, config: AdapterConfig, loaded: dict[str, AdapterConfig]) -> None:
+        """Raise a ConfigError if an adapter of `config` cannot be added beside the `loaded` ones. Default: it can."""
+        return None
+
+    def frozen(self, config: AdapterConfig) -> frozenset[TensorKey]:
+        """The adapter parameters that stay frozen in training, though saved (MiCA's lora_B). Default: none."""
+        return frozenset()
+
     def saves_shared(self, config: AdapterConfig) -> bool:
         """Whether checkpoints carry the shared tensors (otherwise they are rebuilt from the config)."""
         return True

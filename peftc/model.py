@@ -30,11 +30,11 @@ from peftc.passes.remat import remat_plan
 from . import checkpoint, merge, weighted
 from .adapters import AdapterSet
 from .capture import CapturedGraph, default_call_kwargs, is_transformers_model, split_inputs, synthesize_inputs
-from .config import AdapterConfig
+from .config import AdapterConfig, load_config
 from .errors import CheckpointError, ConfigError
 from .method import ModuleAdapter
 from .programs import Programs
-from .state import ParameterTree, Slot, structural_copy
+from .state import ParameterTree, Slot, replicate_layers, structural_copy
 
 
 class AdaptedModel(nn.Module):
@@ -60,7 +60,13 @@ class AdaptedModel(nn.Module):
         self.training = model.training if training is None else training
         self.base_model = Slot(type(model).__name__)
         self.base_model.add_module("model", Slot(type(model).__name__))
-        self.parameter_tree = ParameterTree(self, structural_copy(model))
+        config = load_config(config)
+        source = structural_copy(model)
+        replication = getattr(config, "layer_replication", None)
+        if replication:  # the base model's structure changes before capture, for every adapter
+            replicate_layers(source, replication)
+        self.parameter_tree = ParameterTree(self, source)
+        self.parameter_tree.replicated = replication
         self.adapter_set = AdapterSet(self.parameter_tree)
         self.programs = Programs(self.parameter_tree, self.adapter_set, default_call_kwargs(model),
                                  is_transformers_model(model))
@@ -307,14 +313,18 @@ class AdaptedModel(nn.Module):
         return dict(self.adapter_set.modules)
 
     def adapter_parameters(self, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of one adapter, or of the active adapters."""
+        """(name, parameter) of what one adapter, or the active adapters, train: their parameters but those the
+        method keeps frozen (MiCA's lora_B), and the base biases their `bias` option trains."""
         wanted = self.adapter_set.active if adapter is None else [adapter]
         for mas in self.targeted_modules.values():
             for ma in mas:
                 if ma.adapter in wanted and not getattr(ma, "tied", None):  # a tied head's are the embedding's
-                    for fqn, t in ma.tensors.values():
-                        if isinstance(t, nn.Parameter):
+                    frozen = ma.method.frozen(ma.config)
+                    for key, (fqn, t) in ma.tensors.items():
+                        if isinstance(t, nn.Parameter) and key not in frozen:
                             yield fqn, t
+        biases = {fqn: t for name in wanted for fqn, t in self.adapter_set.bias_parameters(name, trained=True).items()}
+        yield from biases.items()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

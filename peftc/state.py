@@ -70,6 +70,43 @@ def structural_copy(model: nn.Module, keep_requires_grad: bool = False) -> nn.Mo
     return copy.deepcopy(model, memo)
 
 
+def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> None:
+    """PEFT's `replicate_layers` (LoRA's `layer_replication`), on the source copy: the decoder layer list
+    rebuilt from [start, end) ranges of the original layers, each a copy sharing the original's parameters
+    (`layer_idx` renumbered for the KV cache); `config.num_hidden_layers` follows."""
+    inner = model
+    while hasattr(inner, "model"):
+        inner = inner.model
+    inner = getattr(inner, "bert", inner)
+    if isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        owner, attr = inner, "layers"
+    elif isinstance(getattr(getattr(inner, "encoder", None), "layer", None), nn.ModuleList):
+        owner, attr = inner.encoder, "layer"
+    elif isinstance(getattr(inner, "h", None), nn.ModuleList):
+        owner, attr = inner, "h"
+    else:
+        raise ConfigError("layer_replication: no decoder layer list found (PEFT looks for `layers`, "
+                          "`encoder.layer` or `h` under the model: Llama, BERT or Falcon compatible architectures)")
+    layers = getattr(owner, attr)
+    out_of_range = [pair for pair in layer_map if pair[1] > len(layers)]
+    if out_of_range:
+        raise ConfigError(f"layer_replication: ranges {out_of_range} reach past the model's {len(layers)} layers")
+    new: list[nn.Module] = []
+    for start, end in layer_map:
+        for i in range(start, end):
+            clone = copy.deepcopy(layers[i])
+            for name, module in layers[i].named_modules():
+                for leaf, p in module.named_parameters(recurse=False):
+                    clone.get_submodule(name).register_parameter(leaf, p)
+            for module in clone.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = len(new)
+            new.append(clone)
+    setattr(owner, attr, nn.ModuleList(new))
+    if hasattr(getattr(inner, "config", None), "num_hidden_layers"):
+        inner.config.num_hidden_layers = len(new)
+
+
 def group_leaf(key: TensorKey, adapter: str) -> tuple[str, str, str | None]:
     """PEFT's name parts of an adapter tensor: (group, adapter, leaf), e.g. ("lora_A", "default", "weight")."""
     group, leaf = key
@@ -83,6 +120,7 @@ class ParameterTree:
         self.root = root
         self.source = source
         self.names: dict[str, str] = {}  # source FQN -> tree FQN
+        self.replicated: list[list[int]] | None = None  # the layer_replication the source was built with
         for fqn, p in source.named_parameters(remove_duplicate=False):
             self.names[fqn] = names.base_key(fqn, set())
             set_tensor(root, self.names[fqn], p)
@@ -146,6 +184,18 @@ class ParameterTree:
             )
         new = nn.Parameter(value, requires_grad=False)
         self.set(self.names[f"{path}.{leaf}"], new)
+        module._parameters[leaf] = new
+
+    def own_trainable(self, key: str) -> None:
+        """Give the source tensor `key` (a base bias PEFT's `bias` option trains) a copy of its own, holding its
+        current value, so that training it never writes into the user's model."""
+        module_path, leaf = names.split_module(key)
+        module = self.source.get_submodule(module_path)
+        old = module._parameters[leaf]
+        if any(p is old for fqn, p in self.source.named_parameters(remove_duplicate=False) if fqn != key):
+            raise ConfigError(f"parameter {key!r} is tied to another, and bias training would change both uses")
+        new = nn.Parameter(old.detach().clone(), requires_grad=False)
+        self.set(self.names[key], new)
         module._parameters[leaf] = new
 
     def register_created(self, path: str, adapter: str, created: AdapterTensors, trainable: bool,

@@ -33,6 +33,10 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
         if has_extras(config):
             raise ConfigError(f"adapters: {name!r} has {', '.join(EXTRAS)} set; add_weighted_adapter combines "
                               "the low-rank factors of plain LoRA adapters only")
+        reshaped = [f for f in ("kasa_config", "use_bdlora") if getattr(config, f, None) is not None]
+        if reshaped:  # (PEFT combines lora_A and lora_B alone here: it drops KaSA's diagonal, misreads BD's blocks)
+            raise ConfigError(f"adapters: {name!r} has {reshaped[0]} set; its update is not B·A, which "
+                              "add_weighted_adapter combines")
         configs.append(config)
     if len(weights) != len(adapters):
         raise ConfigError(f"weights has {len(weights)} entries for {len(adapters)} adapters")
