@@ -1,9 +1,10 @@
 """generate() tokens/s on the ~42M Llama shape of bench_lora.py, in one run: the base model's HF generate,
 PEFT's unmerged generate, peftc eager (the KV-cache graph), peftc compiled, peftc folded; and a batch
-whose samples use different adapters vs one adapter, for peftc and for PEFT's `adapter_names=`.
+whose samples use different adapters vs one adapter, for peftc and for PEFT's `adapter_names=`; and the
+exported ONNX decoders (bench_generate_ort.py): merged and switch through onnxruntime, and onnxruntime-genai.
 
     python bench/bench_generate.py                          # prompts 16 and 512, batch 1 and 8, 64 new tokens
-    python bench/bench_generate.py --prompts 16 --batches 8 --rounds 2 --no-compile
+    python bench/bench_generate.py --prompts 16 --batches 8 --rounds 2 --no-compile --no-ort
 
 All-linear LoRA r=16 (random non-zero B), greedy, `min_new_tokens = max_new_tokens` so every call
 generates the same number of tokens. Candidates run interleaved in rounds with a rotating order after a
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=8, help="adapters of the mixed batch")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime decoders")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = build_model(tie=True)
@@ -59,6 +61,10 @@ def main() -> None:
             }
             if compiled is not None:
                 candidates["peftc compiled"] = gen(compiled)
+            if not args.no_ort:
+                from bench_generate_ort import ort_candidates
+
+                candidates.update(ort_candidates(am, ids, n, names, threads=args.threads))
             start = time.time()
             same = torch.equal(candidates["peftc eager"](), candidates["PEFT"]())
             same_mixed = torch.equal(candidates["peftc mixed"](), candidates["PEFT mixed"]())
@@ -72,15 +78,18 @@ def main() -> None:
             row = [prompt, batch] + [tokens / t[c] for c in ("base HF", "PEFT", "peftc eager")]
             row += [tokens / t["peftc compiled"] if compiled is not None else float("nan"), tokens / t["peftc folded"]]
             row += [t["peftc eager"] / t["base HF"], t["PEFT"] / t["base HF"],
-                    t["peftc mixed"] / t["peftc eager"], t["PEFT mixed"] / t["PEFT"], 100 * noise]
+                    t["peftc mixed"] / t["peftc eager"], t["PEFT mixed"] / t["PEFT"]]
+            ort = ("ORT merged", "ORT switch", "genai merged")
+            row += [tokens / t[c] if c in t else float("nan") for c in ort]
+            row += [t["ORT switch"] / t["ORT merged"] if "ORT switch" in t else float("nan"), 100 * noise]
             rows.append(row)
     print()
     head = ["prompt", "batch", "base tok/s", "PEFT tok/s", "peftc tok/s", "compiled tok/s", "folded tok/s",
             "peftc/base", "PEFT/base", f"peftc {args.adapters}-mixed/single", f"PEFT {args.adapters}-mixed/single",
-            "IQR%"]
+            "ORT merged tok/s", "ORT switch tok/s", "genai merged tok/s", "ORT switch/merged", "IQR%"]
     print("  ".join(head))
     for row in rows:
-        print("  ".join(f"{v:>{len(h)}.3f}" if isinstance(v, float) and h.endswith(("/base", "single"))
+        print("  ".join(f"{v:>{len(h)}.3f}" if isinstance(v, float) and h.endswith(("/base", "single", "merged"))
                         else f"{v:>{len(h)}.1f}" if isinstance(v, float) else f"{v:>{len(h)}d}"
                         for v, h in zip(row, head)))
 
