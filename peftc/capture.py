@@ -14,6 +14,7 @@ the way torch.compile guards a compiled frame.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -32,6 +33,7 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 from torch.utils._sympy.numbers import int_oo
+from torch.utils._sympy.printers import PythonPrinter
 
 from .errors import CaptureError, ConfigError
 
@@ -80,7 +82,7 @@ class CapturedGraph:
                         return False
                 else:
                     deferred.append((dim, size))
-        if not all(int(expr.subs(bound)) == size for expr, size in deferred):
+        if not all(_evaluated(expr, bound) == size for expr, size in deferred):
             return False
         return self.guards is None or self.guards(flat_inputs)
 
@@ -90,6 +92,22 @@ class CapturedGraph:
             return False
         lo, hi = self.ranges.get(symbol, (0, float("inf")))
         return lo <= value <= hi
+
+
+@functools.cache
+def _as_function(expr: sympy.Expr) -> tuple[tuple[sympy.Symbol, ...], Callable[..., Any]]:
+    symbols = tuple(sorted(expr.free_symbols, key=str))
+    source = f"lambda {', '.join(map(str, symbols))}: {PythonPrinter().doprint(expr)}"  # as torch prints guards
+    return symbols, eval(source, {"math": math, **SYMPY_INTERP})
+
+
+def _evaluated(expr: sympy.Expr, bound: dict[sympy.Symbol, int]) -> int | None:
+    """`expr` at the bound sizes (None where a symbol is unbound), through a function compiled once per
+    expression: `subs` at every call cost more than a decode step's other bookkeeping."""
+    symbols, function = _as_function(expr)
+    if any(s not in bound for s in symbols):
+        return None
+    return int(function(*(bound[s] for s in symbols)))
 
 
 def signature_key(flat_inputs: list[Any], spec: pytree.TreeSpec, training: bool) -> tuple:
