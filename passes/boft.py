@@ -23,7 +23,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import AdapterConfig, check_probability
+from peftc.config import BIAS_REASON, AdapterConfig, check_probability
 from peftc.errors import ConfigError
 from peftc.graph import Call, cast, dtype_of, eager
 from peftc.method import AdapterTensors, EmitContext, TensorKey, adapter_dtype, register_method
@@ -50,8 +50,10 @@ class BOFTConfig(AdapterConfig):
     """PEFT's `BOFTConfig`, same fields and defaults."""
 
     peft_type_name: ClassVar[str] = "BOFT"
-    # bias / modules_to_save train base tensors; fan_in_fan_out has no meaning for the layers BOFT adapts
-    unsupported: ClassVar[tuple[str, ...]] = ("bias", "modules_to_save", "fan_in_fan_out")
+    unsupported: ClassVar[dict[str, str]] = {
+        "bias": BIAS_REASON,
+        "fan_in_fan_out": "BOFT adapts nn.Linear and nn.Conv2d only, whose weights are never stored transposed",
+    }
 
     boft_block_size: int = 4
     boft_block_num: int = 0

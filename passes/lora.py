@@ -10,7 +10,7 @@ on B, scaled with it), and the inits that decompose the base weight, PiSSA and O
 (passes/lora_init.py), whose residual base weight the adapted model keeps as a new tensor.
 The config's parts that are not factors beside an op are rewrites of their own, placed by the adapted
 model: `target_parameters` (passes/lora_params.py), `trainable_token_indices` (passes/trainable_tokens.py)
-and `modules_to_save` (passes/modules_to_save.py).
+and `modules_to_save` (passes/modules_to_save.py, a part of every method's config that has the field).
 """
 
 from __future__ import annotations
@@ -103,7 +103,6 @@ class Lora(Method):
         "embedding": "nn.Embedding",
         "conv2d": "nn.Conv2d",
         "parameter": "nn.Parameter (2-D, 3-D expert stacks)",  # `target_parameters`: passes/lora_params.py
-        "module": "any module (`modules_to_save`)",  # whole-module copies: passes/modules_to_save.py
     }
     site_ops = {
         "linear": ("linear",),
@@ -111,7 +110,6 @@ class Lora(Method):
         "embedding": ("embedding",),
         "conv2d": ("conv2d", "convolution"),
         "parameter": (),  # not an op site: the parameter is rebound inside its module
-        "module": (),
     }
     variants = {
         "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d"),
@@ -120,7 +118,6 @@ class Lora(Method):
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
-        "`modules_to_save` (and task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS heads): trained copies": ("module",),
     }
 
     def layer_kind(self, module: nn.Module) -> str | None:
