@@ -53,6 +53,8 @@ class BOFTConfig(AdapterConfig):
     unsupported: ClassVar[dict[str, str]] = {
         "bias": BIAS_REASON,
         "fan_in_fan_out": "BOFT adapts nn.Linear and nn.Conv2d only, whose weights are never stored transposed",
+        "boft_n_butterfly_factor": "butterfly factors > 1 are not implemented yet (PEFT itself uses 1 whenever "
+                                   "its CUDA extension is not available)",
     }
 
     boft_block_size: int = 4
@@ -72,11 +74,6 @@ class BOFTConfig(AdapterConfig):
         super().__post_init__()
         check_shared_fields(self)
         check_one_of(self, "boft_block_size", "boft_block_num", "their product is the layer's input dimension")
-        if self.boft_n_butterfly_factor != 1:
-            raise ConfigError(
-                f"boft_n_butterfly_factor={self.boft_n_butterfly_factor!r} is not supported by peftc yet (only 1; "
-                "PEFT itself uses 1 whenever its CUDA extension is not available)"
-            )
         check_probability(self, "boft_dropout")
 
 
