@@ -23,7 +23,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import BIAS_REASON, AdapterConfig, check_probability
+from peftc.config import AdapterConfig, check_probability
 from peftc.errors import ConfigError
 from peftc.graph import Call, cast, dtype_of, eager
 from peftc.method import AdapterTensors, EmitContext, TensorKey, adapter_dtype, register_method
@@ -51,7 +51,6 @@ class BOFTConfig(AdapterConfig):
 
     peft_type_name: ClassVar[str] = "BOFT"
     unsupported: ClassVar[dict[str, str]] = {
-        "bias": BIAS_REASON,
         "fan_in_fan_out": "BOFT adapts nn.Linear and nn.Conv2d only, whose weights are never stored transposed",
         "boft_n_butterfly_factor": "butterfly factors > 1 are not implemented yet (PEFT itself uses 1 whenever "
                                    "its CUDA extension is not available)",

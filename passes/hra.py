@@ -18,7 +18,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import BIAS_REASON, AdapterConfig, check_ranks
+from peftc.config import AdapterConfig, check_ranks
 from peftc.graph import Call, cast, dtype_of, eager
 from peftc.method import AdapterTensors, EmitContext, TensorKey, adapter_dtype, register_method
 from peftc.sites import WEIGHT_OPS
@@ -37,7 +37,6 @@ class HRAConfig(AdapterConfig):
     """PEFT's `HRAConfig`, same fields and defaults."""
 
     peft_type_name: ClassVar[str] = "HRA"
-    unsupported: ClassVar[dict[str, str]] = {"bias": BIAS_REASON}
 
     r: int = 8
     apply_GS: bool = False

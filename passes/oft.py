@@ -25,7 +25,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import BIAS_REASON, AdapterConfig, check_probability, check_targets
+from peftc.config import AdapterConfig, check_probability, check_targets
 from peftc.errors import ConfigError, TargetError
 from peftc.graph import Call, SiteBuilder, cast, dtype_of, eager
 from peftc.method import AdapterTensors, EmitContext, Method, TensorKey, adapter_dtype, register_method
@@ -44,7 +44,6 @@ class OFTConfig(AdapterConfig):
     unsupported: ClassVar[dict[str, str]] = {
         "coft": "constrained OFT rewrites the parameter in place at every forward (a projection under no_grad), "
                 "a state mutation peftc's pure graphs do not make yet",
-        "bias": BIAS_REASON,
         "fan_in_fan_out": "OFT adapts nn.Linear and nn.Conv2d only, whose weights are never stored transposed "
                           "(PEFT resets it to False)",
     }

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import BIAS_REASON, AdapterConfig, check_probability, check_ranks, check_targets
+from peftc.config import AdapterConfig, check_probability, check_ranks, check_targets
 from peftc.graph import cast_like, dtype_of
 from peftc.method import AdapterTensors, EmitContext, Method, TensorKey, adapter_dtype, in_out_features, register_method
 
@@ -38,7 +38,6 @@ class VeraConfig(AdapterConfig):
     """PEFT's `VeraConfig`, same fields and defaults."""
 
     peft_type_name: ClassVar[str] = "VERA"
-    unsupported: ClassVar[dict[str, str]] = {"bias": BIAS_REASON}
 
     r: int = 256
     target_modules: list[str] | str | None = None

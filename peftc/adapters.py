@@ -71,6 +71,8 @@ class AdapterSet:
         self.modules: dict[str, list[ModuleAdapter]] = {}  # module path -> adapters placed there, in order
         self.active: list[str] = []
         self.padded: set[str] = set()  # adapters hot-swapped in at a smaller rank (zero-padded)
+        # adapter -> source names of the base biases it trains (PEFT's bias="all" / "<method>_only")
+        self.biases: dict[str, list[str]] = {}
 
     @property
     def order(self) -> list[str]:
@@ -120,7 +122,31 @@ class AdapterSet:
             self._place(adapter_name, config, method, targets)
         if new:
             self.tree.rename_base(self.adapted_paths())
+        self._train_biases(adapter_name, config, [t.path for t in placements[0][1]])
         self.set_trainable()
+
+    def _train_biases(self, adapter: str, config: AdapterConfig, targeted: list[str]) -> None:
+        """PEFT's `bias` (BaseTuner, the same for every method): "all" trains every bias of the model,
+        "<method>_only" those of the adapted layers. The base bias itself is trained (saved under its base
+        key), so it becomes a copy of the user's, which is never written to; it stays trained, as in PEFT,
+        when the adapter is disabled or deleted."""
+        bias = getattr(config, "bias", "none")
+        if bias == "none":
+            return
+        others = [name for name, c in self.configs.items() if name != adapter and getattr(c, "bias", "none") != "none"]
+        if others:  # PEFT refuses it too: the biases are shared by every adapter
+            raise ConfigError(f"bias={bias!r}: adapter {others[0]!r} already trains biases; only one adapter may "
+                              "have bias other than 'none'")
+        source = self.tree.source
+        candidates = [path for path, _ in source.named_modules()] if bias == "all" else targeted
+        paths = [p for p in candidates if isinstance(getattr(source.get_submodule(p), "bias", None), nn.Parameter)]
+        for path in paths:
+            self.tree.replace_base(path, "bias", source.get_submodule(path).bias.detach().clone())
+        self.biases[adapter] = [f"{path}.bias" for path in paths]
+
+    def bias_parameters(self, adapter: str) -> dict[str, nn.Parameter]:
+        """The base biases `adapter` trains, by their state-dict key (`<module>.base_layer.bias`, ...)."""
+        return {self.tree.names[src]: self.tree.tensor(self.tree.names[src]) for src in self.biases.get(adapter, [])}
 
     def _place(self, adapter: str, config: AdapterConfig, method: Method, targets: list[Target]) -> None:
         """One method's adapters at its targets, named as PEFT names them."""
@@ -163,7 +189,8 @@ class AdapterSet:
         adapter either completes or leaves the model as it was."""
         modules = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set))
                    for root in (self.tree.root, self.tree.source) for m in root.modules()]
-        books = dict(self.configs), {p: list(mas) for p, mas in self.modules.items()}, dict(self.tree.names)
+        books = (dict(self.configs), {p: list(mas) for p, mas in self.modules.items()}, dict(self.tree.names),
+                 dict(self.biases))
         try:
             yield
         except BaseException:
@@ -171,7 +198,7 @@ class AdapterSet:
                 for live, before in zip((m._modules, m._parameters, m._buffers, m._non_persistent_buffers_set), saved):
                     live.clear()
                     live.update(before)
-            self.configs, self.modules, self.tree.names = books
+            self.configs, self.modules, self.tree.names, self.biases = books
             raise
 
     # -- activating and removing ----------------------------------------------------------------
@@ -192,6 +219,9 @@ class AdapterSet:
                 for _, t in ma.tensors.values():
                     if isinstance(t, nn.Parameter):
                         t.requires_grad_(trainable)
+        for adapter in self.biases:
+            for p in self.bias_parameters(adapter).values():
+                p.requires_grad_(adapter in self.active and not self.configs[adapter].inference_mode)
 
     def delete(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
@@ -204,6 +234,9 @@ class AdapterSet:
             if not self.modules[path]:
                 del self.modules[path]
         del self.configs[adapter_name]
+        for p in self.bias_parameters(adapter_name).values():  # trained biases stay, frozen, as in PEFT
+            p.requires_grad_(False)
+        self.biases.pop(adapter_name, None)
         self.padded.discard(adapter_name)  # (an adapter added later under this name is not padded)
         self.active = [a for a in self.active if a != adapter_name] or self.order[:1]
         self.tree.rename_base(self.adapted_paths())

@@ -25,9 +25,6 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_VERSION = "0.21.2"  # the PEFT release whose config format peftc writes
 
 _REGISTRY: dict[str, type[AdapterConfig]] = {}
-# why `bias` other than "none" is refused where it is
-BIAS_REASON = ("training the base layers' biases (PEFT's bias='all' / '<method>_only') is not implemented for "
-               "this method yet")
 # task types whose PEFT model adds its head(s) to modules_to_save (PeftModelForSequenceClassification, ...)
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
@@ -83,6 +80,9 @@ class AdapterConfig:
                 f"for this task type, and {type(self).__name__} has no modules_to_save; leave task_type unset "
                 "(the adapters are identical) or use CAUSAL_LM/FEATURE_EXTRACTION"
             )
+        bias = getattr(self, "bias", "none")  # PEFT's BaseTuner: the same values for every method that has it
+        if bias not in ("none", "all") and not (isinstance(bias, str) and bias.endswith("_only")):
+            raise ConfigError(f"bias={bias!r} must be 'none', 'all' or '<method>_only' (e.g. 'lora_only')")
         defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
         for name, reason in self.unsupported.items():
             value = getattr(self, name)

@@ -309,6 +309,8 @@ class AdaptedModel(nn.Module):
                     for fqn, t in ma.tensors.values():
                         if isinstance(t, nn.Parameter):
                             yield fqn, t
+        for name in wanted:  # base biases the adapter trains (bias="all" / "<method>_only")
+            yield from self.adapter_set.bias_parameters(name).items()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -101,7 +101,7 @@ def test_dropout_draws_only_in_the_train_graph():
     ({"boft_n_butterfly_factor": 2}, "boft_n_butterfly_factor=2 is not supported"),
     ({"boft_block_num": 2}, "exactly one of boft_block_size"),
     ({"boft_block_size": 5}, "boft_block_size=5 does not divide the 12 input features of 'lin0'"),
-    ({"bias": "boft_only"}, "bias='boft_only' is not supported"),
+    ({"bias": "some"}, "bias='some' must be 'none', 'all' or '<method>_only'"),
 ])
 def test_bad_configs(extra: dict, message: str):
     with pytest.raises(ConfigError, match=message):

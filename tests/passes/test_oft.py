@@ -274,7 +274,7 @@ def test_block_sizes_adjust_like_peft():
     ({"r": 4}, "exactly one of r"),
     ({"oft_block_size": 0}, "exactly one of r"),
     ({"coft": True}, "coft=True is not supported"),
-    ({"bias": "all"}, "bias='all' is not supported"),
+    ({"bias": "some"}, "bias='some' must be 'none', 'all' or '<method>_only'"),
     ({"module_dropout": 1.0}, "module_dropout"),
 ])
 def test_bad_configs(extra: dict, message: str):

@@ -80,6 +80,7 @@ BEHAVIOUR: dict[str, dict[str, Change]] = {
         "modules_to_save": {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
     },
     "OFT": {
+        "bias": {"bias": "all"},
         "r": {"r": 3, "oft_block_size": 0}, "oft_block_size": {"oft_block_size": 6},
         "target_modules": {"target_modules": ["lin0"]},
         "exclude_modules": {"exclude_modules": ["lin1"]}, "init_weights": {"init_weights": False},
@@ -88,17 +89,20 @@ BEHAVIOUR: dict[str, dict[str, Change]] = {
         "num_cayley_neumann_terms": {"num_cayley_neumann_terms": 2},
     },
     "BOFT": {
+        "bias": {"bias": "all"},
         "boft_block_size": {"boft_block_size": 2}, "boft_block_num": {"boft_block_size": 0, "boft_block_num": 2},
         "target_modules": {"target_modules": ["lin0"]}, "exclude_modules": {"exclude_modules": ["lin1"]},
         "boft_dropout": {"boft_dropout": 0.5}, "init_weights": {"init_weights": False},
         "modules_to_save": {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
     },
     "HRA": {
+        "bias": {"bias": "all"},
         "r": {"r": 4}, "apply_GS": {"apply_GS": True}, "target_modules": {"target_modules": ["lin0"]},
         "exclude_modules": {"exclude_modules": ["lin1"]}, "init_weights": {"init_weights": False},
         "modules_to_save": {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
     },
     "VERA": {
+        "bias": {"bias": "all"},
         "r": {"r": 2}, "target_modules": {"target_modules": ["lin0"]},
         "projection_prng_key": {"projection_prng_key": 7}, "save_projection": {"save_projection": False},
         "vera_dropout": {"vera_dropout": 0.5}, "d_initial": {"d_initial": 0.5},
