@@ -36,7 +36,7 @@ from peftc.method import (
 )
 from peftc.targets import pattern_value
 
-from .dora import MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
+from .dora import CONV_DIMS, CONV_KINDS, MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
 from .lora_init import decompose
 from .lora_mixed import emit_mixed_lora
 
@@ -102,6 +102,8 @@ class Lora(Method):
         "conv1d": "transformers Conv1D",
         "embedding": "nn.Embedding",
         "conv2d": "nn.Conv2d",
+        "nn_conv1d": "nn.Conv1d",
+        "conv3d": "nn.Conv3d",
         "parameter": "nn.Parameter (2-D, 3-D expert stacks)",  # `target_parameters`: passes/lora_params.py
     }
     site_ops = {
@@ -109,11 +111,13 @@ class Lora(Method):
         "conv1d": ("addmm",),
         "embedding": ("embedding",),
         "conv2d": ("conv2d", "convolution"),
+        "nn_conv1d": ("conv1d", "convolution"),
+        "conv3d": ("conv3d", "convolution"),
         "parameter": (),  # not an op site: the parameter is rebound inside its module
     }
     variants = {
-        "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d"),
-        "`lora_bias`": ("linear", "conv1d", "conv2d"),
+        "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d", "nn_conv1d", "conv3d"),
+        "`lora_bias`": ("linear", "conv1d", "conv2d", "nn_conv1d", "conv3d"),
         "PiSSA init (`init_lora_weights=\"pissa\"`)": ("linear", "conv1d"),
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
@@ -127,8 +131,9 @@ class Lora(Method):
             return "conv1d"
         if isinstance(module, nn.Embedding):
             return "embedding"
-        if isinstance(module, nn.Conv2d):
-            return "conv2d"
+        for kind, cls in (("nn_conv1d", nn.Conv1d), ("conv2d", nn.Conv2d), ("conv3d", nn.Conv3d)):
+            if isinstance(module, cls):
+                return kind
         return None
 
     def settings(self, config: LoraConfig, module_name: str) -> dict[str, float]:
@@ -143,8 +148,8 @@ class Lora(Method):
             fan_in, fan_out = w.shape  # (num_embeddings, dim)
         elif kind == "conv1d":
             fan_in, fan_out = w.shape  # Conv1D stores (in, out)
-        elif kind == "conv2d":
-            fan_out, fan_in = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
+        elif kind in CONV_KINDS:
+            fan_out, fan_in = w.shape[0], math.prod(w.shape[1:])
         else:
             fan_out, fan_in = w.shape
         if r > min(fan_in, fan_out) and config.init_method in ("pissa", "olora"):
@@ -165,16 +170,17 @@ class Lora(Method):
                 nn.init.normal_(b)
             params = {EMB_A: a, EMB_B: b}
         else:
-            if kind == "conv2d":
+            if kind in CONV_KINDS:
+                conv = type(module).__name__
                 if fan_out % module.groups or r % module.groups:
                     raise ConfigError(
-                        f"r={r} for module {module_name!r}: PEFT's LoRA for a Conv2d with groups={module.groups} "
+                        f"r={r} for module {module_name!r}: PEFT's LoRA for a {conv} with groups={module.groups} "
                         "needs r divisible by groups"
                     )
                 if config.use_dora and module.groups > 1:
-                    raise ConfigError(f"use_dora=True for module {module_name!r}: DoRA needs a Conv2d with groups=1")
+                    raise ConfigError(f"use_dora=True for module {module_name!r}: DoRA needs a {conv} with groups=1")
                 a = linear_like((r, w.shape[1] * module.groups, *w.shape[2:]))
-                b = linear_like((fan_out, r // module.groups, 1, 1))
+                b = linear_like((fan_out, r // module.groups, *[1] * (w.dim() - 2)))
             else:
                 a, b = linear_like((r, fan_in)), linear_like((fan_out, r))
             params = {A: a, B: b}
@@ -207,11 +213,14 @@ class Lora(Method):
             a_t = b.call(aten.t.default, tensors[EMB_A])
             h = b.call(aten.embedding.default, a_t, x, *site.node.args[2:])
             h = b.call(aten.matmul.default, h, b.call(aten.t.default, tensors[EMB_B]))
-        elif kind == "conv2d":
-            stride, padding = _conv_geometry(site.node)
+        elif kind in CONV_KINDS:
+            # PEFT's lora_A: the base conv's kernel, stride and padding (not its dilation); lora_B: 1x1, grouped
+            d = CONV_DIMS[kind]
+            stride, padding = _conv_geometry(site.node, d)
             groups = _conv_groups(site.node)
-            h = b.call(aten.conv2d.default, x, tensors[A], None, stride, padding)
-            h = b.call(aten.conv2d.default, h, tensors[B], tensors.get(B_BIAS), [1, 1], [0, 0], [1, 1], groups)
+            conv = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)[d - 1]
+            h = b.call(conv, x, tensors[A], None, stride, padding)
+            h = b.call(conv, h, tensors[B], tensors.get(B_BIAS), [1] * d, [0] * d, [1] * d, groups)
         else:
             h = b.call(aten.linear.default, b.call(aten.linear.default, x, tensors[A]), tensors[B], tensors.get(B_BIAS))
         if config.use_dora:
@@ -223,7 +232,7 @@ class Lora(Method):
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
         if ctx.kind not in ("linear", "conv1d"):
-            return None  # embedding and conv2d take the generic per-sample form
+            return None  # embeddings and convs take the generic per-sample form
         return emit_mixed_lora(ctx, (A, B, SCALE))
 
     def fold(
@@ -234,10 +243,10 @@ class Lora(Method):
         tensors: dict[TensorKey, torch.Tensor],
         base: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        if kind == "conv2d" and module.groups > 1:
+        if kind in CONV_KINDS and module.groups > 1:
             raise ConfigError(
-                f"cannot merge LoRA into a Conv2d with groups={module.groups}: the adapter's update is not a "
-                "grouped kernel (PEFT's merge is not exact there either); keep the adapter unmerged"
+                f"cannot merge LoRA into a {type(module).__name__} with groups={module.groups}: the adapter's update "
+                "is not a grouped kernel (PEFT's merge is not exact there either); keep the adapter unmerged"
             )
         scale = tensors[SCALE]
         key_a, key_b = _factors(kind)
@@ -283,10 +292,10 @@ class Lora(Method):
         )
 
 
-def _conv_geometry(node: torch.fx.Node) -> tuple[list[int], list[int]]:
-    """stride and padding of conv2d(x, w, b, stride, padding, ...) / convolution(...), defaults filled in."""
+def _conv_geometry(node: torch.fx.Node, dims: int) -> tuple[list[int], list[int]]:
+    """stride and padding of convNd(x, w, b, stride, padding, ...) / convolution(...), defaults filled in."""
     args = node.args
-    return list(args[3]) if len(args) > 3 else [1, 1], list(args[4]) if len(args) > 4 else [0, 0]
+    return list(args[3]) if len(args) > 3 else [1] * dims, list(args[4]) if len(args) > 4 else [0] * dims
 
 
 def _conv_groups(node: torch.fx.Node) -> int:
