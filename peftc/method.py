@@ -246,6 +246,11 @@ class Method(ABC):
     def emit(self, ctx: EmitContext) -> torch.fx.Node:
         """Insert the adapter at `ctx.site`, whose current value is `ctx.y`; return the new value."""
 
+    def before_call(self, config: AdapterConfig, tensors: dict[TensorKey, torch.Tensor]) -> None:
+        """What PEFT's forward does to the adapter's parameters in place before using them, run before every
+        call that uses the adapter (OFT's `coft` projection). Default: nothing."""
+        return None
+
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
         """Optional batched lowering of several adapters of this method at one site, each sample
         picking slot `ctx.index[i]` (-1: none; None slots do not adapt this module). Return None to

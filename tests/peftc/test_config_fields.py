@@ -87,6 +87,8 @@ BEHAVIOUR: dict[str, dict[str, Change]] = {
         "modules_to_save": {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
         "block_share": {"block_share": True}, "use_cayley_neumann": {"use_cayley_neumann": False},
         "num_cayley_neumann_terms": {"num_cayley_neumann_terms": 2},
+        "coft": {"coft": True, "base": {"init_weights": False}},
+        "eps": {"eps": 1e-3, "base": {"coft": True, "init_weights": False}},
     },
     "BOFT": {
         "bias": {"bias": "all"},
@@ -127,7 +129,6 @@ METADATA["LORA"].update({
     "megatron_core": ("my.megatron", "PEFT reads it only with megatron_config, which is refused"),
     "qalora_group_size": (32, "PEFT reads it only with use_qalora, which is refused"),
 })
-METADATA["OFT"]["eps"] = (1e-3, "PEFT reads it only with coft, which is refused")
 # fields PEFT corrects to the layer's layout with a warning (peftc reads the layout from the layer's type)
 CORRECTED = {"LORA": ["fan_in_fan_out"], "IA3": ["fan_in_fan_out"], "VERA": ["fan_in_fan_out"]}
 # fields whose every value computes the same in PEFT: field -> (a value, why); accepted, and saved unless run-time
