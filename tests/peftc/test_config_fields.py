@@ -95,6 +95,7 @@ BEHAVIOUR: dict[str, dict[str, Change]] = {
         "boft_block_size": {"boft_block_size": 2}, "boft_block_num": {"boft_block_size": 0, "boft_block_num": 2},
         "target_modules": {"target_modules": ["lin0"]}, "exclude_modules": {"exclude_modules": ["lin1"]},
         "boft_dropout": {"boft_dropout": 0.5}, "init_weights": {"init_weights": False},
+        "boft_n_butterfly_factor": {"boft_n_butterfly_factor": 2, "base": {"boft_block_size": 2}},
         "modules_to_save": {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
     },
     "HRA": {
