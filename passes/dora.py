@@ -40,12 +40,13 @@ def out_first(call: Call, kind: str, w: Any) -> Any:
 
 
 def lora_weight(call: Call, kind: str, a: Any, b: Any) -> Any:
-    """B·A, output channels first: (out, in), or (out, in, *kernel) for a conv (B is 1x1, groups=1)."""
+    """B·A, output channels first: (out, in), or a conv's (out, in / groups, *kernel). For a grouped conv this
+    is PEFT's definition (B's (out / groups, r) rows times A, reshaped to the weight's shape), which only
+    enters DoRA's norm; groups=1 gives the true B·A."""
     if kind in CONV_KINDS:
-        a_shape = _shape(a)
-        r = a_shape[0]
+        a_shape, r = _shape(a), _shape(a)[0]
         flat = call(aten.mm.default, call(aten.reshape.default, b, [-1, r]), call(aten.reshape.default, a, [r, -1]))
-        return call(aten.reshape.default, flat, [-1, *a_shape[1:]])
+        return call(aten.reshape.default, flat, [_shape(b)[0], -1, *a_shape[2:]])
     return call(aten.mm.default, b, a)
 
 

@@ -177,8 +177,6 @@ class Lora(Method):
                         f"r={r} for module {module_name!r}: PEFT's LoRA for a {conv} with groups={module.groups} "
                         "needs r divisible by groups"
                     )
-                if config.use_dora and module.groups > 1:
-                    raise ConfigError(f"use_dora=True for module {module_name!r}: DoRA needs a {conv} with groups=1")
                 a = linear_like((r, w.shape[1] * module.groups, *w.shape[2:]))
                 b = linear_like((fan_out, r // module.groups, *[1] * (w.dim() - 2)))
             else:

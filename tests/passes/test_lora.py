@@ -228,6 +228,21 @@ def test_grouped_conv1d_and_conv3d_match_peft_unmerged(name: str, tmp_path):
     pair = oracle.check_method(name, {"peft_type": "LORA", **fields}, peft.LoraConfig(**fields), tmp_path)
     with pytest.raises(peftc.ConfigError, match="groups=2"):  # not a grouped kernel: PEFT warns it cannot merge
         pair.am.merged_tensors()
-    with pytest.raises(peftc.ConfigError, match="DoRA needs a Conv"):
-        peftc.apply(zoo.FACTORIES[name]().model, {"peft_type": "LORA", **fields, "use_dora": True},
-                    example_inputs=zoo.FACTORIES[name]().inputs)
+
+
+@pytest.mark.parametrize("name", ["conv1d_seq", "cnn_grouped", "conv3d_net"])
+def test_dora_on_grouped_convs_matches_peft(name: str, tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """DoRA on a grouped conv: PEFT's norm of W + s·BA (its B·A of a grouped B, reshaped to W's shape)."""
+    monkeypatch.setitem(zoo.FACTORIES, "cnn_grouped", cnn_grouped)
+    fields = {"r": 4, "lora_alpha": 6, "target_modules": ["conv1"], "use_dora": True}
+    pair = oracle.check_method(name, {"peft_type": "LORA", **fields}, peft.LoraConfig(**fields), tmp_path)
+    with pytest.raises(peftc.ConfigError, match="groups=2"):
+        pair.am.merged_tensors()
+
+
+def cnn_grouped() -> zoo.Case:
+    """A Conv2d with groups=2 (the Conv1d/Conv3d zoo models have theirs)."""
+    case = zoo.cnn()
+    torch.manual_seed(0)
+    case.model.conv1 = nn.Conv2d(8, 8, 3, stride=2, groups=2)
+    return zoo.Case("cnn_grouped", case.model, case.inputs, ["conv1"], False)
