@@ -48,15 +48,22 @@ class AdaLoraConfig(LoraConfig):
     """PEFT's `AdaLoraConfig` (a LoraConfig), same fields and defaults. `r` is not used (init_r is)."""
 
     peft_type_name: ClassVar[str] = "ADALORA"
-    unsupported: ClassVar[tuple[str, ...]] = (
-        *LoraConfig.unsupported,
-        # PEFT's AdaLoRA layers ignore these LoRA fields (its SVD layers have no bias on B, no pattern of alphas,
-        # no rsLoRA scale): refused rather than silently dropped
-        "lora_bias", "alpha_pattern", "use_rslora",
-        # PEFT refuses DoRA for AdaLoRA; the LoRA parts are not placed for AdaLoRA by peftc yet
-        "use_dora", "target_parameters", "trainable_token_indices", "modules_to_save",
-    )
-    unsupported_task_types: ClassVar[tuple[str, ...]] = AdapterConfig.unsupported_task_types
+    unsupported: ClassVar[dict[str, str]] = {
+        **LoraConfig.unsupported,
+        # PEFT's AdaLoRA layers ignore these LoRA fields: refused rather than silently dropped
+        "lora_bias": "PEFT's AdaLoRA layers have no bias on B and ignore lora_bias",
+        "alpha_pattern": "PEFT's AdaLoRA builds every layer with lora_alpha and ignores alpha_pattern",
+        "use_rslora": "AdaLoRA scales by lora_alpha / ranknum; PEFT ignores use_rslora",
+        "use_dora": "PEFT's AdaLoRA does not support DoRA",
+        "target_parameters": "LoRA's target_parameters part is placed for peft_type LORA only",
+        "trainable_token_indices": "LoRA's trainable-tokens part is placed for peft_type LORA only",
+        "modules_to_save": "not checked against PEFT's AdaLoRA yet",
+        "velora_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
+        "monteclora_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
+        "kasa_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
+        "use_bdlora": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
+        "layer_replication": "not checked against PEFT's AdaLoRA",
+    }
 
     target_r: int = 8
     init_r: int = 12

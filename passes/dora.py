@@ -25,6 +25,9 @@ from .fold import BIAS_ARG
 aten = torch.ops.aten
 
 MAGNITUDE = ("lora_magnitude_vector", "weight")
+# nn.Conv1d, nn.Conv2d, nn.Conv3d -> their spatial dims: a weight (out, in / groups, *kernel), a bias per channel
+CONV_DIMS = {"nn_conv1d": 1, "conv2d": 2, "conv3d": 3}
+CONV_KINDS = tuple(CONV_DIMS)
 
 def _shape(x: torch.Tensor | torch.fx.Node) -> torch.Size:
     return x.meta["val"].shape if isinstance(x, torch.fx.Node) else x.shape
@@ -37,20 +40,21 @@ def out_first(call: Call, kind: str, w: Any) -> Any:
 
 
 def lora_weight(call: Call, kind: str, a: Any, b: Any) -> Any:
-    """B·A, output channels first: (out, in), or (out, in, kh, kw) for a conv (B is 1x1, groups=1)."""
-    if kind == "conv2d":
-        a_shape = _shape(a)
-        r = a_shape[0]
+    """B·A, output channels first: (out, in), or a conv's (out, in / groups, *kernel). For a grouped conv this
+    is PEFT's definition (B's (out / groups, r) rows times A, reshaped to the weight's shape), which only
+    enters DoRA's norm; groups=1 gives the true B·A."""
+    if kind in CONV_KINDS:
+        a_shape, r = _shape(a), _shape(a)[0]
         flat = call(aten.mm.default, call(aten.reshape.default, b, [-1, r]), call(aten.reshape.default, a, [r, -1]))
-        return call(aten.reshape.default, flat, [-1, *a_shape[1:]])
+        return call(aten.reshape.default, flat, [_shape(b)[0], -1, *a_shape[2:]])
     return call(aten.mm.default, b, a)
 
 
 def weight_norm(call: Call, kind: str, w: Any, lw: Any, scale: Any) -> Any:
-    """‖W + s·BA‖ per output channel, shaped as PEFT's magnitude: (out,), or (1, out, 1, 1) for a conv."""
+    """‖W + s·BA‖ per output channel, shaped as PEFT's magnitude: (out,), or (1, out, 1, ...) for a conv."""
     total = call(aten.add.Tensor, out_first(call, kind, w), call(aten.mul.Tensor, lw, scale))
-    if kind == "conv2d":
-        norm = call(aten.linalg_vector_norm.default, total, 2, [1, 2, 3], True)
+    if kind in CONV_KINDS:
+        norm = call(aten.linalg_vector_norm.default, total, 2, list(range(1, CONV_DIMS[kind] + 2)), True)
         return call(aten.transpose.int, norm, 1, 0)
     return call(aten.linalg_vector_norm.default, total, 2, [1])
 
@@ -91,8 +95,8 @@ def _minus_bias(b: SiteBuilder, site: Site, y: torch.fx.Node, kind: str) -> torc
     bias = site.node.args[index] if index is not None and index < len(site.node.args) else None
     if bias is None:
         return y
-    if kind == "conv2d":
-        bias = b.call(aten.reshape.default, bias, [-1, 1, 1])
+    if kind in CONV_KINDS:
+        bias = b.call(aten.reshape.default, bias, [-1, *[1] * CONV_DIMS[kind]])
     return b.call(aten.sub.Tensor, y, bias)
 
 
@@ -102,7 +106,7 @@ def _base_without_bias(b: SiteBuilder, site: Site, kind: str, x: torch.fx.Node, 
         return b.call(aten.linear.default, x, w)
     if kind == "conv1d":
         return b.call(aten.mm.default, x, w)
-    node = site.node  # conv2d(x, w, bias, stride, ...) / convolution(x, w, bias, stride, ...)
+    node = site.node  # convNd(x, w, bias, stride, ...) / convolution(x, w, bias, stride, ...)
     return b.call(node.target, x, w, None, *node.args[3:])
 
 

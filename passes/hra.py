@@ -37,7 +37,6 @@ class HRAConfig(AdapterConfig):
     """PEFT's `HRAConfig`, same fields and defaults."""
 
     peft_type_name: ClassVar[str] = "HRA"
-    unsupported: ClassVar[tuple[str, ...]] = ("bias", "modules_to_save")  # both train base tensors
 
     r: int = 8
     apply_GS: bool = False

@@ -44,7 +44,6 @@ class IA3Config(AdapterConfig):
     """PEFT's `IA3Config`, same fields and defaults."""
 
     peft_type_name: ClassVar[str] = "IA3"
-    unsupported: ClassVar[tuple[str, ...]] = ("modules_to_save",)
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -36,7 +36,6 @@ ParamSpec = tuple[TensorKey, tuple[int, ...], str]
 class LycorisConfig(AdapterConfig):
     """The fields PEFT's LoHaConfig and LoKrConfig share, same names and defaults."""
 
-    unsupported: ClassVar[tuple[str, ...]] = ("modules_to_save",)
 
     r: int = 8
     alpha: float = 8

@@ -10,7 +10,7 @@ on B, scaled with it), and the inits that decompose the base weight, PiSSA and O
 (passes/lora_init.py), whose residual base weight the adapted model keeps as a new tensor.
 The config's parts that are not factors beside an op are rewrites of their own, placed by the adapted
 model: `target_parameters` (passes/lora_params.py), `trainable_token_indices` (passes/trainable_tokens.py)
-and `modules_to_save` (passes/modules_to_save.py).
+and `modules_to_save` (passes/modules_to_save.py, a part of every method's config that has the field).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from peftc.method import (
 )
 from peftc.targets import pattern_value
 
-from .dora import MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
+from .dora import CONV_DIMS, CONV_KINDS, MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
 from .lora_factors import DIAG, bdlora_factor, bdlora_side, branch, dense_factors, kasa_init
 from .lora_init import decompose, mica, orthogonal
 from .lora_mixed import emit_mixed_lora
@@ -114,20 +114,22 @@ class Lora(Method):
         "conv1d": "transformers Conv1D",
         "embedding": "nn.Embedding",
         "conv2d": "nn.Conv2d",
+        "nn_conv1d": "nn.Conv1d",
+        "conv3d": "nn.Conv3d",
         "parameter": "nn.Parameter (2-D, 3-D expert stacks)",  # `target_parameters`: passes/lora_params.py
-        "module": "any module (`modules_to_save`)",  # whole-module copies: passes/modules_to_save.py
     }
     site_ops = {
         "linear": ("linear",),
         "conv1d": ("addmm",),
         "embedding": ("embedding",),
         "conv2d": ("conv2d", "convolution"),
+        "nn_conv1d": ("conv1d", "convolution"),
+        "conv3d": ("conv3d", "convolution"),
         "parameter": (),  # not an op site: the parameter is rebound inside its module
-        "module": (),
     }
     variants = {
-        "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d"),
-        "`lora_bias`": ("linear", "conv1d", "conv2d"),
+        "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d", "nn_conv1d", "conv3d"),
+        "`lora_bias`": ("linear", "conv1d", "conv2d", "nn_conv1d", "conv3d"),
         "`bias=\"lora_only\"` / `\"all\"` (the base biases train, saved under PEFT's keys)": ("linear", "conv1d",
                                                                                                   "conv2d"),
         "PiSSA init (`init_lora_weights=\"pissa\"`)": ("linear", "conv1d"),
@@ -144,7 +146,6 @@ class Lora(Method):
             VARIANT_KINDS["monteclora_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
-        "`modules_to_save` (and task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS heads): trained copies": ("module",),
     }
 
     def layer_kind(self, module: nn.Module) -> str | None:
@@ -154,8 +155,9 @@ class Lora(Method):
             return "conv1d"
         if isinstance(module, nn.Embedding):
             return "embedding"
-        if isinstance(module, nn.Conv2d):
-            return "conv2d"
+        for kind, cls in (("nn_conv1d", nn.Conv1d), ("conv2d", nn.Conv2d), ("conv3d", nn.Conv3d)):
+            if isinstance(module, cls):
+                return kind
         return None
 
     def check_beside(self, config: LoraConfig, loaded: dict[str, AdapterConfig]) -> None:
@@ -185,8 +187,8 @@ class Lora(Method):
             fan_in, fan_out = w.shape  # (num_embeddings, dim)
         elif kind == "conv1d":
             fan_in, fan_out = w.shape  # Conv1D stores (in, out)
-        elif kind == "conv2d":
-            fan_out, fan_in = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
+        elif kind in CONV_KINDS:
+            fan_out, fan_in = w.shape[0], math.prod(w.shape[1:])
         else:
             fan_out, fan_in = w.shape
         init_method = config.init_method
@@ -221,16 +223,15 @@ class Lora(Method):
                 nn.init.normal_(b)
             params = {EMB_A: a, EMB_B: b}
         else:
-            if kind == "conv2d":
+            if kind in CONV_KINDS:
+                conv = type(module).__name__
                 if fan_out % module.groups or r % module.groups:
                     raise ConfigError(
-                        f"r={r} for module {module_name!r}: PEFT's LoRA for a Conv2d with groups={module.groups} "
+                        f"r={r} for module {module_name!r}: PEFT's LoRA for a {conv} with groups={module.groups} "
                         "needs r divisible by groups"
                     )
-                if config.use_dora and module.groups > 1:
-                    raise ConfigError(f"use_dora=True for module {module_name!r}: DoRA needs a Conv2d with groups=1")
                 a = linear_like((r, w.shape[1] * module.groups, *w.shape[2:]))
-                b = linear_like((fan_out, r // module.groups, 1, 1))
+                b = linear_like((fan_out, r // module.groups, *[1] * (w.dim() - 2)))
             else:
                 a, b = linear_like((r, fan_in)), linear_like((fan_out, r))
             params = {A: a, B: b}
@@ -281,11 +282,14 @@ class Lora(Method):
             a_t = b.call(aten.t.default, tensors[EMB_A])
             h = b.call(aten.embedding.default, a_t, x, *site.node.args[2:])
             h = b.call(aten.matmul.default, h, b.call(aten.t.default, tensors[EMB_B]))
-        elif kind == "conv2d":
-            stride, padding = _conv_geometry(site.node)
+        elif kind in CONV_KINDS:
+            # PEFT's lora_A: the base conv's kernel, stride and padding (not its dilation); lora_B: 1x1, grouped
+            d = CONV_DIMS[kind]
+            stride, padding = _conv_geometry(site.node, d)
             groups = _conv_groups(site.node)
-            h = b.call(aten.conv2d.default, x, tensors[A], None, stride, padding)
-            h = b.call(aten.conv2d.default, h, tensors[B], tensors.get(B_BIAS), [1, 1], [0, 0], [1, 1], groups)
+            conv = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)[d - 1]
+            h = b.call(conv, x, tensors[A], None, stride, padding)
+            h = b.call(conv, h, tensors[B], tensors.get(B_BIAS), [1] * d, [0] * d, [1] * d, groups)
         elif config.monteclora_config is not None and training:
             raise ConfigError(
                 "training with monteclora_config is not supported by peftc: PEFT perturbs A with a Monte Carlo sample "
@@ -314,7 +318,7 @@ class Lora(Method):
         if ctx.kind not in ("linear", "conv1d") or any(
                 slot is not None and (slot[1].kasa_config is not None or slot[1].use_bdlora is not None)
                 for slot in ctx.slots):
-            return None  # embedding, conv2d and the variants that reshape the factors take the generic form
+            return None  # embeddings, convs and the variants that reshape the factors take the generic form
         return emit_mixed_lora(ctx, (A, B, SCALE))
 
     def fold(
@@ -325,10 +329,10 @@ class Lora(Method):
         tensors: dict[TensorKey, torch.Tensor],
         base: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        if kind == "conv2d" and module.groups > 1:
+        if kind in CONV_KINDS and module.groups > 1:
             raise ConfigError(
-                f"cannot merge LoRA into a Conv2d with groups={module.groups}: the adapter's update is not a "
-                "grouped kernel (PEFT's merge is not exact there either); keep the adapter unmerged"
+                f"cannot merge LoRA into a {type(module).__name__} with groups={module.groups}: the adapter's update "
+                "is not a grouped kernel (PEFT's merge is not exact there either); keep the adapter unmerged"
             )
         scale = tensors[SCALE]
         key_a, key_b = _factors(kind)
@@ -385,10 +389,10 @@ def _in_features(site: Any, kind: str) -> int:
     return shape[0] if kind == "conv1d" else shape[1]
 
 
-def _conv_geometry(node: torch.fx.Node) -> tuple[list[int], list[int]]:
-    """stride and padding of conv2d(x, w, b, stride, padding, ...) / convolution(...), defaults filled in."""
+def _conv_geometry(node: torch.fx.Node, dims: int) -> tuple[list[int], list[int]]:
+    """stride and padding of convNd(x, w, b, stride, padding, ...) / convolution(...), defaults filled in."""
     args = node.args
-    return list(args[3]) if len(args) > 3 else [1, 1], list(args[4]) if len(args) > 4 else [0, 0]
+    return list(args[3]) if len(args) > 3 else [1] * dims, list(args[4]) if len(args) > 4 else [0] * dims
 
 
 def _conv_groups(node: torch.fx.Node) -> int:

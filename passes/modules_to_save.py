@@ -1,4 +1,5 @@
-"""LoRA's `modules_to_save`: whole modules trained as a copy per adapter (a classifier head).
+"""`modules_to_save`: whole modules trained as a copy per adapter (a classifier head), for every method whose
+config has the field (LoRA, IA3, LoHa, LoKr, OFT, BOFT, HRA, VeRA, ...), as PEFT's `_set_trainable` is.
 
 PEFT's ModulesToSaveWrapper: the module keeps its original at `<module>.original_module.<param>`, each
 adapter a trainable copy at `<module>.modules_to_save.<adapter>.<param>`, saved as `<module>.<param>`.
@@ -15,9 +16,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from peftc.config import LoraConfig
+from peftc.config import AdapterConfig
 from peftc.errors import ConfigError
 from peftc.method import (
+    ANY,
     AdapterTensors,
     EmitContext,
     Method,
@@ -43,18 +45,19 @@ class CopyAdapter(ModuleAdapter):
 
 @register_method
 class ModulesToSave(Method):
-    """LoRA's `modules_to_save`: a part of a LoRA config, placed at the modules it names."""
+    """`modules_to_save`: a part of any method's config that has the field, placed at the modules it names."""
 
-    peft_type = "LORA"
-    config_cls = LoraConfig
+    peft_type = ANY
+    config_cls = AdapterConfig
     placement = Placement.WEIGHT
     part_of_field = "modules_to_save"
+    description = "trained copies (and the heads task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS adds)"
     example_config = {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"], "modules_to_save": ["lin1"]}
     groups = (MODULES_TO_SAVE,)
     layer_types = {"module": "any module (a trained copy)"}
     site_ops = {"module": ()}
 
-    def targets(self, config: LoraConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
+    def targets(self, config: AdapterConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
         """The modules named (PEFT: the outermost whose name ends with an entry), adapted by nothing else."""
         if not config.modules_to_save:
             return []
@@ -68,11 +71,11 @@ class ModulesToSave(Method):
                 raise ConfigError(f"module {path!r} is in modules_to_save but another adapter adapts it")
         return [Target(path, path, model.get_submodule(path), "module") for path in paths]
 
-    def adapter(self, target: Target, adapter: str, config: LoraConfig,
+    def adapter(self, target: Target, adapter: str, config: AdapterConfig,
                 tensors: dict[TensorKey, tuple[str, torch.Tensor]]) -> CopyAdapter:
         return CopyAdapter(target.names_at, adapter, self, target.kind, config, tensors)
 
-    def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
+    def create(self, config: AdapterConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
         if any(True for _ in module.buffers()):
             raise ConfigError(f"modules_to_save: {module_name!r} ({type(module).__name__}) has buffers; peftc trains "
                               "copies of modules with parameters only")
@@ -83,12 +86,12 @@ class ModulesToSave(Method):
         """The adapter's copy of the parameter `ctx.site.param` (a ParamSite), in place of its value `ctx.y`."""
         return ctx.tensors[(MODULES_TO_SAVE, ctx.site.param)]
 
-    def fold(self, kind: str, config: LoraConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
+    def fold(self, kind: str, config: AdapterConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
              base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {leaf: t.clone() for (_, leaf), t in tensors.items()}
 
 
-def modules_to_save(config: LoraConfig, model: nn.Module) -> list[str]:
+def modules_to_save(config: AdapterConfig, model: nn.Module) -> list[str]:
     """Paths of the modules `config.modules_to_save` names (PEFT: a module whose name ends with an entry,
     the outermost one where they nest; the config already lists the heads its task type adds)."""
     wanted = list(config.modules_to_save or [])

@@ -11,7 +11,8 @@ convolution's unmerged output differ from any rotated kernel, so only 1x1 convol
 The rotation is built in the graph from the parameter input with aten ops, and the same ops
 run eagerly in `fold`, so the merged weight uses the very R the graph computes. PEFT's
 `module_dropout` is accepted and, as in PEFT 0.21 (whose forward never calls its dropout
-layer), has no effect.
+layer), has no effect. Constrained OFT (`coft`) projects the parameter in place before each call
+(`before_call`), as PEFT's forward does; the graph then reads the projected value.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ class OFTConfig(AdapterConfig):
     """PEFT's `OFTConfig`, same fields and defaults."""
 
     peft_type_name: ClassVar[str] = "OFT"
-    # coft rewrites the parameter in place at every forward (a projection under no_grad), a state
-    # mutation peftc's pure graphs do not make; bias / modules_to_save train base tensors;
-    # fan_in_fan_out has no meaning for the layers OFT adapts (PEFT resets it to False)
-    unsupported: ClassVar[tuple[str, ...]] = ("coft", "bias", "modules_to_save", "fan_in_fan_out")
+    unsupported: ClassVar[dict[str, str]] = {
+        "fan_in_fan_out": "OFT adapts nn.Linear and nn.Conv2d only, whose weights are never stored transposed "
+                          "(PEFT resets it to False)",
+    }
 
     r: int = 0
     oft_block_size: int = 32
@@ -199,6 +200,15 @@ class OFT(RotationMethod):
         w = module.weight
         return AdapterTensors(params={key: packed.to(device=w.device, dtype=adapter_dtype(w))})
 
+    def before_call(self, config: OFTConfig, tensors: dict[TensorKey, torch.Tensor]) -> None:
+        """Constrained OFT (`coft`): as PEFT's forward, project the parameter in place before it is used (no
+        gradient flows through the projection; the graph reads the projected value)."""
+        if not config.coft:
+            return
+        packed = tensors.get(ROT, tensors.get(EMB_ROT))
+        with torch.no_grad():
+            packed.copy_(project(packed, packed_block_size(packed), config.eps))
+
     def emit(self, ctx: EmitContext) -> torch.fx.Node:
         b, site, y, kind, tensors, config = ctx.builder, ctx.site, ctx.y, ctx.kind, ctx.tensors, ctx.config
         packed = tensors[EMB_ROT if kind == "embedding" else ROT]
@@ -235,8 +245,27 @@ class OFT(RotationMethod):
         packed = tensors[EMB_ROT if kind == "embedding" else ROT]
         blocks, block_size = block_layout(config.r, config.oft_block_size,
                                           rotated_features(kind, w.shape, getattr(module, "in_channels", 0)))
+        if config.coft:  # PEFT's merge projects first too (and writes it back; the next forward does that here)
+            packed = project(packed, block_size, config.eps)
         return {"weight": rotate_weight(kind, w, torch.block_diag(*rotation_blocks(eager, packed, blocks, block_size,
                                                                                  config)))}
+
+
+def packed_block_size(packed: torch.Tensor) -> int:
+    """bs of a packed (rows, bs(bs-1)/2) parameter."""
+    return round((1 + (1 + 8 * packed.shape[1]) ** 0.5) / 2)
+
+
+def project(packed: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
+    """PEFT's `_project_batch` (constrained OFT): each block's skew-symmetric Q scaled back onto the ball of
+    radius eps / sqrt(rows) when it lies outside, returned packed again."""
+    rows = packed.shape[0]
+    q = skew_symmetric(eager, packed, rows, block_size)
+    eps = eps * 1 / torch.sqrt(torch.tensor(rows))  # PEFT's arithmetic, for the same rounding
+    norm = torch.norm(q, dim=(1, 2), keepdim=True)
+    out = torch.where(norm <= eps, q, eps * (q / norm))
+    upper = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    return out[:, upper[0], upper[1]]
 
 
 def rotate_weight(kind: str, w: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,6 @@ class VeraConfig(AdapterConfig):
     """PEFT's `VeraConfig`, same fields and defaults."""
 
     peft_type_name: ClassVar[str] = "VERA"
-    unsupported: ClassVar[tuple[str, ...]] = ("modules_to_save", "bias")
 
     r: int = 256
     target_modules: list[str] | str | None = None

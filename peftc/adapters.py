@@ -82,7 +82,7 @@ class AdapterSet:
         self.modules: dict[str, list[ModuleAdapter]] = {}  # module path -> adapters placed there, in order
         self.active: list[str] = []
         self.padded: set[str] = set()  # adapters hot-swapped in at a smaller rank (zero-padded)
-        # adapter -> source names of the base biases its config's `bias` trains ("all", "lora_only")
+        # adapter -> source names of the base biases it trains (PEFT's bias="all" / "<method>_only")
         self.biases: dict[str, list[str]] = {}
 
     @property
@@ -139,11 +139,20 @@ class AdapterSet:
             self._place(adapter_name, config, method, targets)
         if new:
             self.tree.rename_base(self.adapted_paths())
+        self._check_one_bias_adapter(adapter_name, config)
         owned = {key for keys in self.biases.values() for key in keys}  # copied (and trained) already
         self.biases[adapter_name] = trained_biases(config, self.tree.source, [t.path for t in placements[0][1]])
         for key in set(self.biases[adapter_name]) - owned:
             self.tree.own_trainable(key)
         self.set_trainable()
+
+    def _check_one_bias_adapter(self, adapter: str, config: AdapterConfig) -> None:
+        """PEFT refuses a second adapter with `bias` other than "none": the base biases are shared by every adapter."""
+        bias = getattr(config, "bias", "none")
+        others = [name for name, c in self.configs.items() if name != adapter and getattr(c, "bias", "none") != "none"]
+        if bias != "none" and others:
+            raise ConfigError(f"bias={bias!r}: adapter {others[0]!r} already trains biases; only one adapter may "
+                              "have bias other than 'none'")
 
     def _place(self, adapter: str, config: AdapterConfig, method: Method, targets: list[Target]) -> None:
         """One method's adapters at its targets, named as PEFT names them."""
@@ -244,7 +253,9 @@ class AdapterSet:
             if not self.modules[path]:
                 del self.modules[path]
         del self.configs[adapter_name]
-        self.biases.pop(adapter_name, None)  # (trained values stay in the base, as under PEFT)
+        for p in self.bias_parameters(adapter_name).values():  # trained biases stay, frozen, as in PEFT
+            p.requires_grad_(False)
+        self.biases.pop(adapter_name, None)
         self.padded.discard(adapter_name)  # (an adapter added later under this name is not padded)
         self.active = [a for a in self.active if a != adapter_name] or self.order[:1]
         self.tree.rename_base(self.adapted_paths())

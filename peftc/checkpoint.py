@@ -90,6 +90,7 @@ def adapter_state_dict(model: Any, adapter_name: str, saving: bool = False) -> d
         if ma.method.saves_shared(ma.config):
             out.update({names.shared_saved_key(*key): model.get_buffer(fqn)
                         for key, (fqn, _) in ma.tensors.items() if names.is_shared(fqn)})
+    out.update(model.adapter_set.bias_parameters(adapter_name))  # trained base biases, under their own keys
     return out
 
 

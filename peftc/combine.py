@@ -352,7 +352,8 @@ def _common_rank(combination_type: str, ranks: Sequence[int]) -> int:
 
 def _check_kind(kind: str, fan_in_fan_out: bool) -> tuple[str, bool]:
     if kind not in KINDS:
-        raise ConfigError(f"unknown layer kind {kind!r}; expected one of {list(KINDS)}")
+        raise ConfigError(f"add_weighted_adapter does not combine adapters on {kind!r} layers (nn.Conv1d / nn.Conv3d) "
+                          f"yet; it combines {list(KINDS)}")
     return kind, fan_in_fan_out or kind == "conv1d"
 
 

@@ -47,10 +47,8 @@ class AdapterConfig:
     """Fields shared by every PEFT method config."""
 
     peft_type_name: ClassVar[str] = ""
-    # fields PEFT defines that peftc does not implement: only their default is accepted
-    unsupported: ClassVar[tuple[str, ...]] = ()
-    # task types whose PEFT wrapper adds behaviour peftc does not implement yet
-    unsupported_task_types: ClassVar[tuple[str, ...]] = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+    # fields PEFT defines that peftc does not implement, each with the reason: only their default is accepted
+    unsupported: ClassVar[dict[str, str]] = {}
     # run-time only fields PEFT leaves out of adapter_config.json
     not_saved: ClassVar[tuple[str, ...]] = ("runtime_config",)
 
@@ -71,19 +69,27 @@ class AdapterConfig:
             self.peft_version = PEFT_VERSION
         if self.peft_type != self.peft_type_name:
             raise ConfigError(f"peft_type {self.peft_type!r} given to {type(self).__name__}")
-        if self.task_type in self.unsupported_task_types:
+        heads = TASK_HEADS.get(self.task_type or "", ())
+        if heads and hasattr(self, "modules_to_save"):
+            # PEFT's model for the task trains its head(s) as copies, and writes them into the config
+            named = list(self.modules_to_save or [])
+            self.modules_to_save = named + [h for h in heads if h not in named]
+        elif heads:
             raise ConfigError(
                 f"task_type={self.task_type!r}: PEFT adds the classification head to modules_to_save "
-                "for this task type, which peftc does not implement yet; leave task_type unset "
+                f"for this task type, and {type(self).__name__} has no modules_to_save; leave task_type unset "
                 "(the adapters are identical) or use CAUSAL_LM/FEATURE_EXTRACTION"
             )
+        bias = getattr(self, "bias", "none")  # PEFT's BaseTuner: the same values for every method that has it
+        if bias not in ("none", "all") and not (isinstance(bias, str) and bias.endswith("_only")):
+            raise ConfigError(f"bias={bias!r} must be 'none', 'all' or '<method>_only' (e.g. 'lora_only')")
         defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
-        for name in self.unsupported:
+        for name, reason in self.unsupported.items():
             value = getattr(self, name)
             if value != defaults[name] and not (value in (None, {}, []) and defaults[name] in (None, {}, [])):
                 raise ConfigError(
-                    f"config field {name}={value!r} is not supported by peftc yet "
-                    f"(only the default {defaults[name]!r} is)"
+                    f"config field {name}={value!r} is not supported by peftc: {reason} "
+                    f"(only the default {defaults[name]!r} is accepted)"
                 )
 
     def to_dict(self) -> dict[str, Any]:
@@ -302,13 +308,21 @@ class LoraConfig(AdapterConfig):
     """PEFT's `LoraConfig`, same fields and defaults."""
 
     peft_type_name: ClassVar[str] = "LORA"
-    unsupported: ClassVar[tuple[str, ...]] = (
-        "megatron_config", "eva_config", "corda_config",
-        "lora_ga_config", "alora_invocation_tokens", "use_qalora",
-        "arrow_config",
-        "ensure_weight_tying", "loftq_config",
-    )
-    unsupported_task_types: ClassVar[tuple[str, ...]] = ()  # their heads become modules_to_save, as in PEFT
+    unsupported: ClassVar[dict[str, str]] = {
+        "megatron_config": "Megatron-LM's parallel linear layers are not a layer type peftc adapts",
+        "eva_config": "EVA initialisation (data-driven: incremental PCA of layer inputs over a dataloader, "
+                      "initialize_lora_eva_weights) is not implemented yet",
+        "corda_config": "CorDA initialisation (data-driven: covariance of layer inputs, then SVD, preprocess_corda) "
+                        "is not implemented yet",
+        "lora_ga_config": "LoRA-GA initialisation (gradient-driven, preprocess_loraga) is not implemented yet",
+        "alora_invocation_tokens": "activated LoRA (aLoRA) is not implemented yet",
+        "use_qalora": "QALoRA needs quantized (GPTQ) base layers, which peftc does not adapt",
+        "arrow_config": "Arrow routes each token over several LoRA experts at a site, a router placement the "
+                        "method contract does not have yet",
+        "ensure_weight_tying": "tied adapters across tied weights are not implemented yet",
+        "loftq_config": "LoftQ initialisation needs bitsandbytes' NF4/int8 quantisation on a CUDA device; "
+                        "peftc adapts no quantised base layers",
+    }
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
     init_choices: ClassVar[str] = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal' "
                                    "or 'mica'")
@@ -353,10 +367,6 @@ class LoraConfig(AdapterConfig):
         super().__post_init__()
         if self.target_modules is None and self.target_parameters:
             self.target_modules = []  # PEFT: parameters alone may be targeted
-        heads = TASK_HEADS.get(self.task_type or "", ())
-        if heads:  # PEFT's model for the task trains its head(s) as copies, and writes them into the config
-            named = list(self.modules_to_save or [])
-            self.modules_to_save = named + [h for h in heads if h not in named]
         check_targets(self)
         check_ranks(self)
         check_probability(self, "lora_dropout")

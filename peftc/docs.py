@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from peftc.method import Method
+from peftc.method import ANY, PARTS, Method
 from peftc.passes import METHODS
 
 BEGIN, END = "<!-- method-table:begin (python -m peftc.docs) -->", "<!-- method-table:end -->"
@@ -36,6 +36,10 @@ def method_table() -> str:
                     f"| {groups} |")
         for variant, kinds in method.variants.items():
             rows.append(f"| {peft_type}: {variant} | {_kinds(method, kinds)} | {merge} | | |")
+    for part in PARTS.get(ANY, []):  # parts of every method whose config has their field
+        merge = "yes" if part.mergeable else "no"
+        rows.append(f"| every method with `{part.part_of_field}`: {part.description} "
+                    f"| {_kinds(part, list(part.layer_types))} | {merge} | | |")
     return "\n".join(rows)
 
 

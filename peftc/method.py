@@ -15,6 +15,7 @@ Folding, dispatch, save/load and export are written against this, never per meth
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import sys
 import warnings
@@ -187,8 +188,10 @@ class Method(ABC):
     example_config: ClassVar[dict[str, Any]] = {}
     example_model: ClassVar[str] = "mlp"
     # the config field that selects this method as a part of another method's config (LoRA's
-    # `target_parameters`, ...); None for a method of its own, selected by `peft_type`
+    # `target_parameters`, ...); None for a method of its own, selected by `peft_type`. A part whose
+    # `peft_type` is ANY is a part of every method whose config has that field (`modules_to_save`)
     part_of_field: ClassVar[str | None] = None
+    description: ClassVar[str] = ""  # a part of every method (ANY): what its README table row says
     groups: tuple[str, ...]  # parameter groups as PEFT names them (the saved key's last segments)
     layer_types: dict[str, str]  # kind -> the module type it stands for, for messages and the README
     site_ops: dict[str, tuple[str, ...]]  # kind -> aten ops (overload packet names) a site of it may be
@@ -280,6 +283,11 @@ class Method(ABC):
     def emit(self, ctx: EmitContext) -> torch.fx.Node:
         """Insert the adapter at `ctx.site`, whose current value is `ctx.y`; return the new value."""
 
+    def before_call(self, config: AdapterConfig, tensors: dict[TensorKey, torch.Tensor]) -> None:
+        """What PEFT's forward does to the adapter's parameters in place before using them, run before every
+        call that uses the adapter (OFT's `coft` projection). Default: nothing."""
+        return None
+
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
         """Optional batched lowering of several adapters of this method at one site, each sample
         picking slot `ctx.index[i]` (-1: none; None slots do not adapt this module). Return None to
@@ -349,9 +357,11 @@ class Placed:
 
 
 # the registry: peft_type -> the method its config selects; peft_type -> the methods placed by fields of
-# that config (parts: LoRA's target_parameters, trainable_token_indices, modules_to_save), in order
+# that config (parts: LoRA's target_parameters, trainable_token_indices), in order; parts under ANY belong
+# to every method whose config has their field (modules_to_save)
 METHODS: dict[str, Method] = {}
 PARTS: dict[str, list[Method]] = {}
+ANY = "*"
 
 M = TypeVar("M", bound=type[Method])
 
@@ -383,6 +393,8 @@ def registered_methods() -> dict[str, Method]:
 
 
 def methods_for(peft_type: str) -> list[Method]:
-    """The methods a config of `peft_type` places, in order: its method, then its parts (each finds no
-    target where the config leaves its field unset)."""
-    return [METHODS[peft_type], *PARTS.get(peft_type, [])]
+    """The methods a config of `peft_type` places, in order: its method, then its parts, its own and those
+    of every method whose config has their field (each finds no target where the config leaves it unset)."""
+    method = METHODS[peft_type]
+    fields = {f.name for f in dataclasses.fields(method.config_cls)}
+    return [method, *PARTS.get(peft_type, []), *(p for p in PARTS.get(ANY, []) if p.part_of_field in fields)]

@@ -115,6 +115,7 @@ class Programs:
             for evicted in self.captures.add(key, base):
                 self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
         variant = self.variant(mixed)
+        self.before_call(variant)
         program = self._programs.get((id(base), variant))
         if program is None:
             captured = rewrite(base, variant, self.tree, self.adapters, self.merged)
@@ -122,6 +123,16 @@ class Programs:
             program = EagerProgram(captured, self.tree.resolve, run)
             self._programs[(id(base), variant)] = program
         return program, flat
+
+    def before_call(self, variant: tuple) -> None:
+        """Let the methods of the adapters this call runs unmerged update their parameters first, as PEFT's
+        forward does (`Method.before_call`); in a mixed batch, every loaded adapter."""
+        if variant[0] == "disabled":
+            return
+        running = set(variant[1]) - set(variant[2] if variant[0] == "active" else ())
+        for mas in self.adapters.named(sorted(running)).values():
+            for ma in mas:
+                ma.method.before_call(ma.config, {key: t for key, (_, t) in ma.tensors.items()})
 
     def variant(self, mixed: bool) -> tuple:
         """What the rewrite of a base graph depends on besides the graph itself."""

@@ -70,6 +70,21 @@ class CNN(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+class ConvNd(nn.Module):
+    """nn.Conv1d or nn.Conv3d layers: padded, strided, grouped, and a pointwise (k=1) kernel."""
+
+    def __init__(self, conv: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv0 = conv(4, 6, 3, padding=1)
+        self.conv1 = conv(6, 6, 3, stride=2, groups=2)
+        self.conv2 = conv(6, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.conv1(torch.relu(self.conv0(x)))))
+        return self.head(h.flatten(2).mean(dim=-1))
+
+
 class EmbeddingModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -194,10 +209,25 @@ def cnn() -> Case:
                 ["conv0", "conv1", "head"], False)
 
 
+def conv1d_seq() -> Case:
+    torch.manual_seed(0)
+    return Case("conv1d_seq", ConvNd(nn.Conv1d).eval(),
+                (torch.randn(3, 4, 11, generator=torch.Generator().manual_seed(1)),),
+                ["conv0", "conv1", "conv2", "head"], False)
+
+
+def conv3d_net() -> Case:
+    torch.manual_seed(0)
+    return Case("conv3d_net", ConvNd(nn.Conv3d).eval(),
+                (torch.randn(2, 4, 5, 6, 5, generator=torch.Generator().manual_seed(1)),),
+                ["conv0", "conv1", "conv2", "head"], False)
+
+
 def embedding_model() -> Case:
     torch.manual_seed(0)
     return Case("embedding_model", EmbeddingModel().eval(), (_ids(batch=4, seq=6),), ["emb", "proj"], False)
 
 
-FACTORIES = {f.__name__: f for f in (llama, gpt2, bert, bert_seq_cls, minilm, mlp, chain, cnn, embedding_model,
+FACTORIES = {f.__name__: f for f in (llama, gpt2, bert, bert_seq_cls, minilm, mlp, chain, cnn, conv1d_seq, conv3d_net,
+                                      embedding_model,
                                       electra, albert, falcon)}

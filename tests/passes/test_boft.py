@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import peft
+import peft.tuners.boft.layer
 import pytest
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ import peftc
 from peftc.capture import STATE
 from peftc.errors import ConfigError
 from peftc.graph import ADAPTER, adapter_nodes
-from tests import zoo
+from tests import oracle, zoo
 from tests.passes.test_oft import check_against_peft, check_bf16, check_two_adapters
 
 aten = torch.ops.aten
@@ -98,10 +99,11 @@ def test_dropout_draws_only_in_the_train_graph():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"boft_n_butterfly_factor": 2}, "boft_n_butterfly_factor=2 is not supported"),
+    ({"boft_n_butterfly_factor": 2, "boft_block_size": 3}, "blocks of size 3 must both be even"),
+    ({"boft_n_butterfly_factor": 0}, "boft_n_butterfly_factor must be a positive integer"),
     ({"boft_block_num": 2}, "exactly one of boft_block_size"),
     ({"boft_block_size": 5}, "boft_block_size=5 does not divide the 12 input features of 'lin0'"),
-    ({"bias": "boft_only"}, "bias='boft_only' is not supported"),
+    ({"bias": "some"}, "bias='some' must be 'none', 'all' or '<method>_only'"),
 ])
 def test_bad_configs(extra: dict, message: str):
     with pytest.raises(ConfigError, match=message):
@@ -112,3 +114,31 @@ def test_grouped_conv_is_refused():
     model = nn.Sequential(nn.Conv2d(4, 4, 1, groups=2))
     with pytest.raises(ConfigError, match="groups=1"):
         peftc.apply(model, boft_dict(["0"], boft_block_size=2), example_inputs=(torch.randn(2, 4, 3, 3),))
+
+
+class _BlockDiagInTorch:
+    """PEFT's fbd_cuda extension (block-diagonal matrices of a (N, D, H, H) batch, and its backward) in plain
+    torch: with it PEFT computes butterfly factors > 1 on the CPU instead of silently using one."""
+
+    @staticmethod
+    def forward(blocks: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+    @staticmethod
+    def backward(grad: torch.Tensor, blocks: torch.Tensor) -> list[torch.Tensor]:
+        n, d, h, _ = blocks.shape
+        return [torch.stack([torch.stack([g[i * h:(i + 1) * h, i * h:(i + 1) * h] for i in range(d)]) for g in grad])]
+
+
+@pytest.mark.parametrize("extra", [{"boft_n_butterfly_factor": 2, "target_modules": ["lin0", "lin1"]},
+                                   {"boft_n_butterfly_factor": 3, "target_modules": ["lin1"], "boft_dropout": 0.3},
+                                   {"boft_n_butterfly_factor": 2, "boft_block_size": 0, "boft_block_num": 6,
+                                    "target_modules": ["lin0"], "init_weights": False}],
+                         ids=["two", "three-dropout", "block_num"])
+def test_butterfly_factors_match_peft(extra: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(peft.tuners.boft.layer, "get_fbd_cuda", lambda: _BlockDiagInTorch)
+    fields = {"boft_block_size": 2, **extra}
+    pair = oracle.check_method("mlp", {"peft_type": "BOFT", **fields}, peft.BOFTConfig(**fields), tmp_path)
+    oracle.check_fold(pair)
+    factors = extra["boft_n_butterfly_factor"]
+    assert all(t.shape[0] == factors for n, t in pair.am.state_dict().items() if ".boft_R." in n)

@@ -88,7 +88,7 @@ def test_default_init_is_the_identity():
 
 @pytest.mark.parametrize("extra, message", [
     ({"r": 0}, "r must be a positive integer"),
-    ({"bias": "hra_only"}, "bias='hra_only' is not supported"),
+    ({"bias": "some"}, "bias='some' must be 'none', 'all' or '<method>_only'"),
     ({"init_weights": "gaussian"}, "init_weights must be True or False"),
 ])
 def test_bad_configs(extra: dict, message: str):

@@ -175,8 +175,6 @@ def test_config_errors():
         peftc.load_config({"peft_type": "IA3", "target_modules": ["lin0"]})
     with pytest.raises(peftc.ConfigError, match=r"\['lin1'\] are not in target_modules"):
         peftc.load_config(ia3_dict(["lin0"], ["lin1"]))
-    with pytest.raises(peftc.ConfigError, match="modules_to_save"):
-        peftc.load_config(ia3_dict(["lin0"], [], modules_to_save=["lin1"]))
     with pytest.raises(peftc.TargetError, match="IA3 cannot adapt it"):
         peftc.apply(zoo.embedding_model().model, ia3_dict(["emb"], []), example_inputs=zoo.embedding_model().inputs)
 

@@ -231,7 +231,6 @@ def test_config_has_peft_s_fields_and_defaults():
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
-    ("modules_to_save", ["classifier"], "modules_to_save"),
     ("init_weights", "lycoris", "init_weights"),
     ("r", 0, "r must be a positive integer"),
     ("rank_pattern", {"q": -1}, r"rank_pattern\['q'\]"),

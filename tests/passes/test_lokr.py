@@ -141,6 +141,4 @@ def test_config_has_peft_s_fields_and_defaults():
     check_config_fields("LOKR", LoKrConfig, peft.LoKrConfig)
     with pytest.raises(ConfigError, match="init_weights"):
         load_config({"peft_type": "LOKR", "target_modules": ["q"], "init_weights": "gaussian"})
-    with pytest.raises(ConfigError, match="modules_to_save"):
-        load_config({"peft_type": "LOKR", "target_modules": ["q"], "modules_to_save": ["head"]})
 

@@ -15,6 +15,7 @@ import peftc
 from peftc.capture import STATE
 from peftc.errors import ConfigError
 from peftc.graph import adapter_nodes
+from peftc.method import METHODS
 from tests import zoo
 from tests.oracle import MethodPair, check_checkpoints, check_eval, check_fold, check_train, make_pair
 
@@ -84,3 +85,37 @@ def test_refused(tmp_path: Path):
     am.save_adapter(tmp_path, "other")
     with pytest.raises(ConfigError, match="hot-swapping"):
         am.hotswap_adapter(tmp_path / "other", "default")
+
+
+# every method whose config has modules_to_save: its example adapter at lin0, lin1 trained as a copy
+OTHER_METHODS = ["IA3", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "VERA"]
+
+
+@pytest.mark.parametrize("peft_type", OTHER_METHODS)
+def test_modules_to_save_of_every_method_match_peft(peft_type: str, tmp_path: Path):
+    """PEFT's ModulesToSaveWrapper belongs to no method: a copy of lin1 beside each method's adapter at lin0
+    matches PEFT (outputs, gradients, checkpoints both ways with `lin1.weight` / `lin1.bias` keys, fold)."""
+    config = {**METHODS[peft_type].example_config, "target_modules": ["lin0"], "modules_to_save": ["lin1"]}
+    if peft_type == "IA3":
+        config["feedforward_modules"] = []
+    fields = {k: v for k, v in config.items() if k != "peft_type"}
+    pair = make_pair("mlp", config, peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**fields))
+    assert {"base_model.model.lin1.modules_to_save.default.weight",
+            "base_model.model.lin1.original_module.weight"} <= set(pair.am.state_dict())
+    check_eval(pair)
+    check_checkpoints(pair, tmp_path)
+    saved = load_file(tmp_path / "peftc" / "adapter_model.safetensors")
+    assert {"base_model.model.lin1.weight", "base_model.model.lin1.bias"} <= set(saved)
+    check_train(pair)
+    merged = check_fold(pair)
+    assert set(merged) >= {"lin1"}
+
+
+def test_task_type_heads_for_another_method(tmp_path: Path):
+    """task_type SEQ_CLS adds the classifier to any method's modules_to_save, as PEFT's model for the task."""
+    fields = {"target_modules": ["query", "value"], "feedforward_modules": [], "task_type": "SEQ_CLS"}
+    pair = make_pair("bert_seq_cls", {"peft_type": "IA3", **fields}, peft.IA3Config(**fields))
+    assert pair.am.peft_config["default"].modules_to_save == ["classifier", "score"]
+    check_eval(pair)
+    check_checkpoints(pair, tmp_path)
+    check_train(pair)

@@ -273,8 +273,7 @@ def test_block_sizes_adjust_like_peft():
 @pytest.mark.parametrize("extra, message", [
     ({"r": 4}, "exactly one of r"),
     ({"oft_block_size": 0}, "exactly one of r"),
-    ({"coft": True}, "coft=True is not supported"),
-    ({"bias": "all"}, "bias='all' is not supported"),
+    ({"bias": "some"}, "bias='some' must be 'none', 'all' or '<method>_only'"),
     ({"module_dropout": 1.0}, "module_dropout"),
 ])
 def test_bad_configs(extra: dict, message: str):
@@ -285,3 +284,30 @@ def test_bad_configs(extra: dict, message: str):
 def test_conv1d_is_not_an_oft_layer():
     with pytest.raises(TargetError, match="OFT cannot adapt it"):
         peftc.apply(zoo.gpt2().model, oft_dict(["c_attn"]))
+
+
+@pytest.mark.parametrize("block_share", [False, True])
+def test_constrained_oft_matches_peft(block_share: bool, tmp_path: Path):
+    """coft=True: PEFT's forward projects oft_R in place (each block's Q onto the eps ball) before using it;
+    peftc does the same before every call, so outputs, gradients, checkpoints, fold and the parameters after
+    optimizer steps are PEFT's. Random init (std 0.1) puts the blocks outside the ball."""
+    fields = {"oft_block_size": 4, "target_modules": ["lin0", "lin1"], "coft": True, "eps": 1e-2,
+              "init_weights": False, "block_share": block_share}
+    pair = oracle.check_method("mlp", {"peft_type": "OFT", **fields}, peft.OFTConfig(**fields), tmp_path)
+    oracle.check_fold(pair)
+    ours, theirs = dict(pair.am.adapter_parameters()), dict(pair.pm.named_parameters())
+    opt_ours = torch.optim.SGD(ours.values(), lr=0.5)
+    opt_theirs = torch.optim.SGD([theirs[n] for n in ours], lr=0.5)
+    x = pair.case.inputs[0]
+    for _ in range(2):
+        for model, opt in ((pair.am, opt_ours), (pair.pm, opt_theirs)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for name, p in ours.items():
+        torch.testing.assert_close(p, theirs[name], atol=1e-6, rtol=1e-5)
+    packed = ours["base_model.model.lin0.oft_R.default.weight"].detach()
+    with torch.no_grad():
+        pair.am(x)  # projected again: every block's Q now has norm <= eps / sqrt(rows)
+    q_norms = 2 ** 0.5 * ours["base_model.model.lin0.oft_R.default.weight"].norm(dim=1)
+    assert (q_norms <= 1e-2 / packed.shape[0] ** 0.5 + 1e-7).all()

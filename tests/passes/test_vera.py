@@ -149,6 +149,6 @@ def test_config_errors():
     with pytest.raises(peftc.ConfigError, match="r must be a positive integer"):
         peftc.load_config(vera(["lin0"], r=0)[0])
     with pytest.raises(peftc.ConfigError, match="bias"):
-        peftc.load_config({**vera(["lin0"])[0], "bias": "vera_only"})
+        peftc.load_config({**vera(["lin0"])[0], "bias": "vera"})  # (PEFT: "none", "all" or "<method>_only")
     with pytest.raises(peftc.TargetError, match="VERA cannot adapt it"):
         peftc.apply(zoo.cnn().model, vera(["conv0"])[0], example_inputs=zoo.cnn().inputs)

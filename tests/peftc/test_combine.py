@@ -276,7 +276,7 @@ def test_pad_to_zero_pads_the_rank():
      "majority_sign_method='sum'"),
     (lambda a, b: combine_lora(a, b, [1.0, 1.0], [1.0, 1.0], "svd", svd_rank=8), "svd_rank=8"),
     (lambda a, b: combine_lora(a, b, [1.0, 1.0], [1.0, 1.0], "svd", svd_clamp=2.0), "svd_clamp=2.0"),
-    (lambda a, b: combine_lora(a, b, [1.0, 1.0], [1.0, 1.0], "svd", kind="conv3d"), "layer kind 'conv3d'"),
+    (lambda a, b: combine_lora(a, b, [1.0, 1.0], [1.0, 1.0], "svd", kind="conv3d"), "on 'conv3d' layers"),
     (lambda a, b: combine_lora(a, [b[0], b[1][:4]], [1.0, 1.0], [1.0, 1.0], "svd"), "adapter 1 factors a different"),
     (lambda a, b: combined_rank_alpha("magnitude_prune", [2, 3]), "same r"),
     (lambda a, b: combine.prune(a[0], 0.5, "largest"), "prune method 'largest'"),
