@@ -110,6 +110,18 @@ def make_pair(case_name: str, config: dict[str, Any], peft_config: peft.PeftConf
     return MethodPair(case, ref, am, pm)
 
 
+def seeded_lora_pair(name: str, targets: list[str], **extra: Any) -> MethodPair:
+    """peftc and PEFT LoRA (r=4) on zoo model `name`, each initialising its adapter from the same RNG state
+    (nothing loaded across): for the inits and variants whose random draws must equal PEFT's."""
+    fields = {"r": 4, "lora_alpha": 8, "target_modules": targets, **extra}
+    case, ref = zoo.FACTORIES[name](), zoo.FACTORIES[name]()
+    torch.manual_seed(7)
+    am = peftc.apply(case.model, {"peft_type": "LORA", **fields}, example_inputs=example(case))
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(ref.model, peft.LoraConfig(**copy.deepcopy(fields)))
+    return MethodPair(case, ref, am, pm)
+
+
 def check_eval(pair: MethodPair, tol: dict[str, float] = TOL) -> None:
     """Same outputs at two shapes, and the adapter changes the output (it is not an identity)."""
     case, am, pm = pair.case, pair.am, pair.pm

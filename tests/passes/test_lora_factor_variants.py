@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import peft
 import pytest
 import torch
 from peftc.passes.lora_factors import DIAG
@@ -21,8 +19,8 @@ from tests.oracle import (
     check_eval,
     check_fold,
     check_train,
-    example,
     randomize_adapters,
+    seeded_lora_pair,
 )
 
 pytestmark = [
@@ -40,14 +38,7 @@ def variant(name: str, which: str) -> dict[str, Any]:
 
 
 def seeded_pair(name: str, **extra: Any) -> MethodPair:
-    """peftc and PEFT each initialising the adapter from the same RNG state (nothing loaded across)."""
-    fields = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[name], **extra}
-    case, ref = zoo.FACTORIES[name](), zoo.FACTORIES[name]()
-    torch.manual_seed(7)
-    am = peftc.apply(case.model, {"peft_type": "LORA", **fields}, example_inputs=example(case))
-    torch.manual_seed(7)
-    pm = peft.get_peft_model(ref.model, peft.LoraConfig(**copy.deepcopy(fields)))
-    return MethodPair(case, ref, am, pm)
+    return seeded_lora_pair(name, TARGETS[name], **extra)
 
 
 @pytest.mark.parametrize("name", ["mlp", "llama"])

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import peft
 import pytest
 import torch
 
 import peftc
 from peftc.errors import ConfigError
 from tests import zoo
-from tests.oracle import MethodPair, check_checkpoints, check_eval, check_fold, check_train, example, randomize_adapters
+from tests.oracle import (
+    MethodPair,
+    check_checkpoints,
+    check_eval,
+    check_fold,
+    check_train,
+    randomize_adapters,
+    seeded_lora_pair,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
@@ -25,14 +31,7 @@ TARGETS = {"mlp": ["lin0", "lin1"], "gpt2": ["c_attn", "c_fc", "wte"], "llama": 
 
 
 def seeded_pair(name: str, **extra: Any) -> MethodPair:
-    """peftc and PEFT each initialising the adapter from the same RNG state (nothing loaded across)."""
-    fields = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[name], **extra}
-    case, ref = zoo.FACTORIES[name](), zoo.FACTORIES[name]()
-    torch.manual_seed(7)
-    am = peftc.apply(case.model, {"peft_type": "LORA", **fields}, example_inputs=example(case))
-    torch.manual_seed(7)
-    pm = peft.get_peft_model(ref.model, peft.LoraConfig(**copy.deepcopy(fields)))
-    return MethodPair(case, ref, am, pm)
+    return seeded_lora_pair(name, TARGETS[name], **extra)
 
 
 def assert_same_init(pair: MethodPair) -> None:

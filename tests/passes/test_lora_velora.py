@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import peft
 import pytest
 import torch
 
@@ -19,8 +17,8 @@ from tests.oracle import (
     check_eval,
     check_fold,
     check_train,
-    example,
     randomize_adapters,
+    seeded_lora_pair,
 )
 
 pytestmark = [
@@ -32,13 +30,7 @@ TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"], 
 
 
 def seeded_pair(name: str, **extra: Any) -> MethodPair:
-    fields = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[name], **extra}
-    case, ref = zoo.FACTORIES[name](), zoo.FACTORIES[name]()
-    torch.manual_seed(7)
-    am = peftc.apply(case.model, {"peft_type": "LORA", **fields}, example_inputs=example(case))
-    torch.manual_seed(7)
-    pm = peft.get_peft_model(ref.model, peft.LoraConfig(**copy.deepcopy(fields)))
-    return MethodPair(case, ref, am, pm)
+    return seeded_lora_pair(name, TARGETS[name], **extra)
 
 
 @pytest.mark.parametrize("name", ["mlp", "llama", "gpt2"])
