@@ -6,12 +6,16 @@ this file's tables, exactly one of:
 - refused by name: in the config's `unsupported` (with its reason); a non-default value is a ConfigError
   naming the field and giving the reason;
 - supported, shown by behaviour: a non-default value changes the adapted model (initial adapter tensors,
-  trainable set, saved keys, or outputs in eval or train mode) on a tiny zoo model;
+  trainable set, saved keys, outputs in eval or train mode, or the gradients of a training step) on a tiny
+  zoo model;
+- supported, shown by rank allocation (AdaLoRA's schedule): a non-default value changes the rank patterns
+  `update_and_allocate` sets over a short training run;
 - supported as metadata: a non-default value is accepted and round-trips through `adapter_config.json`
   (fields that select nothing the tiny models can show, or that PEFT reads only with a refused field);
 - corrected as PEFT does (`fan_in_fan_out` on a layer whose layout contradicts it: a warning).
 
-Values of a supported field that peftc refuses are in REFUSED_VALUES, each a ConfigError naming the field.
+Values of a supported field that peftc refuses are in REFUSED_VALUES, each a ConfigError naming the field; further
+values it supports are in MORE_VALUES, shown by behaviour as its row is.
 A new PEFT field, or a field dropped from `unsupported` without a row here, fails the walk.
 """
 
@@ -36,7 +40,8 @@ from tests import zoo
 from tests.oracle import randomize_adapters, train_inputs
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*0/1 specialized:UserWarning"),
-              pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning")]
+              pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Note that `r` is not used in AdaLora:UserWarning")]
 
 PEFT_VERSION = "0.21.2"
 REGISTERED = sorted(registered_configs())
@@ -48,7 +53,8 @@ COMMON_METADATA = {"peft_type": None, "auto_mapping": {"base_model_class": "MLP"
 COMMON_BEHAVIOUR = {"inference_mode": {"inference_mode": True}}
 
 # per method: field -> the changes (the field among them) that must make a difference against the method's example
-# config, on the example model unless "model" / "base" (changes applied to both sides) say otherwise
+# config, on the example model unless "model" / "base" (changes applied to both sides) say otherwise; "eval_only"
+# leaves out the training step (a field whose training peftc refuses, with a ConfigError naming it)
 Change = dict[str, Any]
 BEHAVIOUR: dict[str, dict[str, Change]] = {
     "LORA": {
@@ -62,6 +68,30 @@ BEHAVIOUR: dict[str, dict[str, Change]] = {
         "target_parameters": {"target_modules": [], "target_parameters": ["lin0.weight"]},
         "trainable_token_indices": {"trainable_token_indices": {"emb": [3]}, "model": "embedding_model",
                                     "base": {"target_modules": ["proj"]}},
+        "bias": {"bias": "all"},
+        "kasa_config": {"kasa_config": {"beta": 0.01, "gamma": 0.1}},
+        "use_bdlora": {"use_bdlora": {"target_modules_bd_a": ["lin1"], "target_modules_bd_b": ["lin0"], "nblocks": 2}},
+        # (the same forward: A's gradient comes from the compressed activations)
+        "velora_config": {"velora_config": {"num_groups": 3}},
+        # (outside training MonteCLoRA is LoRA plus its sampler's tensors; peftc refuses training with it)
+        "monteclora_config": {"monteclora_config": {"num_samples": 3, "buffer_size": 2, "sample_scaler": 0.01},
+                              "eval_only": True},
+        "layer_replication": {"layer_replication": [[0, 2], [1, 2]], "model": "llama",
+                              "base": {"target_modules": ["q_proj", "v_proj"]}},
+    },
+    "ADALORA": {
+        "target_modules": {"target_modules": ["lin0"]}, "exclude_modules": {"exclude_modules": ["lin1"]},
+        "lora_alpha": {"lora_alpha": 8}, "lora_dropout": {"lora_dropout": 0.5},
+        "init_lora_weights": {"init_lora_weights": True}, "init_r": {"init_r": 4},
+        "rank_pattern": {"rank_pattern": {"lin0.lora_E": [True, False, True]}},
+        # (added to the loss by PEFT's model for a task type only)
+        "orth_reg_weight": {"orth_reg_weight": 0.1, "model": "llama",
+                            "base": {"task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}},
+    },
+    "TRAINABLE_TOKENS": {
+        "token_indices": {"token_indices": [3]}, "init_weights": {"init_weights": False},
+        "target_modules": {"target_modules": ["position_embeddings"], "model": "bert",
+                           "base": {"target_modules": ["word_embeddings"]}},
     },
     "IA3": {
         "target_modules": {"target_modules": ["lin1"]}, "exclude_modules": {"exclude_modules": ["lin0"]},
@@ -119,32 +149,53 @@ BEHAVIOUR["LOKR"] = {**BEHAVIOUR["LOHA"], "decompose_both": {"decompose_both": T
                                               "base": {"target_modules": ["conv1"], "r": 1}},
                      "decompose_factor": {"decompose_factor": 2},
                      "rank_dropout_scale": {"rank_dropout_scale": True, "base": {"rank_dropout": 0.5}}}
+# further values of a field shown by behaviour above: (field, the changes), each shown the same way
+MORE_VALUES: dict[str, list[tuple[str, Change]]] = {
+    "LORA": [("bias", {"bias": "lora_only"}), ("init_lora_weights", {"init_lora_weights": "orthogonal"}),
+             ("init_lora_weights", {"init_lora_weights": "mica"})],
+}
+# AdaLoRA's schedule fields act only through `update_and_allocate` (rank allocation while training): field -> the
+# changes that must change the rank patterns over ALLOCATION_STEPS steps, against the example config with
+# ALLOCATION_BASE (a warm-up and a larger init_r, so that the importance averages decide close rankings)
+ALLOCATION: dict[str, dict[str, Change]] = {
+    "ADALORA": {"target_r": {"target_r": 1}, "tinit": {"tinit": 1}, "tfinal": {"tfinal": 3},
+                "deltaT": {"deltaT": 2}, "total_step": {"total_step": 8}, "beta1": {"beta1": 0.1},
+                "beta2": {"beta2": 0.1}},
+}
+ALLOCATION_BASE, ALLOCATION_STEPS = {"tinit": 3, "init_r": 6}, 12
 
 # field -> (a non-default value, why it is metadata here); each must round-trip through adapter_config.json
 LAYERS = "selects layers by index in a model with numbered layers (tests/peftc/test_targets.py checks it)"
 METADATA: dict[str, dict[str, tuple[Any, str]]] = {
     peft_type: {"layers_to_transform": ([0], LAYERS), "layers_pattern": (["layers"], LAYERS)}
-    for peft_type in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "VERA")
+    for peft_type in ("LORA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "VERA")
 }
-METADATA["LORA"].update({
-    "megatron_core": ("my.megatron", "PEFT reads it only with megatron_config, which is refused"),
-    "qalora_group_size": (32, "PEFT reads it only with use_qalora, which is refused"),
-})
+for peft_type in ("LORA", "ADALORA"):
+    METADATA[peft_type].update({
+        "megatron_core": ("my.megatron", "PEFT reads it only with megatron_config, which is refused"),
+        "qalora_group_size": (32, "PEFT reads it only with use_qalora, which is refused"),
+    })
 # fields PEFT corrects to the layer's layout with a warning (peftc reads the layout from the layer's type)
-CORRECTED = {"LORA": ["fan_in_fan_out"], "IA3": ["fan_in_fan_out"], "VERA": ["fan_in_fan_out"]}
+CORRECTED = {"LORA": ["fan_in_fan_out"], "ADALORA": ["fan_in_fan_out"], "IA3": ["fan_in_fan_out"],
+             "VERA": ["fan_in_fan_out"]}
 # fields whose every value computes the same in PEFT: field -> (a value, why); accepted, and saved unless run-time
 NO_EFFECT: dict[str, dict[str, tuple[Any, str]]] = {
     "LORA": {"runtime_config": ({"ephemeral_gpu_offload": True}, "it moves DoRA's init to the GPU: speed only")},
+    "ADALORA": {"r": (4, "AdaLoRA's layers take init_r; PEFT warns that r is not used"),
+                "runtime_config": ({"ephemeral_gpu_offload": True}, "PEFT reads it only for DoRA, which AdaLoRA "
+                                                                      "refuses")},
     "OFT": {"module_dropout": (0.5, "PEFT 0.21's OFT forward never calls its dropout layer (passes/oft.py)")},
 }
 # values of fields that are refused: (field, value, what the error says); a field listed nowhere else accepts
 # only its default
 REFUSED_VALUES: dict[str, list[tuple[str, Any, str]]] = {
-    "LORA": [("bias", "all", "bias='all' is not supported"),
-             ("init_lora_weights", "loftq", "init_lora_weights='loftq' is not supported")],
+    "LORA": [("init_lora_weights", "loftq", "init_lora_weights='loftq' is not supported")],
+    "ADALORA": [("bias", "all", "bias='all' is not supported"),
+                ("init_lora_weights", "gaussian", "AdaLoRA initialises with True")],
 }
 # a refused field's non-default value, where the generic one (below) does not fit its type
-REFUSED_EXAMPLES: dict[str, Any] = {"layer_replication": [[0, 1]], "use_bdlora": {"nblocks": 2}}
+REFUSED_EXAMPLES: dict[str, Any] = {"layer_replication": [[0, 1]], "use_bdlora": {"nblocks": 2},
+                                    "modules_to_save": ["lin1"]}
 
 
 def peft_fields(peft_type: str) -> list[str]:
@@ -172,7 +223,7 @@ def test_every_peft_field_is_supported_or_refused_with_a_reason(peft_type: str):
     cls = registered_configs()[peft_type]
     refused = set(cls.unsupported)
     rows = [set(COMMON_METADATA), set(COMMON_BEHAVIOUR), set(BEHAVIOUR.get(peft_type, {})),
-            set(METADATA.get(peft_type, {})), set(CORRECTED.get(peft_type, [])),
+            set(ALLOCATION.get(peft_type, {})), set(METADATA.get(peft_type, {})), set(CORRECTED.get(peft_type, [])),
             set(NO_EFFECT.get(peft_type, {})), refused]
     fields = peft_fields(peft_type)
     rows.append({f for f, _, _ in REFUSED_VALUES.get(peft_type, [])} - set(BEHAVIOUR.get(peft_type, {})))
@@ -212,9 +263,10 @@ def test_a_refused_value_is_an_error_naming_the_field(peft_type: str, name: str,
         load_config({**METHODS[peft_type].example_config, name: value})
 
 
-def fingerprint(model_name: str, config: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+def fingerprint(model_name: str, config: dict[str, Any], tmp_path: Path, train: bool = True) -> dict[str, Any]:
     """What an adapter config makes of a zoo model: its initial tensors, trainable set, saved keys, and
-    its outputs (random adapter values, the same for the same shapes) in eval and train mode."""
+    its outputs (random adapter values, the same for the same shapes) in eval and train mode, with the
+    gradients of the train output (its loss, where the model computes one; else the squares' sum)."""
     case = zoo.FACTORIES[model_name]()
     torch.manual_seed(0)
     am = peftc.apply(case.model, copy.deepcopy(config), example_inputs=case.inputs)
@@ -225,11 +277,28 @@ def fingerprint(model_name: str, config: dict[str, Any], tmp_path: Path) -> dict
     randomize_adapters(am, seed=0)
     with torch.no_grad():
         am.eval()
-        out = case.call(am)
-        am.train()
-        torch.manual_seed(1)
-        out_train = case.call(am, train_inputs(case))
-    return {"state": state, "trainable": trainable, "saved": saved, "eval": out, "train": out_train}
+        out = tensors_of(case.call(am))
+    found = {"state": state, "trainable": trainable, "saved": saved, "eval": out}
+    if not train:
+        return found
+    am.train()
+    torch.manual_seed(1)
+    out_train = tensors_of(case.call(am, train_inputs(case)))
+    loss = out_train["loss"] if "loss" in out_train else sum(t.float().pow(2).sum() for t in out_train.values())
+    if loss.requires_grad:
+        loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in am.named_parameters() if p.grad is not None}
+    return {**found, "train": {k: t.detach() for k, t in out_train.items()}, "grads": grads}
+
+
+def tensors_of(out: Any) -> dict[str, torch.Tensor]:
+    """A model's output as its tensors by name (a transformers output's loss, logits, hidden states; not its
+    cache, an object compared by identity)."""
+    if isinstance(out, torch.Tensor):
+        return {"out": out}
+    if isinstance(out, dict):
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    return {str(i): v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
 
 
 def differs(a: Any, b: Any) -> bool:
@@ -237,21 +306,64 @@ def differs(a: Any, b: Any) -> bool:
         return a.keys() != b.keys() or any(differs(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor):
         return a.shape != b.shape or not torch.equal(a, b)
-    if hasattr(a, "logits"):
-        return differs(a.logits, b.logits)
     return a != b
 
 
 @pytest.mark.parametrize("peft_type, name", [(t, n) for t in REGISTERED
                                              for n in [*BEHAVIOUR.get(t, {}), *COMMON_BEHAVIOUR]])
 def test_a_supported_field_changes_what_is_computed(peft_type: str, name: str, tmp_path: Path):
-    change = dict({**BEHAVIOUR.get(peft_type, {}), **COMMON_BEHAVIOUR}[name])
+    assert_changes(peft_type, name, {**BEHAVIOUR.get(peft_type, {}), **COMMON_BEHAVIOUR}[name], tmp_path)
+
+
+@pytest.mark.parametrize("peft_type, name, change", [(t, *row) for t, rows in MORE_VALUES.items() for row in rows])
+def test_another_value_of_a_supported_field_changes_what_is_computed(peft_type: str, name: str, change: Change,
+                                                                     tmp_path: Path):
+    assert_changes(peft_type, name, change, tmp_path)
+
+
+def assert_changes(peft_type: str, name: str, change: Change, tmp_path: Path) -> None:
+    change = dict(change)
     model, base = change.pop("model", METHODS[peft_type].example_model), change.pop("base", {})
+    train = not change.pop("eval_only", False)
     assert name in change
     config = {**METHODS[peft_type].example_config, **base}
-    before = fingerprint(model, config, tmp_path / "before")
-    after = fingerprint(model, {**config, **change}, tmp_path / "after")
+    before = fingerprint(model, config, tmp_path / "before", train)
+    after = fingerprint(model, {**config, **change}, tmp_path / "after", train)
     assert differs(before, after), f"{peft_type}.{name}={change[name]!r} changed nothing"
+    if not train:  # what the row says: peftc refuses a training step with it
+        case = zoo.FACTORIES[model]()
+        am = peftc.apply(case.model, {**config, **change}, example_inputs=case.inputs).train()
+        with pytest.raises(ConfigError, match=f"training with {name}"):
+            case.call(am, train_inputs(case))
+
+
+def rank_patterns(peft_type: str, change: Change) -> list[Any]:
+    """The rank pattern after each of ALLOCATION_STEPS SGD steps on the example model, each followed by
+    `update_and_allocate(step)` as PEFT's training loop calls it."""
+    case = zoo.FACTORIES[METHODS[peft_type].example_model]()
+    torch.manual_seed(0)
+    config = {**METHODS[peft_type].example_config, **ALLOCATION_BASE, **change}
+    am = peftc.apply(case.model, config, example_inputs=case.inputs).train()
+    opt = torch.optim.SGD([p for _, p in am.adapter_parameters()], lr=1e-3)
+    gen = torch.Generator().manual_seed(2)
+    patterns = []
+    for step in range(ALLOCATION_STEPS):
+        torch.manual_seed(step)  # (the model's dropout)
+        case.call(am, (torch.randn(8, *case.inputs[0].shape[1:], generator=gen),)).pow(2).mean().backward()
+        opt.step()
+        am.update_and_allocate(step)
+        opt.zero_grad()
+        patterns.append(copy.deepcopy(am.peft_config["default"].rank_pattern))
+    return patterns
+
+
+@pytest.mark.parametrize("peft_type, name", [(t, n) for t, rows in ALLOCATION.items() for n in rows])
+def test_a_schedule_field_changes_the_rank_allocation(peft_type: str, name: str):
+    change = ALLOCATION[peft_type][name]
+    assert name in change
+    before = rank_patterns(peft_type, {})
+    assert before[-1] is not None and any(not all(m) for m in before[-1].values())  # the schedule masks some
+    assert rank_patterns(peft_type, change) != before, f"{peft_type}.{name}={change[name]!r} allocated the same"
 
 
 @pytest.mark.parametrize("peft_type, name", [(t, n) for t in REGISTERED
