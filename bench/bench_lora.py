@@ -40,7 +40,7 @@ CONFIGS = {
 def build_model(tie: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
                       tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
 
