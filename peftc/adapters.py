@@ -133,16 +133,15 @@ class AdapterSet:
 
     def _register(self, adapter_name: str, config: AdapterConfig,
                   placements: list[tuple[Method, list[Target]]]) -> None:
+        self._check_one_bias_adapter(adapter_name, config)
         self.configs[adapter_name] = config
         new = {t.path for _, targets in placements for t in targets} - set(self.modules)
         for method, targets in placements:
             self._place(adapter_name, config, method, targets)
         if new:
             self.tree.rename_base(self.adapted_paths())
-        self._check_one_bias_adapter(adapter_name, config)
-        owned = {key for keys in self.biases.values() for key in keys}  # copied (and trained) already
         self.biases[adapter_name] = trained_biases(config, self.tree.source, [t.path for t in placements[0][1]])
-        for key in set(self.biases[adapter_name]) - owned:
+        for key in self.biases[adapter_name]:  # no other adapter trains biases (checked above)
             self.tree.own_trainable(key)
         self.set_trainable()
 
