@@ -124,7 +124,6 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
                       prologue: Prologue | None) -> Callable:
     """`gm` compiled, called with the program's inputs; an inference graph's adapter invariants (LoRA's
     stacked and gathered weights) are computed eagerly by `prologue`, kept across calls, and passed in."""
-    compiled = torch.compile(gm.forward, **options)
     n_state = len(captured.state_names())
     dynamic = {}  # input position -> the dims the captured graph keeps symbolic
     for i, check in enumerate(captured.input_checks):
@@ -138,18 +137,38 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
     for k, per_sample in enumerate(prologue.per_sample if prologue is not None else []):
         if per_sample:
             dynamic[n_inputs + k] = [0]
+    inner = copy_graph_module(gm)  # `gm` keeps its inputs: the program's state names are read from them
+    used = drop_unused_inputs(inner)  # the adapters' own tensors, once hoisted, are read by the prologue only
+    detached = {i for i in used if i < n_state}
+    dynamic = {used.index(i): dims for i, dims in dynamic.items() if i in used}
+    compiled = torch.compile(inner.forward, **options)
 
     def forward(*inputs: Any) -> Any:
         if prologue is not None:
             inputs = (*inputs, *prologue(inputs))
         if not (captured.training and torch.is_grad_enabled()):
             # requires_grad is guarded on and set_adapter flips it: state that needs no grad goes in detached
-            inputs = (*(t.detach() for t in inputs[:n_state]), *inputs[n_state:])
+            inputs = [t.detach() if i in detached else t for i, t in enumerate(inputs)]
+        inputs = [inputs[i] for i in used]
         for position, dims in dynamic.items():
             torch._dynamo.maybe_mark_dynamic(inputs[position], dims)
         return compiled(*inputs)
 
     return forward
+
+
+def drop_unused_inputs(gm: torch.fx.GraphModule) -> list[int]:
+    """Remove the placeholders nothing reads; returns the positions of those kept, so every call passes
+    (and dynamo guards) only inputs the graph uses."""
+    used = []
+    for position, node in enumerate(list(gm.graph.find_nodes(op="placeholder"))):
+        if node.users:
+            used.append(position)
+        else:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return used
 
 
 def inline_grad_blocks(gm: torch.fx.GraphModule) -> int:

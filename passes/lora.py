@@ -38,7 +38,7 @@ from peftc.method import (
 from peftc.targets import pattern_value
 
 from .dora import CONV_DIMS, CONV_KINDS, MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
-from .lora_factors import DIAG, bdlora_factor, bdlora_side, branch, dense_factors, kasa_init
+from .lora_factors import DIAG, bdlora_factor, bdlora_side, blocks, branch, dense_factors, kasa_init
 from .lora_init import decompose, mica, orthogonal
 from .lora_mixed import emit_mixed_lora
 from .lora_velora import EMBED, init_embed, project
@@ -299,6 +299,12 @@ class Lora(Method):
         elif config.velora_config is not None and training:  # A's gradient from compressed activations
             h = project(b, x, tensors, A, config.velora_config, _in_features(site, kind))
             h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))
+        elif not training and not config.use_dora and _plain(tensors, _in_features(site, kind)):
+            # inference: B·s, not every activation, takes the scale; it depends on the adapter alone, so the
+            # eager lowering computes it once (passes/hoist_invariants.py) and each call saves a multiply
+            h = b.call(aten.linear.default, x, tensors[A])
+            h = b.call(aten.linear.default, h, b.call(aten.mul.Tensor, tensors[B], scale))
+            return b.call(aten.add.Tensor, y, cast(b, h, dtype_of(scale), dtype_of(y)))
         else:  # (KaSA's diagonal and BD-LoRA's blocks, where the config has them)
             h = branch(b.call, x, tensors, (A, B, B_BIAS), _in_features(site, kind))
         if config.use_dora:
@@ -381,6 +387,11 @@ class Lora(Method):
             rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
             alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         )
+
+
+def _plain(tensors: dict[TensorKey, Any], in_features: int) -> bool:
+    """Dense A and B, no diagonal, no bias on B: the update is B·A alone."""
+    return DIAG not in tensors and B_BIAS not in tensors and blocks(tensors[A], tensors[B], in_features) == (1, 1)
 
 
 def _in_features(site: Any, kind: str) -> int:

@@ -57,7 +57,11 @@ def emit_mixed_lora(ctx: MixedEmitContext, keys: tuple[TensorKey, TensorKey, Ten
         x = b.call(aten.dropout.default, x, p, True)
     x = b.call(aten.reshape.default, x, [batch, -1, present[0][key_a].meta["val"].shape[1]])
     h = b.call(aten.bmm.default, x, b.call(aten.transpose.int, a_rows, 1, 2))
+    scales = b.call(aten.reshape.default, scales, [-1, 1, 1])
+    if not training:  # each sample's B·s depends on the adapters and the index alone: computed once (hoisted)
+        b_rows = b.call(aten.mul.Tensor, b_rows, scales)
     h = b.call(aten.bmm.default, h, b.call(aten.transpose.int, b_rows, 1, 2))
-    h = b.call(aten.mul.Tensor, h, b.call(aten.reshape.default, scales, [-1, 1, 1]))
+    if training:
+        h = b.call(aten.mul.Tensor, h, scales)
     h = cast(b, b.call(aten.reshape.default, h, shape_of(b, y)), dtype_of(present[0][key_scale]), dtype_of(y))
     return b.call(aten.add.Tensor, y, h)
