@@ -288,13 +288,20 @@ def test_layers_peft_s_loftq_cannot_init_are_errors_naming_the_layer(name: str, 
         peftc.apply(case.model, config, example_inputs=example(case))
 
 
-@pytest.mark.parametrize(("name", "targets"), [("cnn", ["conv0"]), ("embedding_model", ["emb"])])
-def test_peft_itself_fails_on_the_conv_and_embedding_layers_peftc_refuses(peft_loftq_on_cpu: Any, name: str,
-                                                                          targets: list[str]):
-    # the evidence for the refusal above: PEFT's Embedding and Conv layers call loftq_init(adapter_name) without
-    # the config its signature requires
+@pytest.mark.parametrize(("name", "targets"), [("cnn", ["conv0"]), ("embedding_model", ["emb"]), ("gpt2", ["c_attn"])])
+def test_peft_itself_fails_on_the_layers_peftc_refuses(peft_loftq_on_cpu: Any, name: str, targets: list[str]):
+    # the evidence for the refusals above: PEFT's Embedding and Conv layers call loftq_init(adapter_name) without
+    # the config its signature requires; on a Conv1D, stored (in, out), A comes out (r, out) and B (in, r)
     case = zoo.FACTORIES[name]()
     config = peft.LoraConfig(r=2, target_modules=targets, init_lora_weights="loftq",
                              loftq_config={"loftq_bits": 4, "loftq_iter": 1})
-    with pytest.raises(TypeError, match="loftq_init.*config"):
-        peft.get_peft_model(copy.deepcopy(case.model), config)
+    if name != "gpt2":
+        with pytest.raises(TypeError, match="loftq_init.*config"):
+            peft.get_peft_model(copy.deepcopy(case.model), config)
+        return
+    pm = peft.get_peft_model(case.model, config)
+    c_attn = pm.base_model.model.transformer.h[0].attn.c_attn
+    n_in, n_out = c_attn.base_layer.weight.shape
+    assert c_attn.lora_A["default"].weight.shape == (2, n_out) and c_attn.lora_B["default"].weight.shape == (n_in, 2)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"), torch.no_grad():
+        case.call(pm)
