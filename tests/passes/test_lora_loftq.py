@@ -130,6 +130,9 @@ def test_loftq_equals_peft_s_loftq_init(peft_loftq_on_cpu: Any, bits: int, iters
     a, b, base = loftq(w, bits, 4, iters)
     assert base.dtype == w.dtype
     assert torch.equal(base, want_base) and torch.equal(a, want_a) and torch.equal(b, want_b)
+    # what the factors are for (at scale 1): they take up part of the quantisation error
+    w32 = w.float()
+    assert torch.linalg.norm(w32 - base.float() - b @ a) < torch.linalg.norm(w32 - base.float())
     if iters > 1:  # the iterations refit: a different base than one step's
         assert not torch.equal(base, loftq(w, bits, 4, 1)[2])
 
