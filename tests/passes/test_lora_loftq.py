@@ -18,6 +18,8 @@ from typing import Any
 import peft
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peftc.passes.lora_loftq import NF4_CODE, int8_dequantize, int8_quantize, loftq, nf4_dequantize, nf4_quantize
 
 import peftc
@@ -105,6 +107,22 @@ def test_nf4_ties_take_the_lower_code_and_codes_are_fixed_points():
     assert codes[0, 1:16].tolist() == list(range(15))
     assert codes[0, 16:].tolist() == list(range(16))
     assert torch.equal(nf4_dequantize(codes, torch.ones(1), blocksize=w.numel())[0, 16:], code)
+
+
+@settings(max_examples=40)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 80), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1e-3, 0.05, 1.0, 30.0]))
+def test_quantisers_equal_bitsandbytes_on_drawn_weights(rows: int, cols: int, seed: int, scale: float):
+    # codes and scales for any shape; bitsandbytes' NF4 dequantisation compiles a kernel per shape when the last
+    # dimension is odd, so the dequantised weights are compared on the fixed SHAPES above only
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * scale
+    q = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
+    codes, absmax = nf4_quantize(w)
+    assert torch.equal(codes.reshape(-1), unpack_nf4(q.data, w.numel()))
+    assert torch.equal(absmax, q.quant_state.absmax)
+    q8 = bnb.nn.Int8Params(w.clone(), requires_grad=False).to("cpu")
+    rows8, absmax8 = int8_quantize(w)
+    assert torch.equal(rows8, q8.data) and torch.equal(absmax8, q8.SCB)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
