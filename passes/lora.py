@@ -252,6 +252,10 @@ class Lora(Method):
                 params[A], params[B], base["weight"] = decompose(config, module_name, kind, w, r, scale)
             elif init_method == "loftq":
                 bits, iters = config.loftq_config["loftq_bits"], config.loftq_config["loftq_iter"]
+                if bits == 8 and w.detach().abs().max() > torch.finfo(torch.float16).max:
+                    raise ConfigError(f"loftq_config['loftq_bits']=8 for module {module_name!r}: int8 LoftQ casts the "
+                                      "weight to fp16 as bitsandbytes does, and this weight has values beyond fp16's "
+                                      "range (they would quantise to NaN)")
                 params[A], params[B], base["weight"] = loftq(w, bits, r, iters)
             elif init_method == "orthogonal":
                 params[A], params[B] = orthogonal(fan_in, fan_out, r, w.dtype)

@@ -309,6 +309,28 @@ def test_layers_peft_s_loftq_cannot_init_are_errors_naming_the_layer(name: str, 
         peftc.apply(case.model, config, example_inputs=example(case))
 
 
+def test_int8_on_a_weight_beyond_fp16_s_range_is_an_error_naming_the_layer():
+    case = zoo.mlp()
+    with torch.no_grad():
+        case.model.lin1.weight[0, 0] = 1e5
+    config = {"peft_type": "LORA", "r": 2, "target_modules": ["lin0", "lin1"], "init_lora_weights": "loftq",
+              "loftq_config": {"loftq_bits": 8, "loftq_iter": 1}}
+    with pytest.raises(ConfigError, match=r"loftq_bits'\]=8 for module 'lin1'.*beyond fp16's range"):
+        peftc.apply(case.model, config, example_inputs=case.inputs)
+    peftc.apply(case.model, {**config, "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}, example_inputs=case.inputs)
+
+
+def test_a_tied_weight_is_an_error():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    config = {"peft_type": "LORA", "r": 2, "target_modules": ["lm_head"], "init_lora_weights": "loftq",
+              "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}
+    with pytest.raises(ConfigError, match="'lm_head': its weight is tied.*LoftQ"):
+        peftc.apply(LlamaForCausalLM(cfg).eval(), config)
+
+
 @pytest.mark.parametrize(("name", "targets"), [("cnn", ["conv0"]), ("embedding_model", ["emb"]), ("gpt2", ["c_attn"])])
 def test_peft_itself_fails_on_the_layers_peftc_refuses(peft_loftq_on_cpu: Any, name: str, targets: list[str]):
     # the evidence for the refusals above: PEFT's Embedding and Conv layers call loftq_init(adapter_name) without
