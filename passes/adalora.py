@@ -55,6 +55,7 @@ class AdaLoraConfig(LoraConfig):
         "alpha_pattern": "PEFT's AdaLoRA builds every layer with lora_alpha and ignores alpha_pattern",
         "use_rslora": "AdaLoRA scales by lora_alpha / ranknum; PEFT ignores use_rslora",
         "use_dora": "PEFT's AdaLoRA does not support DoRA",
+        "loftq_config": "PEFT's AdaLoRA does not support LoftQ (its config refuses loftq_config)",
         "target_parameters": "LoRA's target_parameters part is placed for peft_type LORA only",
         "trainable_token_indices": "LoRA's trainable-tokens part is placed for peft_type LORA only",
         "modules_to_save": "not checked against PEFT's AdaLoRA yet",

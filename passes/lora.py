@@ -6,8 +6,9 @@ distributions, drawn in the same order. The scale is a tensor input of the graph
 it never re-captures or recompiles.
 
 Variants, as PEFT's config fields select them: `use_dora` (passes/dora.py), `lora_bias` (a bias
-on B, scaled with it), and the inits that decompose the base weight, PiSSA and OLoRA
-(passes/lora_init.py), whose residual base weight the adapted model keeps as a new tensor.
+on B, scaled with it), and the inits that rewrite the base weight, PiSSA and OLoRA
+(passes/lora_init.py) and LoftQ (passes/lora_loftq.py), whose residual or dequantised base weight the
+adapted model keeps as a new tensor.
 The config's parts that are not factors beside an op are rewrites of their own, placed by the adapted
 model: `target_parameters` (passes/lora_params.py), `trainable_token_indices` (passes/trainable_tokens.py)
 and `modules_to_save` (passes/modules_to_save.py, a part of every method's config that has the field).
@@ -40,6 +41,7 @@ from peftc.targets import pattern_value
 from .dora import CONV_DIMS, CONV_KINDS, MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
 from .lora_factors import DIAG, bdlora_factor, bdlora_side, blocks, branch, dense_factors, kasa_init
 from .lora_init import decompose, mica, orthogonal
+from .lora_loftq import loftq
 from .lora_mixed import emit_mixed_lora
 from .lora_velora import EMBED, init_embed, project
 
@@ -134,6 +136,8 @@ class Lora(Method):
                                                                                                   "conv2d"),
         "PiSSA init (`init_lora_weights=\"pissa\"`)": ("linear", "conv1d"),
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
+        "LoftQ init (`init_lora_weights=\"loftq\"`, `loftq_config`: NF4 / int8 in pure torch, the dequantised "
+        "base weight)": ("linear",),
         "orthogonal init (`init_lora_weights=\"orthogonal\"`; an embedding gets the default init, as in PEFT)":
             INIT_KINDS["orthogonal"],
         "MiCA (`init_lora_weights=\"mica\"`: B the minor singular vectors, frozen)": INIT_KINDS["mica"],
@@ -197,9 +201,16 @@ class Lora(Method):
                 f"init_lora_weights={config.init_lora_weights!r} is not available for module {module_name!r} "
                 f"({self.layer_types[kind]}): PEFT implements it for {', '.join(INIT_KINDS[init_method])} layers"
             )
+        if init_method == "loftq" and kind != "linear":
+            raise ConfigError(
+                f"init_lora_weights='loftq' is not available for module {module_name!r} ({self.layer_types[kind]}): "
+                "PEFT's LoftQ works on nn.Linear only (its Embedding and Conv layers call loftq_init without the "
+                "config and fail; on a transformers Conv1D it decomposes the stored (in, out) weight, so its factors "
+                "come out transposed)"
+            )
         if init_method == "orthogonal" and r % 2:
             raise ConfigError(f"r={r} for module {module_name!r}: init_lora_weights='orthogonal' needs an even rank")
-        if r > min(fan_in, fan_out) and init_method in ("pissa", "olora", "mica"):
+        if r > min(fan_in, fan_out) and init_method in ("pissa", "olora", "mica", "loftq"):
             # any other r is valid, as in PEFT (its own tests use r above a layer's size); only a decomposition
             # of W cannot give more than min(in, out) components
             raise ConfigError(
@@ -239,6 +250,13 @@ class Lora(Method):
                 params[B_BIAS] = _bias_like(b)
             if init_method in ("pissa", "olora"):
                 params[A], params[B], base["weight"] = decompose(config, module_name, kind, w, r, scale)
+            elif init_method == "loftq":
+                bits, iters = config.loftq_config["loftq_bits"], config.loftq_config["loftq_iter"]
+                if bits == 8 and w.detach().abs().max() > torch.finfo(torch.float16).max:
+                    raise ConfigError(f"loftq_config['loftq_bits']=8 for module {module_name!r}: int8 LoftQ casts the "
+                                      "weight to fp16 as bitsandbytes does, and this weight has values beyond fp16's "
+                                      "range (they would quantise to NaN)")
+                params[A], params[B], base["weight"] = loftq(w, bits, r, iters)
             elif init_method == "orthogonal":
                 params[A], params[B] = orthogonal(fan_in, fan_out, r, w.dtype)
             elif init_method == "mica":
@@ -366,6 +384,11 @@ class Lora(Method):
         initial: dict[TensorKey, torch.Tensor],
     ) -> dict[TensorKey, torch.Tensor]:
         # W_res + s·BA = W + s·(BA - B0·A0) = W + s·[B | -B0]·[A ; A0]: a LoRA of twice the rank
+        if config.init_method == "loftq":
+            # LoftQ's base is Q(W), and W + s·(BA - B0·A0) is Q(W) + s·BA only up to LoftQ's approximation error
+            raise CheckpointError("a LoftQ adapter has no exact conversion against its initial adapter: its base is "
+                                  "the dequantised weight, not the original one (PEFT warns and writes an "
+                                  "approximation); save it as it is, with the dequantised base model")
         variants = [name for name in ("use_dora", "lora_bias", *VARIANT_KINDS) if getattr(config, name)]
         if variants:
             raise CheckpointError(f"only plain LoRA adapters convert against their initial adapter (this one has "

@@ -16,6 +16,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -320,12 +321,10 @@ class LoraConfig(AdapterConfig):
         "arrow_config": "Arrow routes each token over several LoRA experts at a site, a router placement the "
                         "method contract does not have yet",
         "ensure_weight_tying": "tied adapters across tied weights are not implemented yet",
-        "loftq_config": "LoftQ initialisation needs bitsandbytes' NF4/int8 quantisation on a CUDA device; "
-                        "peftc adapts no quantised base layers",
     }
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
-    init_choices: ClassVar[str] = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal' "
-                                   "or 'mica'")
+    init_choices: ClassVar[str] = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', "
+                                   "'mica' or 'loftq'")
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -344,7 +343,7 @@ class LoraConfig(AdapterConfig):
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: Any = None
-    loftq_config: dict = field(default_factory=dict)
+    loftq_config: Any = field(default_factory=dict)  # PEFT's LoftQConfig or its dict
     eva_config: Any = None
     corda_config: Any = None
     lora_ga_config: Any = None
@@ -378,6 +377,7 @@ class LoraConfig(AdapterConfig):
             reason = INIT_REFUSED.get(str(init), "")
             raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet"
                               + (f": {reason}" if reason else "") + f" ({self.init_choices})")
+        check_loftq(self)
         self.kasa_config = sub_config(self, "kasa_config", KASA_FIELDS)
         self.use_bdlora = sub_config(self, "use_bdlora", BDLORA_FIELDS)
         self.velora_config = sub_config(self, "velora_config", VELORA_FIELDS)
@@ -395,14 +395,14 @@ class LoraConfig(AdapterConfig):
 
     @property
     def init_method(self) -> str | None:
-        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', 'orthogonal', 'mica', or None for True/False
-        and unknown values (PEFT compares gaussian, olora and mica case-insensitively)."""
+        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', 'orthogonal', 'mica', 'loftq', or None for
+        True/False and unknown values (PEFT compares gaussian, olora and mica case-insensitively)."""
         init = self.init_lora_weights
         if not isinstance(init, str):
             return None
         if init.lower() in ("gaussian", "olora", "mica"):
             return init.lower()
-        if init == "orthogonal":
+        if init in ("orthogonal", "loftq"):
             return init
         return "pissa" if init == "pissa" or self.pissa_niter is not None else None
 
@@ -415,8 +415,6 @@ class LoraConfig(AdapterConfig):
 
 # PEFT's inits peftc refuses, and why
 INIT_REFUSED = {
-    "loftq": "PEFT's loftq_init quantises the base weight with bitsandbytes (NF4/int8) on a CUDA/XPU device, and "
-             "peftc has no quantised base layers",
     "eva": "a data-driven init (PEFT's initialize_lora_eva_weights(model, dataloader)), not implemented",
     "corda": "a data-driven init (PEFT's preprocess_corda(model, config, run_model)), not implemented",
     "lora_ga": "a gradient-driven init (PEFT's preprocess_loraga(model, config, train_step)), not implemented",
@@ -425,6 +423,7 @@ INIT_REFUSED = {
 KASA_FIELDS = {"beta": 1e-4, "gamma": 1e-3}
 BDLORA_FIELDS = {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
 VELORA_FIELDS = {"num_groups": 64, "scale": 1.0, "init_type": "batch_average"}
+LOFTQ_FIELDS = {"loftq_bits": 4, "loftq_iter": 1}
 MONTECLORA_FIELDS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
                      "kl_loss_weight": 1e-5, "buffer_size": 150}
 
@@ -443,6 +442,27 @@ def sub_config(config: AdapterConfig, name: str, fields: dict[str, Any]) -> dict
     if unknown:
         raise ConfigError(f"{name}: unknown field(s) {unknown}; known: {sorted(fields)}")
     return {**fields, **value}
+
+
+def check_loftq(config: LoraConfig) -> None:
+    """`loftq_config` (PEFT's LoftQConfig, saved as a dict with both fields): required by init_lora_weights='loftq',
+    dropped with a warning otherwise, as PEFT does."""
+    if config.init_lora_weights != "loftq":
+        if config.loftq_config:
+            warnings.warn("loftq_config is ignored when init_lora_weights is not 'loftq' (PEFT drops it too)",
+                          stacklevel=4)
+            config.loftq_config = {}
+        return
+    if not config.loftq_config:
+        raise ConfigError("init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1} "
+                          "(PEFT requires it too)")
+    loftq = sub_config(config, "loftq_config", LOFTQ_FIELDS)
+    if loftq["loftq_bits"] not in (4, 8) or isinstance(loftq["loftq_bits"], bool):
+        raise ConfigError(f"loftq_config['loftq_bits'] must be 4 (NF4) or 8 (int8), as PEFT's loftq_init "
+                          f"quantises, got {loftq['loftq_bits']!r}")
+    if not isinstance(loftq["loftq_iter"], int) or isinstance(loftq["loftq_iter"], bool) or loftq["loftq_iter"] <= 0:
+        raise ConfigError(f"loftq_config['loftq_iter'] must be a positive integer, got {loftq['loftq_iter']!r}")
+    config.loftq_config = loftq
 
 
 def check_factor_variants(config: LoraConfig) -> None:
@@ -513,7 +533,7 @@ def check_target_parameters(config: LoraConfig) -> None:
     config.target_parameters = sorted(targets)
     refused = {"lora_dropout": config.lora_dropout > 0, "use_dora": config.use_dora, "lora_bias": config.lora_bias,
                "fan_in_fan_out": config.fan_in_fan_out,
-               "init_lora_weights": config.init_method in ("pissa", "olora")}
+               "init_lora_weights": config.init_method in ("pissa", "olora", "loftq")}
     for name, bad in refused.items():
         if bad:
             raise ConfigError(f"{name}={getattr(config, name)!r} cannot be combined with target_parameters "

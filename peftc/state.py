@@ -173,14 +173,14 @@ class ParameterTree:
             table[attr] = self.tensor(tree_fqn)
 
     def replace_base(self, path: str, leaf: str, value: torch.Tensor) -> None:
-        """A new frozen base tensor for module `path` (PiSSA/OLoRA's residual), in the tree and the source copy;
-        the graphs read base tensors by tree name, and the user's tensor is left as it was."""
+        """A new frozen base tensor for module `path` (PiSSA/OLoRA's residual, LoftQ's dequantised weight), in the
+        tree and the source copy; the graphs read base tensors by tree name, and the user's tensor is left as it was."""
         module = self.source.get_submodule(path)
         old = getattr(module, leaf)
         if any(p is old for fqn, p in self.source.named_parameters(remove_duplicate=False) if fqn != f"{path}.{leaf}"):
             raise ConfigError(
                 f"module {path!r}: its {leaf} is tied to another module's, and this adapter's init rewrites it "
-                "(PiSSA/OLoRA would change both uses); target the module without tied weights"
+                "(PiSSA/OLoRA/LoftQ would change both uses); target the module without tied weights"
             )
         new = nn.Parameter(value, requires_grad=False)
         self.set(self.names[f"{path}.{leaf}"], new)

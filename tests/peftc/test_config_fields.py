@@ -78,6 +78,9 @@ BEHAVIOUR: dict[str, dict[str, Change]] = {
                               "eval_only": True},
         "layer_replication": {"layer_replication": [[0, 2], [1, 2]], "model": "llama",
                               "base": {"target_modules": ["q_proj", "v_proj"]}},
+        # (int8 instead of NF4, two iterations: another dequantised base and other factors)
+        "loftq_config": {"loftq_config": {"loftq_bits": 8, "loftq_iter": 2},
+                         "base": {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}},
     },
     "ADALORA": {
         "target_modules": {"target_modules": ["lin0"]}, "exclude_modules": {"exclude_modules": ["lin1"]},
@@ -152,7 +155,8 @@ BEHAVIOUR["LOKR"] = {**BEHAVIOUR["LOHA"], "decompose_both": {"decompose_both": T
 # further values of a field shown by behaviour above: (field, the changes), each shown the same way
 MORE_VALUES: dict[str, list[tuple[str, Change]]] = {
     "LORA": [("bias", {"bias": "lora_only"}), ("init_lora_weights", {"init_lora_weights": "orthogonal"}),
-             ("init_lora_weights", {"init_lora_weights": "mica"})],
+             ("init_lora_weights", {"init_lora_weights": "mica"}),
+             ("init_lora_weights", {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}})],
 }
 # AdaLoRA's schedule fields act only through `update_and_allocate` (rank allocation while training): field -> the
 # changes that must change the rank patterns over ALLOCATION_STEPS steps, against the example config with
@@ -189,7 +193,7 @@ NO_EFFECT: dict[str, dict[str, tuple[Any, str]]] = {
 # values of fields that are refused: (field, value, what the error says); a field listed nowhere else accepts
 # only its default
 REFUSED_VALUES: dict[str, list[tuple[str, Any, str]]] = {
-    "LORA": [("init_lora_weights", "loftq", "init_lora_weights='loftq' is not supported")],
+    "LORA": [("init_lora_weights", "eva", "init_lora_weights='eva' is not supported")],
     "ADALORA": [("bias", "all", "bias='all' is not supported"),
                 ("init_lora_weights", "gaussian", "AdaLoRA initialises with True")],
 }
