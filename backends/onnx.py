@@ -242,12 +242,29 @@ class OnnxAdapterSession:
             adapter_index: Any = None) -> dict[str, np.ndarray]:
         """Outputs by name for `inputs` (numpy arrays or torch tensors, by input name). A switch-mode
         model also takes the raw `adapter_index` (-1: base model; i: `exported_adapters[i]`)."""
+        feed = self._feed(inputs, adapter_names, adapter_index)
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+    def run_values(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None,
+                   adapter_index: Any = None) -> dict[str, Any]:
+        """As `run`, with ONNX Runtime's own `OrtValue`s out (and accepted in): a decode loop feeds the
+        present KV cache back as the next past without copying it into numpy and back."""
+        import onnxruntime as ort
+
+        feed = self._feed(inputs, adapter_names, adapter_index)
+        feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v, self._device, 0)
+                for k, v in feed.items()}
+        return dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feed)))
+
+    def _feed(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None,
+              adapter_index: Any) -> dict[str, Any]:
+        """The session's feed: the user's inputs (numpy, torch or OrtValue) and the adapter inputs."""
         unknown = sorted(set(inputs) - set(self.input_names))
         missing = [n for n in self.input_names if n not in inputs]
         if unknown or missing:
             raise ConfigError(f"inputs: expected {self.input_names}; missing {missing}, unknown {unknown}")
         feed = {name: _numpy(inputs[name]) for name in self.input_names}
-        batch = next(a.shape[0] for a in feed.values() if a.ndim > 0)
+        batch = next(_shape(a)[0] for a in feed.values() if len(_shape(a)) > 0)
         if adapter_index is not None:
             if adapter_names is not None or self.mode != "switch":
                 raise ConfigError("adapter_index is for mode='switch' models, instead of adapter_names")
@@ -258,7 +275,7 @@ class OnnxAdapterSession:
                 feed["adapter_index"] = np.array(slot_indices(wanted, self.exported_adapters), dtype=np.int64)
             elif self.mode == "inputs":
                 feed.update(self._adapters[wanted[0]])
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        return feed
 
     def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 20,
                  adapter_names: str | Sequence[str] | None = None, **options: Any) -> np.ndarray:
@@ -417,5 +434,14 @@ def _fit(array: np.ndarray, shape: list[int], where: str) -> np.ndarray:
     return out
 
 
-def _numpy(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+def _numpy(value: Any) -> Any:
+    """numpy for a feed; an OrtValue stays one."""
+    import onnxruntime as ort
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return value if isinstance(value, ort.OrtValue) else np.asarray(value)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape() if callable(value.shape) else value.shape)

@@ -38,21 +38,31 @@ DECODER_FILE = "decoder.onnx"
 GENAI_CONFIG = "genai_config.json"
 PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
 PRESENT = ("present.%d.key", "present.%d.value")
+LOGITS = ("last", "all")  # which positions' logits the decoder computes
 # a model folder's tokenizer files, copied beside the decoder for onnxruntime-genai's tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt")
 
 
 def export_onnx_decoder(model: Any, path: str | os.PathLike, mode: str = "merged",
-                        adapter_names: Sequence[str] | None = None, **export_options: Any) -> str:
+                        adapter_names: Sequence[str] | None = None, logits: str = "last",
+                        **export_options: Any) -> str:
     """Export the adapted causal LM `model` as an ONNX decoder with a KV cache to `path` (returned), in
     `mode` as `export_onnx` does ("merged", "switch" with `adapter_index`, "inputs" with the active
-    adapter's tensors as inputs, defaulting to that adapter)."""
+    adapter's tensors as inputs, defaulting to that adapter). `logits="last"` computes the logits of each
+    row's last position only (`logits` [batch, 1, vocab]), as transformers' generate asks for them
+    (`logits_to_keep=1`): a prompt's step then skips the LM head on every other position, which at a
+    512-token prompt costs more than the rest of the step. `logits="all"` keeps [batch, new, vocab]."""
+    if logits not in LOGITS:
+        raise ConfigError(f"logits={logits!r}: choose one of {', '.join(LOGITS)}")
     layout = generation.cache_layout(model)
-    return export_program(model, path, mode, (), generation.example_call(model), adapter_names, kind=generation.KV,
-                          rename=_genai_name, metadata={"task": TASK, "cache": [[s.heads, s.head_dim] for s in layout],
-                                                       "cache_dtype": str(layout[0].dtype).removeprefix("torch.")},
-                          **export_options)
+    call = generation.example_call(model)
+    if logits == "last":
+        call["logits_to_keep"] = 1
+    metadata = {"task": TASK, "logits": logits, "cache": [[s.heads, s.head_dim] for s in layout],
+                "cache_dtype": str(layout[0].dtype).removeprefix("torch.")}
+    return export_program(model, path, mode, (), call, adapter_names, kind=generation.KV, rename=_genai_name,
+                          metadata=metadata, **export_options)
 
 
 def _genai_name(name: str) -> str:
@@ -174,8 +184,9 @@ def generate(session: Any, input_ids: Any, attention_mask: Any = None, max_new_t
     finished = torch.zeros(batch, dtype=torch.bool)
     sequences = ids
     for step in range(max_new_tokens):
-        out = session.run(feed, adapter_names=adapter_names, adapter_index=adapter_index)
-        scores = processors(sequences, torch.from_numpy(out["logits"][:, -1, :]).float())
+        # OrtValues: the presents go back in as the next step's past without a copy through numpy
+        out = session.run_values(feed, adapter_names=adapter_names, adapter_index=adapter_index)
+        scores = processors(sequences, torch.from_numpy(out["logits"].numpy()[:, -1, :]).float())
         if do_sample:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:

@@ -306,3 +306,23 @@ def test_bad_input(decoders, tmp_path, monkeypatch) -> None:
     with pytest.raises(peftc.ConfigError, match=r"adapter 'default' \(LORA\) cannot be merged"):
         peftc.export_onnx_decoder(dec.am, tmp_path / "never.onnx", mode="merged")
     assert not (tmp_path / "never.onnx").exists()
+
+
+def test_decoder_logits_last_by_default_all_on_request(decoders, tmp_path) -> None:
+    """The default export computes each row's last logits only (the LM head skips the prompt's other
+    positions); logits="all" keeps every position, whose last row is the same."""
+    llama = decoders("llama")
+    inputs = prompts()
+    batch, seq = inputs["input_ids"].shape
+    everything = OnnxAdapterSession(peftc.export_onnx_decoder(llama.am, tmp_path / "all.onnx", logits="all",
+                                                              **OPTIONS), providers=["CPUExecutionProvider"])
+    last = llama.session("merged")
+    feeds = {**inputs, "position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+    for name, (heads, dim) in enumerate(last.cache):
+        for past in ("past_key_values.%d.key", "past_key_values.%d.value"):
+            feeds[past % name] = np.zeros((batch, heads, 0, dim), np.float32)
+    got, want = last.run(feeds)["logits"], everything.run(feeds)["logits"]
+    assert got.shape == (batch, 1, zoo.VOCAB) and want.shape == (batch, seq, zoo.VOCAB)
+    np.testing.assert_allclose(got[:, 0], want[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(peftc.errors.ConfigError, match="logits='some'"):
+        peftc.export_onnx_decoder(llama.am, tmp_path / "x.onnx", logits="some")
