@@ -152,7 +152,9 @@ BEHAVIOUR["LOKR"] = {**BEHAVIOUR["LOHA"], "decompose_both": {"decompose_both": T
 # further values of a field shown by behaviour above: (field, the changes), each shown the same way
 MORE_VALUES: dict[str, list[tuple[str, Change]]] = {
     "LORA": [("bias", {"bias": "lora_only"}), ("init_lora_weights", {"init_lora_weights": "orthogonal"}),
-             ("init_lora_weights", {"init_lora_weights": "mica"})],
+             ("init_lora_weights", {"init_lora_weights": "mica"}),
+             # (A keeps its first draw until initialize_lora_eva_weights: one draw fewer than True's)
+             ("init_lora_weights", {"init_lora_weights": "eva"})],
 }
 # AdaLoRA's schedule fields act only through `update_and_allocate` (rank allocation while training): field -> the
 # changes that must change the rank patterns over ALLOCATION_STEPS steps, against the example config with
@@ -170,6 +172,11 @@ METADATA: dict[str, dict[str, tuple[Any, str]]] = {
     peft_type: {"layers_to_transform": ([0], LAYERS), "layers_pattern": (["layers"], LAYERS)}
     for peft_type in ("LORA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "VERA")
 }
+METADATA["LORA"]["eva_config"] = (
+    {"rho": 1.5, "tau": 0.9, "use_label_mask": False, "label_mask_value": 0, "whiten": True,
+     "adjust_scaling_factors": False},
+    "read by peftc.initialize_lora_eva_weights, which takes data: tests/passes/test_lora_eva.py shows each field "
+    "changing EVA's A, ranks or alphas as in PEFT")
 for peft_type in ("LORA", "ADALORA"):
     METADATA[peft_type].update({
         "megatron_core": ("my.megatron", "PEFT reads it only with megatron_config, which is refused"),
