@@ -300,3 +300,31 @@ def test_bad_calls_are_errors():
                         example_inputs=case.inputs)
     with pytest.raises(ConfigError, match="needs adapter 'default' created with init_lora_weights='eva'"):
         peftc.initialize_lora_eva_weights(plain, [case.inputs])
+
+
+def test_other_adapters_keep_their_place_and_values():
+    case = zoo.mlp()
+    am = peftc.apply(case.model, {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"]}, "other",
+                     example_inputs=case.inputs)
+    am.add_adapter("default", {"peft_type": "LORA", **fields(["lin0", "lin1"])})
+    am.set_adapter("default")
+    randomize_adapters(am)
+    before = {k: v.clone() for k, v in am.state_dict().items() if ".other." in k}
+    gen = torch.Generator().manual_seed(0)
+    sd = {"lin0": torch.randn(3, 12, generator=gen), "lin1": torch.randn(1, 24, generator=gen)}
+    peftc.initialize_lora_eva_weights(am, eva_state_dict=sd)
+    assert am.adapter_order == ["other", "default"] and am.active_adapters == ["default"]
+    after = am.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert torch.equal(after["base_model.model.lin0.lora_A.default.weight"], sd["lin0"])
+    assert am.peft_config["default"].rank_pattern == {"lin0": 3, "lin1": 1}
+
+
+def test_redistributed_ranks_with_rslora_are_an_error_naming_the_fields():
+    case = zoo.mlp()
+    am = peftc.apply(case.model, {"peft_type": "LORA", **fields(["lin0"], use_rslora=True)},
+                     example_inputs=case.inputs)
+    with pytest.raises(ConfigError, match="rank_pattern / alpha_pattern.*use_rslora"):
+        peftc.initialize_lora_eva_weights(am, eva_state_dict={"lin0": torch.zeros(3, 12)})
+    peftc.initialize_lora_eva_weights(am, eva_state_dict={"lin0": torch.ones(2, 12)})  # the same rank: no pattern
+    assert torch.equal(am.state_dict()["base_model.model.lin0.lora_A.default.weight"], torch.ones(2, 12))
