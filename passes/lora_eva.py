@@ -265,7 +265,7 @@ def get_eva_state_dict(
     model: nn.Module,
     dataloader: Iterable,
     peft_config: AdapterConfig | dict | str | None = None,
-    forward_fn: Callable | None = forward_fn_dict,
+    forward_fn: Callable = forward_fn_dict,
     prepare_model_inputs_fn: Callable | None = prepare_model_inputs_fn_language_modeling,
     prepare_layer_inputs_fn: Callable | dict[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
     adapter_name: str = "default",
@@ -290,12 +290,12 @@ def get_eva_state_dict(
         rho = min(rho, max(max(p.shape) for p in base.parameters()) // config.r)
     devices = {p.device for p in base.parameters() if p.device.type != "meta"}
     device = next(iter(devices)) if len(devices) == 1 else None
-    training = base.training
-    base.eval()
     layer_fns = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
     if layer_fns is not None and set(layer_fns) - set(paths):
         raise ConfigError(f"prepare_layer_inputs_fn names module(s) EVA does not initialise: "
                           f"{sorted(set(layer_fns) - set(paths))}; EVA's modules: {paths}")
+    training = base.training
+    base.eval()
 
     def batch_inputs(batch: Any) -> tuple[Any, Any]:
         batch = _move(batch, device) if device is not None else batch
@@ -394,7 +394,7 @@ def initialize_lora_eva_weights(
     model: nn.Module,
     dataloader: Iterable | None = None,
     eva_state_dict: dict[str, torch.Tensor] | None = None,
-    forward_fn: Callable | None = forward_fn_dict,
+    forward_fn: Callable = forward_fn_dict,
     prepare_model_inputs_fn: Callable | None = prepare_model_inputs_fn_language_modeling,
     prepare_layer_inputs_fn: Callable | dict[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
     adapter_name: str = "default",

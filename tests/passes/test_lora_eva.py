@@ -130,13 +130,31 @@ def test_eva_adapter_trains_folds_and_loads_both_ways(llama_pair: MethodPair, tm
 
 
 def test_eva_on_conv1d_layers_equals_peft():
-    pair = eva_pair("gpt2", fields(["c_attn", "c_fc"], {"rho": 1.5}), batches(seed=5))
+    pair = eva_pair("gpt2", fields(["c_attn"]), batches(seed=5))
     assert_same_state(pair.am, pair.pm)
     assert_same_config(pair.am, pair.pm)
+    assert pair.am.peft_config["default"].rank_pattern  # the two layers' ranks were redistributed
+
+
+def given_pair(f: dict[str, Any], sd: dict[str, torch.Tensor]) -> MethodPair:
+    """peftc and PEFT on the MLP, initialised from the same given EVA state dict (no data: fast)."""
+    case, ref = zoo.mlp(), zoo.mlp()
+    torch.manual_seed(7)
+    am = peftc.apply(case.model, {"peft_type": "LORA", **copy.deepcopy(f)}, example_inputs=case.inputs)
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(ref.model, peft_config(f))
+    torch.manual_seed(8)
+    peftc.initialize_lora_eva_weights(am, eva_state_dict=copy.deepcopy(sd))
+    torch.manual_seed(8)
+    peft_initialize(pm, eva_state_dict={f"base_model.model.{k}": v for k, v in copy.deepcopy(sd).items()})
+    return MethodPair(case, ref, am, pm)
+
+
+MLP_SD = {"lin0": torch.linspace(-1, 1, 36).reshape(3, 12), "lin1": torch.linspace(0, 1, 24).reshape(1, 24)}
 
 
 def test_eva_with_dora_equals_peft():
-    pair = eva_pair("llama", fields(["q_proj", "down_proj"], use_dora=True), batches())
+    pair = given_pair(fields(["lin0", "lin1"], use_dora=True), MLP_SD)
     assert_same_state(pair.am, pair.pm)  # the magnitude of a re-created layer is ||W|| again (B is zero)
     assert_same_config(pair.am, pair.pm)
 
@@ -146,10 +164,11 @@ def test_eva_with_dora_equals_peft():
 FIELD_VALUES = {"rho": 1.0, "tau": 0.5, "use_label_mask": False, "label_mask_value": 7}
 
 
-def plain_eva(f: dict[str, Any], data: list[dict[str, torch.Tensor]]) -> tuple[dict, dict]:
+def plain_eva(f: dict[str, Any], data: list[dict[str, torch.Tensor]], **kwargs: Any) -> tuple[dict, dict]:
     model = zoo.llama().model
-    ours = peftc.get_eva_state_dict(model, data, {"peft_type": "LORA", **copy.deepcopy(f)}, show_progress_bar=False)
-    theirs = peft_get_eva_state_dict(model, data, peft_config(f), show_progress_bar=False)
+    ours = peftc.get_eva_state_dict(model, data, {"peft_type": "LORA", **copy.deepcopy(f)}, show_progress_bar=False,
+                                    **copy.deepcopy(kwargs))
+    theirs = peft_get_eva_state_dict(model, data, peft_config(f), show_progress_bar=False, **copy.deepcopy(kwargs))
     return ours, theirs
 
 
@@ -199,11 +218,13 @@ def test_whiten_divides_each_layer_once(default_eva: dict[str, torch.Tensor]):
 
 
 def test_adjust_scaling_factors_off_keeps_alpha():
-    pair = eva_pair("llama", fields(LLAMA_TARGETS, {"adjust_scaling_factors": False}), batches())
+    pair = given_pair(fields(["lin0", "lin1"], {"adjust_scaling_factors": False}), MLP_SD)
     assert_same_state(pair.am, pair.pm)
     assert_same_config(pair.am, pair.pm)
     config = pair.am.peft_config["default"]
-    assert config.rank_pattern and config.alpha_pattern == {}
+    assert config.rank_pattern == {"lin0": 3, "lin1": 1} and config.alpha_pattern == {}
+    on = given_pair(fields(["lin0", "lin1"]), MLP_SD).am.peft_config["default"]
+    assert on.alpha_pattern == {"lin0": 6.0, "lin1": 2.0}
 
 
 def test_a_given_state_dict_with_rank_zero_drops_the_adapter_as_peft():
@@ -328,3 +349,16 @@ def test_redistributed_ranks_with_rslora_are_an_error_naming_the_fields():
         peftc.initialize_lora_eva_weights(am, eva_state_dict={"lin0": torch.zeros(3, 12)})
     peftc.initialize_lora_eva_weights(am, eva_state_dict={"lin0": torch.ones(2, 12)})  # the same rank: no pattern
     assert torch.equal(am.state_dict()["base_model.model.lin0.lora_A.default.weight"], torch.ones(2, 12))
+
+
+def test_per_layer_input_functions_equal_peft():
+    """prepare_layer_inputs_fn as a dict by module path: that layer's own selection, the others every position."""
+    def last_positions(layer_input: Any, model_input: Any, name: str) -> torch.Tensor:
+        return layer_input[0][:, -4:].reshape(-1, layer_input[0].shape[-1])
+
+    fns = {"model.layers.0.mlp.down_proj": last_positions}
+    ours, theirs = plain_eva(fields(LLAMA_TARGETS), batches(), prepare_layer_inputs_fn=fns)
+    assert_same_eva(ours, theirs)
+    with pytest.raises(ConfigError, match=r"prepare_layer_inputs_fn names module\(s\) EVA does not initialise"):
+        peftc.get_eva_state_dict(zoo.llama().model, batches(), {"peft_type": "LORA", **fields(LLAMA_TARGETS)},
+                                 prepare_layer_inputs_fn={"lm_head": last_positions})
