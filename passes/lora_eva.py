@@ -26,8 +26,9 @@ runs once, with no adapter in it: a capture of a graph returning every site's in
 The PCA is PEFT's (`peft.utils.incremental_pca.IncrementalPCA`, fixed by PEFT's hook to
 `torch.svd_lowrank` with q = 2·components, 4 iterations and seed 42), ported op for op, so A, the ranks
 and the alphas equal PEFT's on the same model, data and seed. One difference: with `whiten`, PEFT divides
-the components in place, so layers sharing one PCA (q/k/v fed the same input) are divided once per layer
-of the group; peftc divides each layer's copy once, as the method defines whitening.
+the components in place, and layers sharing one PCA (q/k/v fed the same input) hold views of one tensor,
+so each row ends up divided once per layer of the group whose rank covers it (q, k and v by s^(3/2) rather
+than s^(1/2)); peftc divides each layer's copy once, as the method defines whitening.
 """
 
 from __future__ import annotations

@@ -198,23 +198,23 @@ def test_each_eva_config_field_changes_the_init_as_in_peft(field: str, default_e
 
 
 def test_whiten_divides_each_layer_once(default_eva: dict[str, torch.Tensor]):
-    """Whitening scales each component by 1/sqrt(its singular value). PEFT divides the shared components in
-    place, once per layer of a group reading one input (q, k, v), so its k and v are divided two and three
-    times; peftc divides each layer's copy once. Layers reading an input of their own equal PEFT's."""
+    """Whitening scales each component by 1/sqrt(its singular value). PEFT divides the components of a PCA
+    shared by a group of layers reading one input (q, k, v) in place, once per layer of the group, and the
+    group's A are views of that one tensor: each ends up divided once per layer whose rank covers the row.
+    peftc divides each layer's copy once. Layers reading an input of their own equal PEFT's."""
     ours, theirs = plain_eva(fields(LLAMA_TARGETS, {"whiten": True}), batches())
     for layer in ("0", "1"):
         q, k, v, down = (f"model.layers.{layer}.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj",
                                                                "self_attn.v_proj", "mlp.down_proj"))
         torch.testing.assert_close(ours[down], theirs[down])
-        plain = default_eva[q]
-        scale = ours[q].norm(dim=1)  # 1 / sqrt(s): the unwhitened rows are unit vectors
-        torch.testing.assert_close(ours[q], plain * scale[:, None])
-        for other in (k, v):  # the same components and scales as q's, where their ranks overlap
-            n = min(len(ours[other]), len(ours[q]))
-            torch.testing.assert_close(ours[other][:n], ours[q][:n])
-        n = min(len(theirs[k]), len(theirs[q]))
-        if n and not torch.allclose(theirs[k][:n], theirs[q][:n]):
-            assert not torch.allclose(ours[k][:n], theirs[k][:n])  # where PEFT divided again
+        group = (q, k, v)
+        for name in group:
+            plain = default_eva[name]
+            scale = ours[name].norm(dim=1)  # 1 / sqrt(s): the unwhitened rows are unit vectors
+            torch.testing.assert_close(ours[name], plain * scale[:, None])
+            times = torch.tensor([sum(len(ours[m]) > i for m in group) for i in range(len(plain))])
+            torch.testing.assert_close(theirs[name], plain * (scale ** times)[:, None])
+        assert any(len(ours[m]) for m in group)
 
 
 def test_adjust_scaling_factors_off_keeps_alpha():
