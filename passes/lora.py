@@ -141,6 +141,9 @@ class Lora(Method):
         "orthogonal init (`init_lora_weights=\"orthogonal\"`; an embedding gets the default init, as in PEFT)":
             INIT_KINDS["orthogonal"],
         "MiCA (`init_lora_weights=\"mica\"`: B the minor singular vectors, frozen)": INIT_KINDS["mica"],
+        "EVA init (`init_lora_weights=\"eva\"`, then `peftc.initialize_lora_eva_weights(am, dataloader)`: A the "
+        "principal directions of each layer's inputs, ranks redistributed; an embedding gets the default init)":
+            ("linear", "conv1d", "embedding"),
         "KaSA (`kasa_config`: a truncated base weight, a learned diagonal between A and B)":
             VARIANT_KINDS["kasa_config"],
         "BD-LoRA (`use_bdlora`: A or B block-diagonal)": VARIANT_KINDS["use_bdlora"],
@@ -208,6 +211,11 @@ class Lora(Method):
                 "config and fail; on a transformers Conv1D it decomposes the stored (in, out) weight, so its factors "
                 "come out transposed)"
             )
+        if init_method == "eva" and kind in CONV_KINDS:
+            raise ConfigError(
+                f"init_lora_weights='eva' is not available for module {module_name!r} ({self.layer_types[kind]}): "
+                "PEFT's EVA covers nn.Linear and transformers Conv1D (its convolution layers reject the init)"
+            )
         if init_method == "orthogonal" and r % 2:
             raise ConfigError(f"r={r} for module {module_name!r}: init_lora_weights='orthogonal' needs an even rank")
         if r > min(fan_in, fan_out) and init_method in ("pissa", "olora", "mica", "loftq"):
@@ -261,6 +269,8 @@ class Lora(Method):
                 params[A], params[B] = orthogonal(fan_in, fan_out, r, w.dtype)
             elif init_method == "mica":
                 params[A], params[B] = mica(kind, w, r)
+            elif init_method == "eva":  # A keeps its draw until initialize_lora_eva_weights sets it from data
+                nn.init.zeros_(params[B])
             else:
                 init_factors(config, params, r)
             # the variants' own init follows the factors', in PEFT's order (LoraVariant.init)

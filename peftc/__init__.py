@@ -14,6 +14,7 @@ from .config import AdapterConfig, LoraConfig, load_config
 from .errors import CaptureError, CheckpointError, ConfigError, PeftcError, TargetError
 from .model import AdaptedModel
 from .optim import create_loraplus_optimizer
+from .passes.lora_eva import get_eva_state_dict, initialize_lora_eva_weights
 
 __all__ = [
     "AdaptedModel",
@@ -29,6 +30,8 @@ __all__ = [
     "export_genai",
     "export_onnx",
     "export_onnx_decoder",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
     "load",
     "load_config",
     "save_onnx_adapter",

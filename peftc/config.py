@@ -311,8 +311,6 @@ class LoraConfig(AdapterConfig):
     peft_type_name: ClassVar[str] = "LORA"
     unsupported: ClassVar[dict[str, str]] = {
         "megatron_config": "Megatron-LM's parallel linear layers are not a layer type peftc adapts",
-        "eva_config": "EVA initialisation (data-driven: incremental PCA of layer inputs over a dataloader, "
-                      "initialize_lora_eva_weights) is not implemented yet",
         "corda_config": "CorDA initialisation (data-driven: covariance of layer inputs, then SVD, preprocess_corda) "
                         "is not implemented yet",
         "lora_ga_config": "LoRA-GA initialisation (gradient-driven, preprocess_loraga) is not implemented yet",
@@ -324,7 +322,7 @@ class LoraConfig(AdapterConfig):
     }
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
     init_choices: ClassVar[str] = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', "
-                                   "'mica' or 'loftq'")
+                                   "'mica', 'loftq' or 'eva'")
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -382,6 +380,7 @@ class LoraConfig(AdapterConfig):
         self.use_bdlora = sub_config(self, "use_bdlora", BDLORA_FIELDS)
         self.velora_config = sub_config(self, "velora_config", VELORA_FIELDS)
         self.monteclora_config = sub_config(self, "monteclora_config", MONTECLORA_FIELDS)
+        check_eva_config(self)
         check_factor_variants(self)
         check_layer_replication(self)
         if self.lora_bias and init not in (True, False):
@@ -395,14 +394,14 @@ class LoraConfig(AdapterConfig):
 
     @property
     def init_method(self) -> str | None:
-        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', 'orthogonal', 'mica', 'loftq', or None for
+        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', 'orthogonal', 'mica', 'loftq', 'eva', or None for
         True/False and unknown values (PEFT compares gaussian, olora and mica case-insensitively)."""
         init = self.init_lora_weights
         if not isinstance(init, str):
             return None
         if init.lower() in ("gaussian", "olora", "mica"):
             return init.lower()
-        if init in ("orthogonal", "loftq"):
+        if init in ("orthogonal", "loftq", "eva"):
             return init
         return "pissa" if init == "pissa" or self.pissa_niter is not None else None
 
@@ -415,7 +414,6 @@ class LoraConfig(AdapterConfig):
 
 # PEFT's inits peftc refuses, and why
 INIT_REFUSED = {
-    "eva": "a data-driven init (PEFT's initialize_lora_eva_weights(model, dataloader)), not implemented",
     "corda": "a data-driven init (PEFT's preprocess_corda(model, config, run_model)), not implemented",
     "lora_ga": "a gradient-driven init (PEFT's preprocess_loraga(model, config, train_step)), not implemented",
 }
@@ -424,6 +422,9 @@ KASA_FIELDS = {"beta": 1e-4, "gamma": 1e-3}
 BDLORA_FIELDS = {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
 VELORA_FIELDS = {"num_groups": 64, "scale": 1.0, "init_type": "batch_average"}
 LOFTQ_FIELDS = {"loftq_bits": 4, "loftq_iter": 1}
+# EVA's (PEFT's EvaConfig); read by peftc.initialize_lora_eva_weights (passes/lora_eva.py)
+EVA_FIELDS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
+              "adjust_scaling_factors": True}
 MONTECLORA_FIELDS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
                      "kl_loss_weight": 1e-5, "buffer_size": 150}
 
@@ -463,6 +464,34 @@ def check_loftq(config: LoraConfig) -> None:
     if not isinstance(loftq["loftq_iter"], int) or isinstance(loftq["loftq_iter"], bool) or loftq["loftq_iter"] <= 0:
         raise ConfigError(f"loftq_config['loftq_iter'] must be a positive integer, got {loftq['loftq_iter']!r}")
     config.loftq_config = loftq
+
+
+def check_eva_config(config: LoraConfig) -> None:
+    """`eva_config`: PEFT's EvaConfig checks; with init_lora_weights='eva' and none given, the defaults (PEFT
+    warns and does the same). Given with another init it is kept and saved, and unused, as in PEFT."""
+    if config.init_lora_weights == "eva" and config.eva_config is None:
+        warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.",
+                      UserWarning, stacklevel=4)
+        config.eva_config = {}
+    config.eva_config = sub_config(config, "eva_config", EVA_FIELDS)
+    eva = config.eva_config
+    if eva is None:
+        return
+    for key in ("rho", "tau"):
+        if not isinstance(eva[key], (int, float)) or isinstance(eva[key], bool):
+            raise ConfigError(f"eva_config[{key!r}] must be a number, got {eva[key]!r}")
+    if eva["rho"] < 1.0:
+        raise ConfigError(f"eva_config['rho'] must be >= 1.0, got {eva['rho']!r}")
+    if not 0.0 <= eva["tau"] <= 1.0:
+        raise ConfigError(f"eva_config['tau'] must be between 0.0 and 1.0, got {eva['tau']!r}")
+    for key in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+        if not isinstance(eva[key], bool):
+            raise ConfigError(f"eva_config[{key!r}] must be True or False, got {eva[key]!r}")
+    if not isinstance(eva["label_mask_value"], int) or isinstance(eva["label_mask_value"], bool):
+        raise ConfigError(f"eva_config['label_mask_value'] must be an integer, got {eva['label_mask_value']!r}")
+    if config.init_lora_weights == "eva" and config.target_parameters:
+        raise ConfigError("init_lora_weights='eva' cannot be combined with target_parameters: EVA reads the inputs "
+                          "of the targeted layers, and a targeted parameter has none of its own")
 
 
 def check_factor_variants(config: LoraConfig) -> None:

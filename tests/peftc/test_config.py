@@ -48,7 +48,7 @@ def test_unsupported_field_is_an_error_not_ignored():
     with pytest.raises(ConfigError, match="arrow_config.*router"):
         load_config({"peft_type": "LORA", "target_modules": ["q"], "arrow_config": {"top_k": 2}})
     with pytest.raises(ConfigError, match="init_lora_weights"):
-        load_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "eva"})
+        load_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "corda"})
 
 
 def test_bad_values_name_the_field(tmp_path):

@@ -156,7 +156,9 @@ BEHAVIOUR["LOKR"] = {**BEHAVIOUR["LOHA"], "decompose_both": {"decompose_both": T
 MORE_VALUES: dict[str, list[tuple[str, Change]]] = {
     "LORA": [("bias", {"bias": "lora_only"}), ("init_lora_weights", {"init_lora_weights": "orthogonal"}),
              ("init_lora_weights", {"init_lora_weights": "mica"}),
-             ("init_lora_weights", {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}})],
+             ("init_lora_weights", {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}),
+             # (A keeps its first draw until initialize_lora_eva_weights: one draw fewer than True's)
+             ("init_lora_weights", {"init_lora_weights": "eva"})],
 }
 # AdaLoRA's schedule fields act only through `update_and_allocate` (rank allocation while training): field -> the
 # changes that must change the rank patterns over ALLOCATION_STEPS steps, against the example config with
@@ -174,6 +176,11 @@ METADATA: dict[str, dict[str, tuple[Any, str]]] = {
     peft_type: {"layers_to_transform": ([0], LAYERS), "layers_pattern": (["layers"], LAYERS)}
     for peft_type in ("LORA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "VERA")
 }
+METADATA["LORA"]["eva_config"] = (
+    {"rho": 1.5, "tau": 0.9, "use_label_mask": False, "label_mask_value": 0, "whiten": True,
+     "adjust_scaling_factors": False},
+    "read by peftc.initialize_lora_eva_weights, which takes data: tests/passes/test_lora_eva.py shows each field "
+    "changing EVA's A, ranks or alphas as in PEFT")
 for peft_type in ("LORA", "ADALORA"):
     METADATA[peft_type].update({
         "megatron_core": ("my.megatron", "PEFT reads it only with megatron_config, which is refused"),
@@ -193,7 +200,7 @@ NO_EFFECT: dict[str, dict[str, tuple[Any, str]]] = {
 # values of fields that are refused: (field, value, what the error says); a field listed nowhere else accepts
 # only its default
 REFUSED_VALUES: dict[str, list[tuple[str, Any, str]]] = {
-    "LORA": [("init_lora_weights", "eva", "init_lora_weights='eva' is not supported")],
+    "LORA": [("init_lora_weights", "corda", "init_lora_weights='corda' is not supported")],
     "ADALORA": [("bias", "all", "bias='all' is not supported"),
                 ("init_lora_weights", "gaussian", "AdaLoRA initialises with True")],
 }
