@@ -1,0 +1,196 @@
+"""Arrow routing (`arrow_config`, passes/lora_arrow.py) and `peftc.create_arrow_model` against PEFT's
+`create_arrow_model`, on the same LoRA experts (random, non-identity weights saved by PEFT): outputs with and
+without GenKnowSub, input gradients in train mode, checkpoints both ways, and PEFT's refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+
+import peftc
+from peftc.errors import ConfigError
+from tests import zoo
+from tests.oracle import TOL, assert_same_outputs, example, second_inputs
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*0/1 specialized:UserWarning"),
+              pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning")]
+
+ARROW = {"top_k": 2, "router_temperature": 0.7, "rng_seed": 3}
+TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+def save_experts(tmp_path: Path, case_name: str, count: int, prefix: str, r: int = 2,
+                 targets: list[str] | None = None) -> list[str]:
+    """`count` PEFT LoRA adapters with random A and B (init_lora_weights=False) and each its own lora_alpha,
+    saved in folders under `tmp_path`."""
+    folders = []
+    for i in range(count):
+        case = zoo.FACTORIES[case_name]()
+        torch.manual_seed(100 * len(prefix) + i)
+        config = peft.LoraConfig(r=r, lora_alpha=4 + i, target_modules=targets or TARGETS[case_name],
+                                 init_lora_weights=False)
+        folder = tmp_path / f"{prefix}{i}"
+        peft.get_peft_model(case.model, config).save_pretrained(folder)
+        folders.append(str(folder))
+    return folders
+
+
+def arrow_pair(case_name: str, tasks: list[str], arrow: dict[str, Any], general: list[str] | None = None,
+               ) -> tuple[zoo.Case, peftc.AdaptedModel, peft.PeftModel]:
+    """peftc's and PEFT's create_arrow_model on two copies of a zoo model, from the same expert folders."""
+    case, ref = zoo.FACTORIES[case_name](), zoo.FACTORIES[case_name]()
+    am = peftc.create_arrow_model(case.model, tasks, dict(arrow), general_adapter_paths=general,
+                                  example_inputs=example(case))
+    pm = peft.create_arrow_model(ref.model, tasks, peft.ArrowConfig(**arrow), general_adapter_paths=general)
+    return case, am, pm
+
+
+def call(case: zoo.Case, model: Any, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+@pytest.mark.parametrize("case_name, use_gks", [("mlp", False), ("mlp", True), ("llama", False), ("gpt2", True)])
+def test_outputs_equal_peft_create_arrow_model(case_name: str, use_gks: bool, tmp_path: Path):
+    tasks = save_experts(tmp_path, case_name, 4, "task")
+    general = save_experts(tmp_path, case_name, 2, "general") if use_gks else None
+    case, am, pm = arrow_pair(case_name, tasks, {**ARROW, "use_gks": use_gks}, general)
+    assert am.active_adapters == ["arrow_router"] and list(am.peft_config) == list(pm.peft_config)
+    for inputs in (case.inputs, second_inputs(case)):
+        with torch.no_grad():
+            got, want = call(case, am, inputs), call(case, pm, inputs)
+            base = call(case, case.model, inputs)
+        assert_same_outputs(got, want)
+        # the router changes the output (and, with GKS, differently): not an identity
+        got, base = (got, base) if isinstance(got, torch.Tensor) else (got.logits, base.logits)
+        assert (got - base).abs().max() > 1e-2
+
+
+def test_gks_changes_the_routing_and_keeps_the_loaded_experts(tmp_path: Path):
+    tasks, general = save_experts(tmp_path, "mlp", 3, "task"), save_experts(tmp_path, "mlp", 2, "general")
+    case, plain, _ = arrow_pair("mlp", tasks, ARROW)
+    _, gks, _ = arrow_pair("mlp", tasks, {**ARROW, "use_gks": True}, general)
+    before = {k: v.clone() for k, v in gks.state_dict().items() if ".task_" in k}
+    with torch.no_grad():
+        assert not torch.allclose(plain(*case.inputs), gks(*case.inputs), **TOL)
+    # PEFT subtracts the general adapters from its experts' parameters in place; peftc does it in the graph
+    assert all(torch.equal(v, gks.state_dict()[k]) for k, v in before.items())
+
+
+def test_input_gradients_equal_peft_in_train_mode(tmp_path: Path):
+    tasks = save_experts(tmp_path, "mlp", 3, "task")
+    case, am, pm = arrow_pair("mlp", tasks, ARROW)
+    am.train()
+    pm.train()
+    outs, grads = [], []
+    for model in (am, pm):
+        x = case.inputs[0].clone().requires_grad_()
+        torch.manual_seed(1234)  # (the model's dropout)
+        out = model(x)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    torch.testing.assert_close(grads[0], grads[1], **TOL)
+    # the experts are frozen, and the router's own A and B never run (PEFT: the same)
+    assert all(p.grad is None for _, p in am.named_parameters())
+    assert sorted(n for n, p in am.named_parameters() if p.requires_grad) == \
+        sorted(n for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_experts_saved_by_peftc_load_in_peft_and_back(tmp_path: Path):
+    tasks, general = save_experts(tmp_path, "mlp", 3, "task"), save_experts(tmp_path, "mlp", 2, "general")
+    arrow = {**ARROW, "use_gks": True}
+    case, am, _ = arrow_pair("mlp", tasks, arrow, general)
+    with torch.no_grad():
+        want = am(*case.inputs)  # (a forward first: the experts saved are still those loaded)
+    am.save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    tasks2, general2 = [str(saved / f"task_{i}") for i in range(3)], [str(saved / f"gks_{i}") for i in range(2)]
+    case2, am2, pm2 = arrow_pair("mlp", tasks2, arrow, general2)
+    with torch.no_grad():
+        assert_same_outputs(pm2(*case2.inputs), want)
+        assert_same_outputs(am2(*case2.inputs), want)
+    # the router's own config is PEFT's
+    router = peft.LoraConfig.from_pretrained(saved / "arrow_router")
+    assert router.arrow_config.top_k == 2 and router.arrow_config.use_gks
+    assert peftc.load_config(saved / "arrow_router").arrow_config["gks_adapter_names"] == ["gks_0", "gks_1"]
+
+
+def test_an_expert_alone_is_plain_lora(tmp_path: Path):
+    tasks = save_experts(tmp_path, "mlp", 2, "task")
+    case, am, pm = arrow_pair("mlp", tasks, ARROW)
+    am.set_adapter("task_1")
+    pm.set_adapter("task_1")
+    with torch.no_grad():
+        assert_same_outputs(am(*case.inputs), pm(*case.inputs))
+
+
+def test_a_changed_expert_changes_the_routing(tmp_path: Path):
+    """The prototypes are computed in the graph from the experts (kept while they are unchanged): an in-place
+    change of an expert is read at the next call, as a router created over the changed expert computes."""
+    tasks = save_experts(tmp_path, "mlp", 3, "task")
+    case, am, _ = arrow_pair("mlp", tasks, ARROW)
+    with torch.no_grad():
+        am(*case.inputs)
+        for name, p in am.named_parameters():
+            if "task_0" in name:
+                p.mul_(3.0)
+        got = am(*case.inputs)
+    am.save_pretrained(tmp_path / "changed")
+    changed = [str(tmp_path / "changed" / f"task_{i}") for i in range(3)]
+    case2, _, pm = arrow_pair("mlp", changed, ARROW)
+    with torch.no_grad():
+        assert_same_outputs(got, pm(*case2.inputs))
+
+
+def test_merging_a_router_is_refused_as_in_peft(tmp_path: Path):
+    tasks = save_experts(tmp_path, "mlp", 2, "task")
+    _, am, pm = arrow_pair("mlp", tasks, ARROW)
+    with pytest.raises(RuntimeError, match="Cannot merge an active Arrow router"):
+        pm.merge_and_unload()
+    for merge in (am.merge_and_unload, am.merge_adapter, am.fold):
+        with pytest.raises(ConfigError, match="cannot merge an Arrow router"):
+            merge()
+
+
+def test_mixed_batches_with_a_router_are_refused(tmp_path: Path):
+    tasks = save_experts(tmp_path, "mlp", 2, "task")
+    case, am, _ = arrow_pair("mlp", tasks, ARROW)
+    with pytest.raises(ConfigError, match="mixed batches.*Arrow router"):
+        am(*case.inputs, adapter_names=["arrow_router", "task_0", "__base__", "arrow_router"])
+
+
+def test_bad_experts_and_configs_are_errors_naming_them(tmp_path: Path):
+    tasks = save_experts(tmp_path, "mlp", 2, "task")
+    other_rank = save_experts(tmp_path, "mlp", 1, "wide", r=3)
+    other_modules = save_experts(tmp_path, "mlp", 1, "half", targets=["lin0"])
+    case = zoo.mlp()
+    with pytest.raises(ConfigError, match=f"{other_rank[0]}: rank 3 differs"):
+        peftc.create_arrow_model(case.model, [*tasks, *other_rank], ARROW, example_inputs=case.inputs)
+    with pytest.raises(ConfigError, match=f"{other_modules[0]}: the adapter's modules differ"):
+        peftc.create_arrow_model(case.model, [*tasks, *other_modules], ARROW, example_inputs=case.inputs)
+    with pytest.raises(ConfigError, match="general_adapter_paths"):
+        peftc.create_arrow_model(case.model, tasks, {**ARROW, "use_gks": True}, example_inputs=case.inputs)
+    with pytest.raises(ConfigError, match="at least one"):
+        peftc.create_arrow_model(case.model, [], ARROW, example_inputs=case.inputs)
+    am = peftc.create_arrow_model(case.model, tasks, {**ARROW, "top_k": 3}, example_inputs=case.inputs)
+    with pytest.raises(ConfigError, match=r"top_k'\]=3 but module 'lin0' has 2 expert"):
+        am(*case.inputs)
+    # a router with no expert beside it (PEFT fails on it too: its task_adapter_names are unset)
+    with pytest.raises(ConfigError, match="has no LoRA expert on module 'lin0'"):
+        peftc.apply(case.model, {"peft_type": "LORA", "target_modules": ["lin0"], "arrow_config": {}},
+                    example_inputs=case.inputs)
+    for bad, match in [({"top_k": 0}, "top_k"), ({"router_temperature": 0}, "router_temperature"),
+                       ({"use_gks": True}, "gks_adapter_names"), ({"rng_seed": 1.5}, "rng_seed")]:
+        with pytest.raises(ConfigError, match=match):
+            peftc.load_config({"peft_type": "LORA", "target_modules": ["lin0"], "arrow_config": bad})
+    with pytest.raises(ConfigError, match="use_dora=True cannot be combined with arrow_config"):
+        peftc.load_config({"peft_type": "LORA", "target_modules": ["lin0"], "use_dora": True, "arrow_config": {}})
+    emb = zoo.embedding_model()
+    with pytest.raises(ConfigError, match="arrow_config for module 'emb'"):
+        peftc.apply(emb.model, {"peft_type": "LORA", "target_modules": ["emb"], "arrow_config": {}},
+                    example_inputs=emb.inputs)
