@@ -56,6 +56,8 @@ INIT_KINDS = {"orthogonal": ("linear", "conv1d", "embedding"), "mica": ("linear"
 VARIANT_KINDS = {"arrow_config": ("linear", "conv1d"),
                  "kasa_config": ("linear",), "use_bdlora": ("linear",), "velora_config": ("linear", "conv1d"),
                  "monteclora_config": ("linear", "conv1d")}
+ARROW = ("Arrow router (`arrow_config`: per-token top-k routing over the LoRA experts of a module, GenKnowSub; "
+         "`peftc.create_arrow_model`; no mixed batches)")
 # MonteCLoRA's sampler (PEFT's `MontecloraSampler`): its parameters, and its buffers (kept frozen here, saved)
 SAMPLER = "lora_monteclora_sampler"
 STD_PRIOR, EXPERT_PRIOR = (SAMPLER, "std_prior"), (SAMPLER, "expert_weights_prior")
@@ -146,11 +148,12 @@ class Lora(Method):
             VARIANT_KINDS["velora_config"],
         "MonteCLoRA (`monteclora_config`: eval, fold and checkpoints; training refused)":
             VARIANT_KINDS["monteclora_config"],
-        "Arrow router (`arrow_config`: per-token top-k routing over the LoRA experts of a module, GenKnowSub; "
-        "`peftc.create_arrow_model`; no merge, no mixed batches)": VARIANT_KINDS["arrow_config"],
+        ARROW: VARIANT_KINDS["arrow_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
     }
+
+    unmergeable_variants = frozenset({ARROW})
 
     def layer_kind(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Linear):

@@ -201,6 +201,7 @@ class Method(ABC):
     mergeable: bool = True  # whether `fold` is defined
     # config-selected variants -> the kinds they support, for the README's method table
     variants: dict[str, tuple[str, ...]] = {}
+    unmergeable_variants: frozenset[str] = frozenset()  # those of `variants` whose `fold` refuses (Arrow's router)
 
     def layer_kind(self, module: nn.Module) -> str | None:
         """The kind of layer `module` is for this method, or None if the method cannot adapt it (by default

@@ -120,6 +120,22 @@ def test_experts_saved_by_peftc_load_in_peft_and_back(tmp_path: Path):
     assert peftc.load_config(saved / "arrow_router").arrow_config["gks_adapter_names"] == ["gks_0", "gks_1"]
 
 
+@pytest.mark.parametrize("use_gks", [False, True])
+def test_an_adapter_loaded_after_the_router_joins_its_experts(use_gks: bool, tmp_path: Path):
+    """PEFT's on_adapter_change: a LoRA adapter added beside the router is routed over (and, with GKS, has the
+    general adapters subtracted), from the next call."""
+    tasks = save_experts(tmp_path, "mlp", 3, "task")
+    general = save_experts(tmp_path, "mlp", 2, "general") if use_gks else None
+    case, am, pm = arrow_pair("mlp", tasks[:2], {**ARROW, "use_gks": use_gks}, general)
+    with torch.no_grad():
+        before = am(*case.inputs)
+        assert_same_outputs(before, pm(*case.inputs))
+        am.load_adapter(tasks[2], adapter_name="late")
+        pm.load_adapter(tasks[2], adapter_name="late")
+        assert_same_outputs(am(*case.inputs), pm(*case.inputs))
+        assert not torch.allclose(am(*case.inputs), before, **TOL)
+
+
 def test_an_expert_alone_is_plain_lora(tmp_path: Path):
     tasks = save_experts(tmp_path, "mlp", 2, "task")
     case, am, pm = arrow_pair("mlp", tasks, ARROW)
