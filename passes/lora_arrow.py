@@ -53,14 +53,14 @@ def start_vector(arrow: dict[str, Any], in_features: int, device: torch.device) 
     return torch.randn(in_features, dtype=torch.float32, device=device, generator=gen)
 
 
-def prototypes(call: Call, a: Any, b: Any, start: Any, dtype: torch.dtype | None) -> Any:
+def prototypes(call: Call, a: Any, b: Any, start: Any, experts: int, dtype: torch.dtype | None) -> Any:
     """The top right singular vector of each B_e·A_e, rows of (E, in), by power iteration on Aᵀ(BᵀB)A in fp32
-    (PEFT's numerics, batched over the experts): `a` (E, r, in), `b` (E, out, r), `start` (in,)."""
+    (PEFT's numerics, batched over the experts): `a` (E, r, in), `b` (E, out, r), `start` (in,), E = `experts`
+    (a number: a size read from the graph would keep the computation from being hoisted as an invariant)."""
     a = call(aten._to_copy.default, a, dtype=torch.float32)
     b = call(aten._to_copy.default, b, dtype=torch.float32)
     gram = call(aten.bmm.default, call(aten.transpose.int, b, 1, 2), b)  # (E, r, r)
     v = call(aten.div.Tensor, start, call(aten.add.Scalar, call(aten.linalg_vector_norm.default, start), EPS))
-    experts = call(aten.sym_size.int, a, 0)
     v = call(aten.expand.default, call(aten.reshape.default, v, [1, -1, 1]), [experts, -1, 1])  # (E, in, 1)
     a_t = call(aten.transpose.int, a, 1, 2)
     for _ in range(ITERATIONS):
@@ -125,7 +125,7 @@ def emit_arrow(ctx: EmitContext, keys: tuple[TensorKey, TensorKey, TensorKey], i
         a = b.call(aten.sub.Tensor, a, b.call(aten.mean.dim, stacked(key_a, general), [0]))
         bb = b.call(aten.sub.Tensor, bb, b.call(aten.mean.dim, stacked(key_b, general), [0]))
     protos = prototypes(b.call, b.call(aten.detach.default, a), b.call(aten.detach.default, bb),
-                        ctx.tensors[START], dtype_of(first[key_a]))  # (E, in)
+                        ctx.tensors[START], len(experts), dtype_of(first[key_a]))  # (E, in)
 
     x = cast_like(b, site.input, first[key_a])
     tok = b.call(aten.reshape.default, x, [-1, in_features])  # (t, in)

@@ -163,6 +163,20 @@ def test_a_changed_expert_changes_the_routing(tmp_path: Path):
         assert_same_outputs(got, pm(*case2.inputs))
 
 
+def test_inference_computes_the_prototypes_once(tmp_path: Path):
+    """The power iteration depends on the experts alone: an inference program's eager lowering keeps it out of
+    every call (passes/hoist_invariants.py); per call there remain the routing's matmuls and top-k."""
+    tasks = save_experts(tmp_path, "mlp", 3, "task")
+    case, am, _ = arrow_pair("mlp", tasks, ARROW)
+    with torch.no_grad():
+        am(*case.inputs)
+    ((_, run),) = am.eager_graphs
+    per_call = [str(n.target) for n in run.graph.nodes if n.op == "call_function"]
+    hoisted = [str(n.target) for n in run.peftc_hoisted.body.graph.nodes if n.op == "call_function"]
+    assert sum("bmm" in t for t in per_call) == 0 and sum("topk" in t for t in per_call) == 2
+    assert sum("bmm" in t for t in hoisted) == 2 * (1 + 3 * 15)  # per module: BᵀB, then 15 steps of 3
+
+
 def test_merging_a_router_is_refused_as_in_peft(tmp_path: Path):
     tasks = save_experts(tmp_path, "mlp", 2, "task")
     _, am, pm = arrow_pair("mlp", tasks, ARROW)
