@@ -57,7 +57,7 @@ VARIANT_KINDS = {"arrow_config": ("linear", "conv1d"),
                  "kasa_config": ("linear",), "use_bdlora": ("linear",), "velora_config": ("linear", "conv1d"),
                  "monteclora_config": ("linear", "conv1d")}
 ARROW = ("Arrow router (`arrow_config`: per-token top-k routing over the LoRA experts of a module, GenKnowSub; "
-         "`peftc.create_arrow_model`; no mixed batches)")
+         "`peftc.create_arrow_model`)")
 # MonteCLoRA's sampler (PEFT's `MontecloraSampler`): its parameters, and its buffers (kept frozen here, saved)
 SAMPLER = "lora_monteclora_sampler"
 STD_PRIOR, EXPERT_PRIOR = (SAMPLER, "std_prior"), (SAMPLER, "expert_weights_prior")
@@ -325,9 +325,7 @@ class Lora(Method):
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
         if any(slot is not None and slot[1].arrow_config is not None for slot in ctx.slots):
-            raise ConfigError("mixed batches (adapter_names / adapter_index) are not supported with an Arrow router "
-                              "(arrow_config): it routes each token over its experts itself; call with the router "
-                              "active instead")
+            return None  # an Arrow router runs on the whole batch in the generic per-sample form
         if ctx.training and any(slot is not None and slot[1].monteclora_config is not None for slot in ctx.slots):
             return None  # the generic form runs `emit`, which refuses MonteCLoRA training
         if ctx.training and any(slot is not None and slot[1].velora_config is not None for slot in ctx.slots):

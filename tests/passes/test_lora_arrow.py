@@ -69,6 +69,24 @@ def test_outputs_equal_peft_create_arrow_model(case_name: str, use_gks: bool, tm
         assert (got - base).abs().max() > 1e-2
 
 
+def test_a_bf16_base_routes_in_fp32_as_peft(tmp_path: Path):
+    """Over a bf16 base the experts are fp32 (PEFT's autocast_adapter_dtype), the routing runs in fp32, and the
+    output is bf16 (within bf16 rounding of PEFT's, which adds the fp32 delta before casting)."""
+    tasks = save_experts(tmp_path, "mlp", 3, "task")
+    case, ref = zoo.mlp(), zoo.mlp()
+    case.model.to(torch.bfloat16)
+    ref.model.to(torch.bfloat16)
+    x = case.inputs[0].bfloat16()
+    am = peftc.create_arrow_model(case.model, tasks, ARROW, example_inputs=(x,))
+    pm = peft.create_arrow_model(ref.model, tasks, peft.ArrowConfig(**ARROW))
+    assert {p.dtype for n, p in am.named_parameters() if "lora_" in n} == {torch.float32}
+    with torch.no_grad():
+        got, want, base = am(x), pm(x), case.model(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+    assert (got.float() - base.float()).abs().max() > 0.1
+
+
 def test_gks_changes_the_routing_and_keeps_the_loaded_experts(tmp_path: Path):
     tasks, general = save_experts(tmp_path, "mlp", 3, "task"), save_experts(tmp_path, "mlp", 2, "general")
     case, plain, _ = arrow_pair("mlp", tasks, ARROW)
@@ -187,11 +205,17 @@ def test_merging_a_router_is_refused_as_in_peft(tmp_path: Path):
             merge()
 
 
-def test_mixed_batches_with_a_router_are_refused(tmp_path: Path):
-    tasks = save_experts(tmp_path, "mlp", 2, "task")
-    case, am, _ = arrow_pair("mlp", tasks, ARROW)
-    with pytest.raises(ConfigError, match="mixed batches.*Arrow router"):
-        am(*case.inputs, adapter_names=["arrow_router", "task_0", "__base__", "arrow_router"])
+def test_mixed_batches_with_the_router_equal_peft(tmp_path: Path):
+    """Per-sample adapters with the router among them (PEFT runs its Arrow variant on the router's sub-batch;
+    peftc's dispatch pass runs the router on the batch and keeps its samples' rows)."""
+    tasks = save_experts(tmp_path, "mlp", 3, "task")
+    case, am, pm = arrow_pair("mlp", tasks, ARROW)
+    names = ["arrow_router", "task_0", "__base__", "arrow_router"]
+    with torch.no_grad():
+        got, want = am(*case.inputs, adapter_names=names), pm(*case.inputs, adapter_names=names)
+        routed = am(*case.inputs)
+    assert_same_outputs(got, want)
+    torch.testing.assert_close(got[[0, 3]], routed[[0, 3]], **TOL)
 
 
 def test_bad_experts_and_configs_are_errors_naming_them(tmp_path: Path):
