@@ -139,6 +139,27 @@ def test_experts_saved_by_peftc_load_in_peft_and_back(tmp_path: Path):
 
 
 @pytest.mark.parametrize("use_gks", [False, True])
+def test_peft_saved_arrow_model_loads_folder_by_folder(tmp_path: Path):
+    """PEFT's save_pretrained of an Arrow model (experts, general adapters, the router with its arrow_config)
+    loads into peftc adapter by adapter, and routes as PEFT did. (PEFT itself cannot load the router folder:
+    its saved arrow_config drops task_adapter_names, and ArrowLoraLinearLayer copies them.) PEFT saves before
+    its first forward here: after it, its experts hold the general adapters subtracted in place."""
+    tasks, general = save_experts(tmp_path, "mlp", 3, "task"), save_experts(tmp_path, "mlp", 2, "general")
+    ref = zoo.mlp()
+    pm = peft.create_arrow_model(ref.model, tasks, peft.ArrowConfig(**ARROW, use_gks=True),
+                                 general_adapter_paths=general)
+    pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = pm(*ref.inputs)
+    case = zoo.mlp()
+    am = peftc.load(case.model, tmp_path / "peft" / "task_0", adapter_name="task_0", example_inputs=case.inputs)
+    for name in ["task_1", "task_2", "gks_0", "gks_1", "arrow_router"]:
+        am.load_adapter(tmp_path / "peft" / name, adapter_name=name)
+    am.set_adapter("arrow_router")
+    with torch.no_grad():
+        assert_same_outputs(am(*case.inputs), want)
+
+
 def test_an_adapter_loaded_after_the_router_joins_its_experts(use_gks: bool, tmp_path: Path):
     """PEFT's on_adapter_change: a LoRA adapter added beside the router is routed over (and, with GKS, has the
     general adapters subtracted), from the next call."""
