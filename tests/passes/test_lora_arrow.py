@@ -138,7 +138,6 @@ def test_experts_saved_by_peftc_load_in_peft_and_back(tmp_path: Path):
     assert peftc.load_config(saved / "arrow_router").arrow_config["gks_adapter_names"] == ["gks_0", "gks_1"]
 
 
-@pytest.mark.parametrize("use_gks", [False, True])
 def test_peft_saved_arrow_model_loads_folder_by_folder(tmp_path: Path):
     """PEFT's save_pretrained of an Arrow model (experts, general adapters, the router with its arrow_config)
     loads into peftc adapter by adapter, and routes as PEFT did. (PEFT itself cannot load the router folder:
@@ -160,6 +159,7 @@ def test_peft_saved_arrow_model_loads_folder_by_folder(tmp_path: Path):
         assert_same_outputs(am(*case.inputs), want)
 
 
+@pytest.mark.parametrize("use_gks", [False, True])
 def test_an_adapter_loaded_after_the_router_joins_its_experts(use_gks: bool, tmp_path: Path):
     """PEFT's on_adapter_change: a LoRA adapter added beside the router is routed over (and, with GKS, has the
     general adapters subtracted), from the next call."""
