@@ -74,32 +74,31 @@ def _fields(arrow_config: Any) -> dict[str, Any]:
 def _common_layout(am: AdaptedModel, folders: dict[str, str]) -> tuple[list[str], int]:
     """The modules and the rank every expert shares (PEFT's check_loaded_lora_compatibility_arrow and
     ensure_adapters_target_linear_layers_only), or an error naming the adapter's folder."""
-    reference: tuple[str, list[str], int] | None = None
-    for name, folder in folders.items():
-        config = am.peft_config[name]
-        placed = am.adapter_set.of(name)
-        if config.peft_type != "LORA" or config.arrow_config is not None:
-            raise ConfigError(f"{folder}: an Arrow expert must be a LoRA adapter, not {config.peft_type}"
-                              + (" with arrow_config" if config.arrow_config is not None else ""))
-        not_linear = sorted(ma.module_path for ma in placed if ma.kind not in ("linear", "conv1d"))
-        if not_linear:
-            raise ConfigError(f"{folder}: Arrow routes LoRA experts on Linear layers (nn.Linear, transformers' "
-                              f"Conv1D) only; this adapter is also on {not_linear}")
-        paths = sorted({ma.module_path for ma in placed})
-        ranks = {ma.tensors[("lora_A", "weight")][1].shape[0] for ma in placed}
-        if len(ranks) != 1:
-            raise ConfigError(f"{folder}: the adapter's rank differs between its modules ({sorted(ranks)}); Arrow "
-                              "stacks its experts, which need one rank")
-        if reference is None:
-            reference = (folder, paths, ranks.pop())
-            continue
-        first, first_paths, r = reference
-        if ranks != {r}:
-            raise ConfigError(f"{folder}: rank {ranks.pop()} differs from the rank {r} of {first}; Arrow's experts "
-                              "share one rank (as in PEFT)")
+    layouts = {name: _layout(am, name, folder) for name, folder in folders.items()}
+    first, (first_paths, r) = next(iter(layouts.items()))
+    for name, (paths, rank) in layouts.items():
+        if rank != r:
+            raise ConfigError(f"{folders[name]}: rank {rank} differs from the rank {r} of {folders[first]}; Arrow's "
+                              "experts share one rank (as in PEFT)")
         if paths != first_paths:
-            raise ConfigError(f"{folder}: the adapter's modules differ from those of {first} (only here: "
-                              f"{sorted(set(paths) - set(first_paths))}, only there: "
+            raise ConfigError(f"{folders[name]}: the adapter's modules differ from those of {folders[first]} (only "
+                              f"here: {sorted(set(paths) - set(first_paths))}, only there: "
                               f"{sorted(set(first_paths) - set(paths))}); Arrow's experts share their modules")
-    assert reference is not None
-    return reference[1], reference[2]
+    return first_paths, r
+
+
+def _layout(am: AdaptedModel, name: str, folder: str) -> tuple[list[str], int]:
+    """One loaded expert's module paths and rank, checked to be a LoRA adapter of one rank on Linear layers."""
+    config, placed = am.peft_config[name], am.adapter_set.of(name)
+    if config.peft_type != "LORA" or config.arrow_config is not None:
+        raise ConfigError(f"{folder}: an Arrow expert must be a LoRA adapter, not {config.peft_type}"
+                          + (" with arrow_config" if config.arrow_config is not None else ""))
+    not_linear = sorted(ma.module_path for ma in placed if ma.kind not in ("linear", "conv1d"))
+    if not_linear:
+        raise ConfigError(f"{folder}: Arrow routes LoRA experts on Linear layers (nn.Linear, transformers' Conv1D) "
+                          f"only; this adapter is also on {not_linear}")
+    ranks = sorted({ma.tensors[("lora_A", "weight")][1].shape[0] for ma in placed})
+    if len(ranks) != 1:
+        raise ConfigError(f"{folder}: the adapter's rank differs between its modules ({ranks}); Arrow stacks its "
+                          "experts, which need one rank")
+    return sorted({ma.module_path for ma in placed}), ranks[0]
