@@ -10,9 +10,11 @@ from typing import Any
 import peft
 import pytest
 import torch
+from peftc.passes.lora_arrow import prototypes, start_vector
 
 import peftc
 from peftc.errors import ConfigError
+from peftc.graph import eager
 from tests import zoo
 from tests.oracle import TOL, assert_same_outputs, example, second_inputs
 
@@ -51,6 +53,26 @@ def arrow_pair(case_name: str, tasks: list[str], arrow: dict[str, Any], general:
 
 def call(case: zoo.Case, model: Any, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def test_prototypes_are_pefts_power_iteration():
+    """The batched power iteration equals PEFT's per-expert one from the same seed, and finds the top right
+    singular vector of B·A (up to sign) where the spectrum has a gap."""
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, 12, generator=gen), torch.randn(3, 24, 4, generator=gen)
+    config = peft.ArrowConfig(rng_seed=3)
+    config.task_adapter_names = []  # (create_arrow_model sets them; the layer copies them)
+    layer = ArrowLoraLinearLayer(12, config)
+    want = torch.stack([layer.top_right_singular_vec_from_BA(a[e], b[e]) for e in range(3)])
+    got = prototypes(eager, a, b, start_vector({"rng_seed": 3}, 12, a.device), 3, torch.float32)
+    torch.testing.assert_close(got, want, **TOL)
+    u, _ = torch.linalg.qr(torch.randn(24, 2, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(12, 2, generator=gen))
+    gapped_b, gapped_a = u * torch.tensor([5.0, 1.0]), v.T  # B·A with singular values 5 and 1
+    top = prototypes(eager, gapped_a[None], gapped_b[None], start_vector({"rng_seed": 0}, 12, a.device), 1, None)
+    assert abs(torch.dot(top[0], v[:, 0])) > 1 - 1e-6
 
 
 @pytest.mark.parametrize("case_name, use_gks", [("mlp", False), ("mlp", True), ("llama", False), ("gpt2", True)])
