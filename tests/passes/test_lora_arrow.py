@@ -160,6 +160,32 @@ def test_experts_saved_by_peftc_load_in_peft_and_back(tmp_path: Path):
     assert peftc.load_config(saved / "arrow_router").arrow_config["gks_adapter_names"] == ["gks_0", "gks_1"]
 
 
+def test_router_dropout_drops_the_routed_delta_as_peft(tmp_path: Path):
+    """A router's own lora_dropout applies to the routed delta in training (PEFT's create_arrow_model leaves it
+    0; here it is set on both sides: peftc's router added by hand, PEFT's dropout module replaced)."""
+    tasks = save_experts(tmp_path, "mlp", 3, "task")
+    case, ref = zoo.mlp(), zoo.mlp()
+    am = peftc.load(case.model, tasks[0], adapter_name="task_0", example_inputs=case.inputs)
+    for i, folder in enumerate(tasks[1:], 1):
+        am.load_adapter(folder, adapter_name=f"task_{i}")
+    am.add_adapter("arrow_router", {"peft_type": "LORA", "r": 2, "target_modules": ["lin0", "lin1"],
+                                    "lora_dropout": 0.3, "arrow_config": ARROW})
+    am.set_adapter("arrow_router")
+    pm = peft.create_arrow_model(ref.model, tasks, peft.ArrowConfig(**ARROW))
+    for name in ("lin0", "lin1"):
+        pm.base_model.model.get_submodule(name).lora_dropout["arrow_router"] = torch.nn.Dropout(0.3)
+    am.train()
+    pm.train()
+    outs = []
+    for model in (am, pm):
+        torch.manual_seed(5)
+        outs.append(model(*case.inputs))
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    am.eval()
+    with torch.no_grad():
+        assert not torch.allclose(am(*case.inputs), outs[0], **TOL)
+
+
 def test_peft_saved_arrow_model_loads_folder_by_folder(tmp_path: Path):
     """PEFT's save_pretrained of an Arrow model (experts, general adapters, the router with its arrow_config)
     loads into peftc adapter by adapter, and routes as PEFT did. (PEFT itself cannot load the router folder:
