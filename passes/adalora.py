@@ -63,6 +63,7 @@ class AdaLoraConfig(LoraConfig):
         "monteclora_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
         "kasa_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
         "use_bdlora": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
+        "arrow_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
         "layer_replication": "not checked against PEFT's AdaLoRA",
         "eva_config": "EVA is an init of LoRA's; PEFT's AdaLoRA layers take init_lora_weights True or False only",
     }

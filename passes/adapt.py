@@ -20,11 +20,14 @@ class InsertAdapters(PassBase):
     """before: y = op(x, W)                      (each site of an adapted module)
     after:  y' = emit(y, x, adapter tensors)   for each adapter there, in order; y's consumers read y'
 
-    `adapters` maps module path -> the adapters active there."""
+    `adapters` maps module path -> the adapters active there; `placed` -> every adapter placed there, which
+    a method that `reads_beside` (an Arrow router) gets beside its own tensors."""
 
-    def __init__(self, adapters: dict[str, list[ModuleAdapter]], training: bool) -> None:
+    def __init__(self, adapters: dict[str, list[ModuleAdapter]], training: bool,
+                 placed: dict[str, list[ModuleAdapter]] | None = None) -> None:
         self.adapters = adapters
         self.training = training
+        self.placed = placed or {}
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         again = {n.meta[ADAPTER][:2] for n in gm.graph.nodes if ADAPTER in n.meta} \
@@ -43,9 +46,13 @@ class InsertAdapters(PassBase):
                 for ma in module_adapters:
                     check_site_op(site, ma)
                     inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
+                    beside = [(other.adapter, other.config,
+                               {key: add_state_input(gm, fqn, t) for key, (fqn, t) in other.tensors.items()})
+                              for other in self.placed.get(path, []) if other is not ma] \
+                        if ma.method.reads_beside(ma.config) else []
                     b = SiteBuilder(gm.graph, y, (path, ma.adapter, ma.method.peft_type), site.node.name)
                     new = ma.method.emit(EmitContext(b, site, y, ma.kind, self.training, tensors=inputs,
-                                                     config=ma.config))
+                                                     config=ma.config, beside=beside))
                     b.reroute(new)
                     y = new
                     modified = True

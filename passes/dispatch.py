@@ -120,7 +120,11 @@ def _per_sample(
         if slot is None:
             continue
         ma, inputs = slot
-        adapted = ma.method.emit(EmitContext(b, site, y, ma.kind, training, tensors=inputs, config=ma.config))
+        # every adapter on the module is a slot: a method reading those beside it (an Arrow router) finds them here
+        beside = [(other.adapter, other.config, other_inputs) for other, other_inputs in filter(None, per_slot)
+                  if other is not ma] if ma.method.reads_beside(ma.config) else []
+        adapted = ma.method.emit(EmitContext(b, site, y, ma.kind, training, tensors=inputs, config=ma.config,
+                                             beside=beside))
         picked = b.call(aten.unsqueeze.default, b.call(aten.eq.Scalar, index, position), 1)
         out = b.call(aten.where.self, picked, b.call(aten.reshape.default, adapted, [batch, -1]), out)
     return b.call(aten.reshape.default, out, shape_of(b, y))

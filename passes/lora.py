@@ -39,6 +39,7 @@ from peftc.method import (
 from peftc.targets import pattern_value
 
 from .dora import CONV_DIMS, CONV_KINDS, MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
+from .lora_arrow import START, emit_arrow, start_vector
 from .lora_factors import DIAG, bdlora_factor, bdlora_side, blocks, branch, dense_factors, kasa_init
 from .lora_init import decompose, mica, orthogonal
 from .lora_loftq import loftq
@@ -54,8 +55,11 @@ SCALE = ("lora_scaling", None)
 # the layers PEFT's inits that are not decompositions support (its Conv layers refuse them)
 INIT_KINDS = {"orthogonal": ("linear", "conv1d", "embedding"), "mica": ("linear", "conv1d", "embedding")}
 # the layers PEFT's LoRA variants with a sub-config support (its `lora_variants` of each layer class)
-VARIANT_KINDS = {"kasa_config": ("linear",), "use_bdlora": ("linear",), "velora_config": ("linear", "conv1d"),
+VARIANT_KINDS = {"arrow_config": ("linear", "conv1d"),
+                 "kasa_config": ("linear",), "use_bdlora": ("linear",), "velora_config": ("linear", "conv1d"),
                  "monteclora_config": ("linear", "conv1d")}
+ARROW = ("Arrow router (`arrow_config`: per-token top-k routing over the LoRA experts of a module, GenKnowSub; "
+         "`peftc.create_arrow_model`)")
 # MonteCLoRA's sampler (PEFT's `MontecloraSampler`): its parameters, and its buffers (kept frozen here, saved)
 SAMPLER = "lora_monteclora_sampler"
 STD_PRIOR, EXPERT_PRIOR = (SAMPLER, "std_prior"), (SAMPLER, "expert_weights_prior")
@@ -151,9 +155,12 @@ class Lora(Method):
             VARIANT_KINDS["velora_config"],
         "MonteCLoRA (`monteclora_config`: eval, fold and checkpoints; training refused)":
             VARIANT_KINDS["monteclora_config"],
+        ARROW: VARIANT_KINDS["arrow_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
     }
+
+    unmergeable_variants = frozenset({ARROW})
 
     def layer_kind(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Linear):
@@ -173,6 +180,9 @@ class Lora(Method):
             if other.peft_type == self.peft_type and (other.kasa_config is None) != (config.kasa_config is None):
                 raise ConfigError(f"KaSA truncates the base weights: an adapter with kasa_config cannot be loaded "
                                   f"beside one without, as adapter {name!r} is")
+
+    def reads_beside(self, config: LoraConfig) -> bool:
+        return config.arrow_config is not None  # an Arrow router routes over the experts on its module
 
     def frozen(self, config: LoraConfig) -> frozenset[TensorKey]:
         # MiCA trains A only: B holds the base weight's minor singular vectors
@@ -291,11 +301,14 @@ class Lora(Method):
         dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
         scale = torch.tensor(scale, dtype=dtype, device=w.device)
+        buffers = {SCALE: scale}
+        if config.arrow_config is not None:  # (the router's own A and B are created and saved, as PEFT's, unused)
+            buffers[START] = start_vector(config.arrow_config, fan_in, w.device)
         if config.use_dora:  # m starts at the norm of the (residual) base weight plus the initial update
             key_a, key_b = _factors(kind)
             lw = lora_weight(eager, kind, params[key_a], params[key_b])
             params[MAGNITUDE] = weight_norm(eager, kind, base.get("weight", w).detach().to(dtype), lw, scale)
-        return AdapterTensors(params=params, buffers={SCALE: scale}, base=base)
+        return AdapterTensors(params=params, buffers=buffers, base=base)
 
     def emit(self, ctx: EmitContext) -> torch.fx.Node:
         b, site, y, kind = ctx.builder, ctx.site, ctx.y, ctx.kind
@@ -303,6 +316,8 @@ class Lora(Method):
         scale = tensors[SCALE]
         key_a, key_b = _factors(kind)
         dropped = training and config.lora_dropout > 0 and kind != "embedding"  # PEFT's Embedding has no dropout
+        if config.arrow_config is not None:
+            return emit_arrow(ctx, (A, B, SCALE), _in_features(site, kind))
         x = site.input if kind == "embedding" else cast_like(b, site.input, tensors[A])
         if dropped:
             x = b.call(aten.dropout.default, x, config.lora_dropout, True)
@@ -343,6 +358,8 @@ class Lora(Method):
         return b.call(aten.add.Tensor, y, delta)
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
+        if any(slot is not None and slot[1].arrow_config is not None for slot in ctx.slots):
+            return None  # an Arrow router runs on the whole batch in the generic per-sample form
         if ctx.training and any(slot is not None and slot[1].monteclora_config is not None for slot in ctx.slots):
             return None  # the generic form runs `emit`, which refuses MonteCLoRA training
         if ctx.training and any(slot is not None and slot[1].velora_config is not None for slot in ctx.slots):
@@ -363,6 +380,10 @@ class Lora(Method):
         tensors: dict[TensorKey, torch.Tensor],
         base: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
+        if config.arrow_config is not None:
+            raise ConfigError("cannot merge an Arrow router (arrow_config): it picks its experts per token, so no one "
+                              "weight equals it (PEFT refuses too: 'Cannot merge an active Arrow router adapter'); "
+                              "keep it unmerged, or merge the experts themselves")
         if kind in CONV_KINDS and module.groups > 1:
             raise ConfigError(
                 f"cannot merge LoRA into a {type(module).__name__} with groups={module.groups}: the adapter's update "

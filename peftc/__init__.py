@@ -8,6 +8,7 @@
 """
 
 from .api import apply, load
+from .arrow import create_arrow_model
 from .backends.onnx import export_onnx, save_onnx_adapter
 from .backends.onnx_decoder import export_genai, export_onnx_decoder
 from .config import AdapterConfig, LoraConfig, load_config
@@ -26,6 +27,7 @@ __all__ = [
     "PeftcError",
     "TargetError",
     "apply",
+    "create_arrow_model",
     "create_loraplus_optimizer",
     "export_genai",
     "export_onnx",

@@ -316,8 +316,6 @@ class LoraConfig(AdapterConfig):
         "lora_ga_config": "LoRA-GA initialisation (gradient-driven, preprocess_loraga) is not implemented yet",
         "alora_invocation_tokens": "activated LoRA (aLoRA) is not implemented yet",
         "use_qalora": "QALoRA needs quantized (GPTQ) base layers, which peftc does not adapt",
-        "arrow_config": "Arrow routes each token over several LoRA experts at a site, a router placement the "
-                        "method contract does not have yet",
         "ensure_weight_tying": "tied adapters across tied weights are not implemented yet",
     }
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
@@ -381,7 +379,9 @@ class LoraConfig(AdapterConfig):
         self.velora_config = sub_config(self, "velora_config", VELORA_FIELDS)
         self.monteclora_config = sub_config(self, "monteclora_config", MONTECLORA_FIELDS)
         check_eva_config(self)
+        self.arrow_config = sub_config(self, "arrow_config", ARROW_FIELDS)
         check_factor_variants(self)
+        check_arrow(self)
         check_layer_replication(self)
         if self.lora_bias and init not in (True, False):
             # as PEFT: a bias on lora_B has no place in an init that decomposes the base weight
@@ -427,6 +427,9 @@ EVA_FIELDS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value
               "adjust_scaling_factors": True}
 MONTECLORA_FIELDS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
                      "kl_loss_weight": 1e-5, "buffer_size": 150}
+# PEFT's ArrowConfig; task_adapter_names and gks_adapter_names are set by create_arrow_model (init=False in PEFT)
+ARROW_FIELDS = {"top_k": 3, "router_temperature": 1.0, "use_gks": False, "task_adapter_names": None,
+                "gks_adapter_names": None, "rng_seed": None}
 
 
 def sub_config(config: AdapterConfig, name: str, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -535,6 +538,37 @@ def check_factor_variants(config: LoraConfig) -> None:
                           f"init against PEFT's after {config.init_lora_weights!r}), got {config.init_lora_weights!r}")
     if any(v is not None for v in (kasa, bd, velora, monte)) and config.target_parameters:
         raise ConfigError(f"{on[0]} cannot be combined with target_parameters (PEFT's ParamWrapper has no variants)")
+
+
+def check_arrow(config: LoraConfig) -> None:
+    """`arrow_config`: PEFT's ArrowConfig checks, and the LoRA options an Arrow router has no use for (its own A
+    and B never run: PEFT's ArrowLinearVariant replaces the adapter's forward, so no other variant applies)."""
+    arrow = config.arrow_config
+    if arrow is None:
+        return
+    top_k, temperature, seed = arrow["top_k"], arrow["router_temperature"], arrow["rng_seed"]
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0:
+        raise ConfigError(f"arrow_config['top_k'] must be a positive integer, got {top_k!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
+        raise ConfigError(f"arrow_config['router_temperature'] must be greater than 0, got {temperature!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ConfigError(f"arrow_config['rng_seed'] must be an integer or None, got {seed!r}")
+    for key in ("task_adapter_names", "gks_adapter_names"):
+        names = arrow[key]
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ConfigError(f"arrow_config[{key!r}] must be a list of adapter names or None, got {names!r}")
+    if arrow["use_gks"] and not arrow["gks_adapter_names"]:
+        raise ConfigError("arrow_config['use_gks']=True needs the general adapters' names in "
+                          "arrow_config['gks_adapter_names'] (peftc.create_arrow_model sets them)")
+    others = {"use_dora": config.use_dora, "kasa_config": config.kasa_config, "use_bdlora": config.use_bdlora,
+              "velora_config": config.velora_config, "monteclora_config": config.monteclora_config,
+              "init_lora_weights": config.init_method in ("pissa", "olora", "mica"),
+              "target_parameters": config.target_parameters,
+              "trainable_token_indices": config.trainable_token_indices}
+    for name, on in others.items():
+        if on:
+            raise ConfigError(f"{name}={getattr(config, name)!r} cannot be combined with arrow_config: an Arrow "
+                              "router's forward is the routing over its experts (PEFT has no variant for both)")
 
 
 def check_layer_replication(config: LoraConfig) -> None:

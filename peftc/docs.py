@@ -35,7 +35,8 @@ def method_table() -> str:
         rows.append(f"| {peft_type} | {_kinds(method, at_ops)} | {merge} | {_mixed(method)} "
                     f"| {groups} |")
         for variant, kinds in method.variants.items():
-            rows.append(f"| {peft_type}: {variant} | {_kinds(method, kinds)} | {merge} | | |")
+            shown = "no" if variant in method.unmergeable_variants else merge
+            rows.append(f"| {peft_type}: {variant} | {_kinds(method, kinds)} | {shown} | | |")
     for part in PARTS.get(ANY, []):  # parts of every method whose config has their field
         merge = "yes" if part.mergeable else "no"
         rows.append(f"| every method with `{part.part_of_field}`: {part.description} "

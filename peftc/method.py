@@ -121,10 +121,13 @@ class SiteContext:
 
 @dataclass
 class EmitContext(SiteContext):
-    """One adapter at one site: its tensors (graph inputs, by PEFT's key) and its config."""
+    """One adapter at one site: its tensors (graph inputs, by PEFT's key) and its config. For a method whose
+    `reads_beside(config)` is true, `beside` holds every other adapter placed on the module, active or not, in
+    placement order: (name, config, tensors as graph inputs) (an Arrow router reads its experts there)."""
 
     tensors: dict[TensorKey, torch.fx.Node] = field(default_factory=dict)
     config: AdapterConfig | None = None
+    beside: list[tuple[str, AdapterConfig, dict[TensorKey, torch.fx.Node]]] = field(default_factory=list)
 
 
 @dataclass
@@ -198,6 +201,7 @@ class Method(ABC):
     mergeable: bool = True  # whether `fold` is defined
     # config-selected variants -> the kinds they support, for the README's method table
     variants: dict[str, tuple[str, ...]] = {}
+    unmergeable_variants: frozenset[str] = frozenset()  # those of `variants` whose `fold` refuses (Arrow's router)
 
     def layer_kind(self, module: nn.Module) -> str | None:
         """The kind of layer `module` is for this method, or None if the method cannot adapt it (by default
@@ -278,6 +282,11 @@ class Method(ABC):
     def saves_shared(self, config: AdapterConfig) -> bool:
         """Whether checkpoints carry the shared tensors (otherwise they are rebuilt from the config)."""
         return True
+
+    def reads_beside(self, config: AdapterConfig) -> bool:
+        """Whether `emit` reads the other adapters placed on its module (`EmitContext.beside`: an Arrow router's
+        experts), so that the adapt pass gives it their tensors. Default: no."""
+        return False
 
     @abstractmethod
     def emit(self, ctx: EmitContext) -> torch.fx.Node:

@@ -99,7 +99,7 @@ def variant_passes(variant: tuple, tree: ParameterTree, adapters: AdapterSet, me
     sites, params = partition(adapters.named(unmerged), ParamAdapter)
     sites, copies = partition(sites, CopyAdapter)
     return passes + [
-        InsertAdapters(sites, training),
+        InsertAdapters(sites, training, adapters.modules),
         RebindParameters([(tree.state_names(mas[0].key), mas) for mas in params.values()], training),
         RebindToTensors(copy_bindings(tree, copies)),
     ]

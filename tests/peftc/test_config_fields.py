@@ -12,7 +12,10 @@ this file's tables, exactly one of:
   `update_and_allocate` sets over a short training run;
 - supported as metadata: a non-default value is accepted and round-trips through `adapter_config.json`
   (fields that select nothing the tiny models can show, or that PEFT reads only with a refused field);
-- corrected as PEFT does (`fan_in_fan_out` on a layer whose layout contradicts it: a warning).
+- corrected as PEFT does (`fan_in_fan_out` on a layer whose layout contradicts it: a warning);
+- supported over adapters beside it (`arrow_config`: a router over the LoRA experts on its modules): alone a
+  ConfigError naming the field; beside two of the example config's adapters (random values), its outputs
+  differ from each of them alone.
 
 Values of a supported field that peftc refuses are in REFUSED_VALUES, each a ConfigError naming the field; further
 values it supports are in MORE_VALUES, shown by behaviour as its row is.
@@ -189,6 +192,9 @@ for peft_type in ("LORA", "ADALORA"):
 # fields PEFT corrects to the layer's layout with a warning (peftc reads the layout from the layer's type)
 CORRECTED = {"LORA": ["fan_in_fan_out"], "ADALORA": ["fan_in_fan_out"], "IA3": ["fan_in_fan_out"],
              "VERA": ["fan_in_fan_out"]}
+# fields that act over the adapters beside the one configured: field -> the change (tests/passes/test_lora_arrow.py
+# compares Arrow with PEFT's create_arrow_model)
+BESIDE: dict[str, dict[str, Change]] = {"LORA": {"arrow_config": {"arrow_config": {"top_k": 2, "rng_seed": 0}}}}
 # fields whose every value computes the same in PEFT: field -> (a value, why); accepted, and saved unless run-time
 NO_EFFECT: dict[str, dict[str, tuple[Any, str]]] = {
     "LORA": {"runtime_config": ({"ephemeral_gpu_offload": True}, "it moves DoRA's init to the GPU: speed only")},
@@ -235,7 +241,7 @@ def test_every_peft_field_is_supported_or_refused_with_a_reason(peft_type: str):
     refused = set(cls.unsupported)
     rows = [set(COMMON_METADATA), set(COMMON_BEHAVIOUR), set(BEHAVIOUR.get(peft_type, {})),
             set(ALLOCATION.get(peft_type, {})), set(METADATA.get(peft_type, {})), set(CORRECTED.get(peft_type, [])),
-            set(NO_EFFECT.get(peft_type, {})), refused]
+            set(NO_EFFECT.get(peft_type, {})), set(BESIDE.get(peft_type, {})), refused]
     fields = peft_fields(peft_type)
     rows.append({f for f, _, _ in REFUSED_VALUES.get(peft_type, [])} - set(BEHAVIOUR.get(peft_type, {})))
     listed = [f for row in rows for f in row]
@@ -346,6 +352,26 @@ def assert_changes(peft_type: str, name: str, change: Change, tmp_path: Path) ->
         am = peftc.apply(case.model, {**config, **change}, example_inputs=case.inputs).train()
         with pytest.raises(ConfigError, match=f"training with {name}"):
             case.call(am, train_inputs(case))
+
+
+@pytest.mark.parametrize("peft_type, name", [(t, n) for t, rows in BESIDE.items() for n in rows])
+def test_a_field_over_adapters_beside_changes_what_is_computed(peft_type: str, name: str):
+    change, config = BESIDE[peft_type][name], METHODS[peft_type].example_config
+    case = zoo.FACTORIES[METHODS[peft_type].example_model]()
+    with pytest.raises(ConfigError, match=name):  # nothing beside it
+        peftc.apply(case.model, {**config, **change}, example_inputs=case.inputs)
+    am = peftc.apply(case.model, config, adapter_name="first", example_inputs=case.inputs)
+    randomize_adapters(am, seed=0)
+    am.add_adapter("second", config)
+    am.set_adapter("second")
+    randomize_adapters(am, seed=1)
+    am.add_adapter("over", {**config, **change})
+    outputs = {}
+    with torch.no_grad():
+        for adapter in ("first", "second", "over"):
+            am.set_adapter(adapter)
+            outputs[adapter] = tensors_of(case.call(am))
+    assert differs(outputs["over"], outputs["first"]) and differs(outputs["over"], outputs["second"])
 
 
 def rank_patterns(peft_type: str, change: Change) -> list[Any]:
