@@ -14,6 +14,8 @@ from .config import AdapterConfig, LoraConfig, load_config
 from .errors import CaptureError, CheckpointError, ConfigError, PeftcError, TargetError
 from .model import AdaptedModel
 from .optim import create_loraplus_optimizer
+from .passes.lora_corda import preprocess_corda
+from .passes.lora_ga import preprocess_loraga
 
 __all__ = [
     "AdaptedModel",
@@ -31,6 +33,8 @@ __all__ = [
     "export_onnx_decoder",
     "load",
     "load_config",
+    "preprocess_corda",
+    "preprocess_loraga",
     "save_onnx_adapter",
 ]
 __version__ = "0.1.0"

@@ -170,6 +170,15 @@ METADATA: dict[str, dict[str, tuple[Any, str]]] = {
     peft_type: {"layers_to_transform": ([0], LAYERS), "layers_pattern": (["layers"], LAYERS)}
     for peft_type in ("LORA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "VERA")
 }
+METADATA["LORA"].update({
+    # (read with init_lora_weights='corda' / 'lora_ga' after peftc.preprocess_corda / preprocess_loraga ran the
+    # user's data: tests/passes/test_lora_corda.py and test_lora_ga.py show every sub-field against PEFT)
+    "corda_config": ({"cache_file": None, "covariance_file": None, "corda_method": "kpm", "verbose": False,
+                      "use_float16_for_covariance": False, "prune_temporary_fields": True},
+                     "acts only with init_lora_weights='corda' and preprocess_corda"),
+    "lora_ga_config": ({"direction": "ArBr", "scale": "unit", "stable_gamma": 16},
+                       "acts only with init_lora_weights='lora_ga' and preprocess_loraga"),
+})
 for peft_type in ("LORA", "ADALORA"):
     METADATA[peft_type].update({
         "megatron_core": ("my.megatron", "PEFT reads it only with megatron_config, which is refused"),
