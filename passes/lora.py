@@ -138,6 +138,8 @@ class Lora(Method):
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
         "CorDA init (`init_lora_weights=\"corda\"` after `peftc.preprocess_corda`: SVD of W·C, C the inputs' "
         "covariance)": ("linear", "conv1d"),
+        "LoRA-GA init (`init_lora_weights=\"lora_ga\"` after `peftc.preprocess_loraga`: SVD of the weight's "
+        "gradient)": ("linear", "conv1d"),
         "orthogonal init (`init_lora_weights=\"orthogonal\"`; an embedding gets the default init, as in PEFT)":
             INIT_KINDS["orthogonal"],
         "MiCA (`init_lora_weights=\"mica\"`: B the minor singular vectors, frozen)": INIT_KINDS["mica"],
