@@ -232,6 +232,20 @@ def test_the_statistics_are_taken_by_apply():
         peftc.apply(case.model, config, example_inputs=case.inputs)
 
 
+def test_hotswap_keeps_the_residual_base(tmp_path: Path):
+    """Hot-swapping another CorDA adapter's weights in needs no statistics: the residual base stays, as in PEFT."""
+    pair = corda_pair("mlp")
+    am = pair.am
+    randomize_adapters(am, seed=1)
+    am.save_adapter(tmp_path / "other")
+    with torch.no_grad():
+        want = pair.case.call(am)
+    randomize_adapters(am, seed=2)
+    am.hotswap_adapter(tmp_path / "other")
+    with torch.no_grad():
+        assert_same_outputs(pair.case.call(am), want, {"atol": 0, "rtol": 0})
+
+
 def test_embedding_gets_peft_s_default_init():
     pair = corda_pair("gpt2")
     params = dict(pair.am.adapter_parameters())
