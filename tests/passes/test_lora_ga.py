@@ -100,6 +100,30 @@ def test_init_matches_peft_and_starts_at_the_base_model(name: str, ga: dict[str,
         assert_same_outputs(pair.case.call(pair.am), pair.case.call(pair.case.model), TOL)
 
 
+def test_init_over_a_bf16_base_matches_peft():
+    """PEFT rounds A and B to the base dtype and subtracts the rounded product from the weight: so does peftc."""
+    config = {"peft_type": "LORA", **fields("mlp")}
+    case, ref = zoo.mlp(), zoo.mlp()
+    case.model.to(torch.bfloat16)
+    ref.model.to(torch.bfloat16)
+    x = case.inputs[0].to(torch.bfloat16)
+
+    def step(model: nn.Module) -> Callable[[], None]:
+        return lambda: model(x).float().pow(2).mean().backward()
+
+    torch.manual_seed(3)
+    peftc.preprocess_loraga(case.model, config, step(case.model))
+    torch.manual_seed(7)
+    am = peftc.apply(case.model, config, example_inputs=(x,))
+    torch.manual_seed(3)
+    peft_preprocess_loraga(ref.model, peft_config(config), step(ref.model))
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(ref.model, peft_config(config))
+    assert_same_state(am, pm)
+    a = dict(am.adapter_parameters())["base_model.model.lin0.lora_A.default.weight"]
+    assert a.dtype == torch.float32 and torch.equal(a, a.to(torch.bfloat16).float())
+
+
 @pytest.mark.parametrize("name", ["mlp", "gpt2", "llama"])
 def test_adapter_matches_peft(name: str, tmp_path: Path):
     pair = ga_pair(name)
