@@ -223,11 +223,12 @@ def test_verbose_shows_progress_and_prune_temporary_fields_has_nothing_to_prune(
 
 
 def test_the_statistics_are_taken_by_apply():
-    """As PEFT deletes its eigens at init: a second adapter needs another preprocess_corda."""
+    """As PEFT deletes its eigens at init: a second adapter needs another preprocess_corda. (PEFT's own config
+    object is taken too, as peftc.apply takes it.)"""
     case = zoo.mlp()
     config = {"peft_type": "LORA", **fields("mlp")}
-    peftc.preprocess_corda(case.model, config, run_model=run_model(case, case.model))
-    peftc.apply(case.model, config, example_inputs=case.inputs)
+    peftc.preprocess_corda(case.model, peft_config(config), run_model=run_model(case, case.model))
+    peftc.apply(case.model, peft_config(config), example_inputs=case.inputs)
     with pytest.raises(ConfigError, match="no CorDA statistics for module 'lin0'"):
         peftc.apply(case.model, config, example_inputs=case.inputs)
 
