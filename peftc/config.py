@@ -459,6 +459,9 @@ def check_data_inits(config: LoraConfig) -> None:
     config.corda_config = sub_config(config, "corda_config", CORDA_FIELDS)
     config.lora_ga_config = sub_config(config, "lora_ga_config", LORA_GA_FIELDS)
     corda, ga = config.corda_config, config.lora_ga_config
+    if config.init_method in ("corda", "lora_ga") and config.layer_replication:
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} cannot be combined with layer_replication: "
+                          "the replicas share one base weight, which each would make its own residual")
     if corda is not None and corda["corda_method"] not in ("ipm", "kpm", None):
         raise ConfigError(f"corda_config['corda_method'] must be 'ipm' or 'kpm', got {corda['corda_method']!r}")
     if ga is not None:

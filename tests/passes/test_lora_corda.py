@@ -233,6 +233,17 @@ def test_the_statistics_are_taken_by_apply():
         peftc.apply(case.model, config, example_inputs=case.inputs)
 
 
+def test_dora_starts_from_the_residual_as_peft():
+    """PEFT initialises DoRA's magnitude after CorDA, from the residual base: m = ‖W_res + s·B·A‖ = ‖W‖."""
+    pair = corda_pair("mlp", lora={"use_dora": True})
+    assert_same_state(pair.am, pair.pm)
+    magnitude = dict(pair.am.adapter_parameters())["base_model.model.lin0.lora_magnitude_vector.default.weight"]
+    torch.testing.assert_close(magnitude, pair.case.model.lin0.weight.norm(dim=1))
+    randomize_adapters(pair.am)
+    pair.pm.load_state_dict(pair.am.state_dict())
+    check_eval(pair)
+
+
 def test_hotswap_keeps_the_residual_base(tmp_path: Path):
     """Hot-swapping another CorDA adapter's weights in needs no statistics: the residual base stays, as in PEFT."""
     pair = corda_pair("mlp")
@@ -265,6 +276,8 @@ def test_refused_with_a_clear_error():
         peftc.preprocess_corda(case.model, {**config, "r": 9}, run_model=run_model(case, case.model))
     with pytest.raises(ConfigError, match="corda_method'\\] must be 'ipm' or 'kpm'"):
         peftc.preprocess_corda(case.model, {**config, "corda_config": {"corda_method": "xpm"}})
+    with pytest.raises(ConfigError, match="cannot be combined with layer_replication"):
+        peftc.preprocess_corda(case.model, {**config, "layer_replication": [[0, 1]]})
     with pytest.raises(ConfigError, match="needs a LoRA config with init_lora_weights='corda'"):
         peftc.preprocess_corda(case.model, {"peft_type": "LORA", "target_modules": ["lin0"]})
     gpt2 = zoo.gpt2()
