@@ -172,7 +172,8 @@ def corda_init(module_name: str, kind: str, weight: torch.Tensor, r: int, scale:
     if eigens is None:
         raise ConfigError(f"init_lora_weights='corda': no CorDA statistics for module {module_name!r}: call "
                           "peftc.preprocess_corda(model, config, run_model=...) on this model first (as PEFT's "
-                          "preprocess_corda before get_peft_model; also to load a saved CorDA adapter)")
+                          "preprocess_corda before get_peft_model; also to load a saved CorDA adapter), and do not "
+                          "move or convert the model in between: the statistics are found by the weight's storage")
     s, u, v = eigens["S_WC"], eigens["U_WC"], eigens["V_WC"]
     w = out_first(weight, kind)
     for name, t in (("S", s), ("U", u), ("V", v)):

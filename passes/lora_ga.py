@@ -104,7 +104,8 @@ def loraga_init(config: Any, module_name: str, kind: str, weight: torch.Tensor, 
     grad = take(weight, "lora_ga")
     if grad is None:
         warnings.warn(f"init_lora_weights='lora_ga': no gradient for module {module_name!r} (call "
-                      "peftc.preprocess_loraga(model, config, train_step) first): it gets the default LoRA init and "
+                      "peftc.preprocess_loraga(model, config, train_step) first, and do not move or convert the "
+                      "model in between): it gets the default LoRA init and "
                       "its base weight is used as given, as in PEFT; right only for loading a LoRA-GA adapter onto "
                       "the residual base model it was trained on", UserWarning, stacklevel=2)
         return None
