@@ -66,6 +66,9 @@ class AdaLoraConfig(LoraConfig):
         "arrow_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
         "layer_replication": "not checked against PEFT's AdaLoRA",
         "eva_config": "EVA is an init of LoRA's; PEFT's AdaLoRA layers take init_lora_weights True or False only",
+        "corda_config": "CorDA is an init of LoRA's; PEFT's AdaLoRA layers take init_lora_weights True or False only",
+        "lora_ga_config": "LoRA-GA is an init of LoRA's; PEFT's AdaLoRA layers take init_lora_weights True or False "
+                          "only",
     }
 
     target_r: int = 8

@@ -7,7 +7,8 @@ it never re-captures or recompiles.
 
 Variants, as PEFT's config fields select them: `use_dora` (passes/dora.py), `lora_bias` (a bias
 on B, scaled with it), and the inits that rewrite the base weight, PiSSA and OLoRA
-(passes/lora_init.py) and LoftQ (passes/lora_loftq.py), whose residual or dequantised base weight the
+(passes/lora_init.py), LoftQ (passes/lora_loftq.py), CorDA and LoRA-GA (passes/lora_corda.py,
+passes/lora_ga.py: from statistics of the user's data), whose residual or dequantised base weight the
 adapted model keeps as a new tensor.
 The config's parts that are not factors beside an op are rewrites of their own, placed by the adapted
 model: `target_parameters` (passes/lora_params.py), `trainable_token_indices` (passes/trainable_tokens.py)
@@ -40,7 +41,9 @@ from peftc.targets import pattern_value
 
 from .dora import CONV_DIMS, CONV_KINDS, MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
 from .lora_arrow import START, emit_arrow, start_vector
+from .lora_corda import corda_init
 from .lora_factors import DIAG, bdlora_factor, bdlora_side, blocks, branch, dense_factors, kasa_init
+from .lora_ga import loraga_init
 from .lora_init import decompose, mica, orthogonal
 from .lora_loftq import loftq
 from .lora_mixed import emit_mixed_lora
@@ -83,10 +86,9 @@ def linear_like(shape: tuple[int, ...]) -> torch.Tensor:
     return w
 
 
-def init_factors(config: LoraConfig, params: dict[TensorKey, torch.Tensor], r: int) -> None:
+def init_factors(init: bool | str, params: dict[TensorKey, torch.Tensor], r: int) -> None:
     """PEFT's `reset_lora_parameters` for factor pairs (A, B[, B's bias]) drawn like nn.Linear: A redrawn
     (Kaiming, or N(0, 1/r) for "gaussian"), B zero; False keeps the random draws."""
-    init = config.init_lora_weights
     if init is False:
         return
     if init is True:
@@ -142,6 +144,10 @@ class Lora(Method):
         "OLoRA init (`init_lora_weights=\"olora\"`)": ("linear",),
         "LoftQ init (`init_lora_weights=\"loftq\"`, `loftq_config`: NF4 / int8 in pure torch, the dequantised "
         "base weight)": ("linear",),
+        "CorDA init (`init_lora_weights=\"corda\"` after `peftc.preprocess_corda`: SVD of W·C, C the inputs' "
+        "covariance)": ("linear", "conv1d"),
+        "LoRA-GA init (`init_lora_weights=\"lora_ga\"` after `peftc.preprocess_loraga`: SVD of the weight's "
+        "gradient)": ("linear", "conv1d"),
         "orthogonal init (`init_lora_weights=\"orthogonal\"`; an embedding gets the default init, as in PEFT)":
             INIT_KINDS["orthogonal"],
         "MiCA (`init_lora_weights=\"mica\"`: B the minor singular vectors, frozen)": INIT_KINDS["mica"],
@@ -228,13 +234,15 @@ class Lora(Method):
             )
         if init_method == "orthogonal" and r % 2:
             raise ConfigError(f"r={r} for module {module_name!r}: init_lora_weights='orthogonal' needs an even rank")
-        if r > min(fan_in, fan_out) and init_method in ("pissa", "olora", "mica", "loftq"):
-            # any other r is valid, as in PEFT (its own tests use r above a layer's size); only a decomposition
-            # of W cannot give more than min(in, out) components
+        # any other r is valid, as in PEFT (its own tests use r above a layer's size); only a decomposition of W
+        # (or of its gradient: LoRA-GA takes 2r components) cannot give more than min(in, out) components
+        taken = {"pissa": r, "olora": r, "mica": r, "corda": r, "loftq": r, "lora_ga": 2 * r}.get(init_method, 0)
+        data_driven = init_method in ("corda", "lora_ga")  # their other layers get the default init, or an error
+        if taken > min(fan_in, fan_out) and (kind in ("linear", "conv1d") or not data_driven):
             raise ConfigError(
                 f"r={r} for module {module_name!r} ({self.layer_types[kind]} {tuple(w.shape)}): "
-                f"init_lora_weights={config.init_lora_weights!r} takes r components of the weight, which has "
-                f"only {min(fan_in, fan_out)}"
+                f"init_lora_weights={config.init_lora_weights!r} takes {taken} components of the "
+                f"{'gradient' if init_method == 'lora_ga' else 'weight'}, which has only {min(fan_in, fan_out)}"
             )
         variant = next((name for name in VARIANT_KINDS if getattr(config, name) is not None), None)
         if variant and kind not in VARIANT_KINDS[variant]:
@@ -281,8 +289,13 @@ class Lora(Method):
                 params[A], params[B] = mica(kind, w, r)
             elif init_method == "eva":  # A keeps its draw until initialize_lora_eva_weights sets it from data
                 nn.init.zeros_(params[B])
-            else:
-                init_factors(config, params, r)
+            elif init_method == "corda":
+                params[A], params[B], base["weight"] = corda_init(module_name, kind, w, r, scale)
+            elif init_method == "lora_ga" and kind in ("linear", "conv1d") and \
+                    (ga := loraga_init(config, module_name, kind, w, r, scale)) is not None:
+                params[A], params[B], base["weight"] = ga
+            else:  # also LoRA-GA on a conv layer, or without gradients: PEFT's default init (True)
+                init_factors(True if init_method == "lora_ga" else config.init_lora_weights, params, r)
             # the variants' own init follows the factors', in PEFT's order (LoraVariant.init)
             side = bdlora_side(config, module_name) if config.use_bdlora is not None else None
             if side is not None:

@@ -150,7 +150,7 @@ class LoraParam(Method):
         # PEFT's factors are an nn.Linear(in, r·E) and an nn.Linear(r·E, out), drawn in that order
         a, b = linear_like((r * experts, fan_in)), linear_like((fan_out, r * experts))
         params = {A: a, B: b}
-        init_factors(config, params, r)
+        init_factors(config.init_lora_weights, params, r)
         dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
         scale = torch.tensor(lora_scale(config, r, alpha), dtype=dtype, device=w.device)

@@ -15,7 +15,9 @@ from .config import AdapterConfig, LoraConfig, load_config
 from .errors import CaptureError, CheckpointError, ConfigError, PeftcError, TargetError
 from .model import AdaptedModel
 from .optim import create_loraplus_optimizer
+from .passes.lora_corda import preprocess_corda
 from .passes.lora_eva import get_eva_state_dict, initialize_lora_eva_weights
+from .passes.lora_ga import preprocess_loraga
 
 __all__ = [
     "AdaptedModel",
@@ -36,6 +38,8 @@ __all__ = [
     "initialize_lora_eva_weights",
     "load",
     "load_config",
+    "preprocess_corda",
+    "preprocess_loraga",
     "save_onnx_adapter",
 ]
 __version__ = "0.1.0"

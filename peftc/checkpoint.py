@@ -504,8 +504,13 @@ def hotswap_adapter(model: Any, directory: str | os.PathLike, adapter_name: str 
         # would not put them back where the config says they are
         raise ConfigError(f"{where}: smaller than the loaded adapter at {smaller[:4]}, and {method.peft_type} "
                           "checkpoints hold a selection of its rows (rank_pattern); load it with load_adapter")
+    # only create()'s run-time buffers (scales) are read: a data-driven init (CorDA, LoRA-GA) has no statistics
+    # here, and the base stays the loaded adapter's residual, as PEFT's hotswap_adapter leaves it
+    plain = copy.deepcopy(config)
+    if getattr(plain, "init_method", None) in ("corda", "lora_ga"):
+        plain.init_lora_weights = True
     with torch.random.fork_rng(devices=[]):  # create() draws fresh parameters we discard: keep the RNG as is
-        buffers = {ma.module_path: ma.method.create(config, ma.module_path, source.get_submodule(ma.module_path),
+        buffers = {ma.module_path: ma.method.create(plain, ma.module_path, source.get_submodule(ma.module_path),
                                                     ma.kind).buffers
                    for ma in mas}
     with torch.no_grad():

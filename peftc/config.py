@@ -311,16 +311,13 @@ class LoraConfig(AdapterConfig):
     peft_type_name: ClassVar[str] = "LORA"
     unsupported: ClassVar[dict[str, str]] = {
         "megatron_config": "Megatron-LM's parallel linear layers are not a layer type peftc adapts",
-        "corda_config": "CorDA initialisation (data-driven: covariance of layer inputs, then SVD, preprocess_corda) "
-                        "is not implemented yet",
-        "lora_ga_config": "LoRA-GA initialisation (gradient-driven, preprocess_loraga) is not implemented yet",
         "alora_invocation_tokens": "activated LoRA (aLoRA) is not implemented yet",
         "use_qalora": "QALoRA needs quantized (GPTQ) base layers, which peftc does not adapt",
         "ensure_weight_tying": "tied adapters across tied weights are not implemented yet",
     }
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
     init_choices: ClassVar[str] = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', "
-                                   "'mica', 'loftq' or 'eva'")
+                                   "'mica', 'loftq', 'eva', 'corda' or 'lora_ga'")
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -370,15 +367,14 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
         if not (init is True or init is False or self.init_method is not None):
-            reason = INIT_REFUSED.get(str(init), "")
-            raise ConfigError(f"init_lora_weights={init!r} is not supported by peftc yet"
-                              + (f": {reason}" if reason else "") + f" ({self.init_choices})")
+            raise ConfigError(f"init_lora_weights={init!r} is not an init PEFT or peftc knows ({self.init_choices})")
         check_loftq(self)
         self.kasa_config = sub_config(self, "kasa_config", KASA_FIELDS)
         self.use_bdlora = sub_config(self, "use_bdlora", BDLORA_FIELDS)
         self.velora_config = sub_config(self, "velora_config", VELORA_FIELDS)
         self.monteclora_config = sub_config(self, "monteclora_config", MONTECLORA_FIELDS)
         check_eva_config(self)
+        check_data_inits(self)
         self.arrow_config = sub_config(self, "arrow_config", ARROW_FIELDS)
         check_factor_variants(self)
         check_arrow(self)
@@ -394,14 +390,15 @@ class LoraConfig(AdapterConfig):
 
     @property
     def init_method(self) -> str | None:
-        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', 'orthogonal', 'mica', 'loftq', 'eva', or None for
-        True/False and unknown values (PEFT compares gaussian, olora and mica case-insensitively)."""
+        """'gaussian', 'pissa' (also 'pissa_niter_<n>'), 'olora', 'orthogonal', 'mica', 'loftq', 'eva', 'corda',
+        'lora_ga', or None for True/False and unknown values (PEFT compares gaussian, olora and mica
+        case-insensitively)."""
         init = self.init_lora_weights
         if not isinstance(init, str):
             return None
         if init.lower() in ("gaussian", "olora", "mica"):
             return init.lower()
-        if init in ("orthogonal", "loftq", "eva"):
+        if init in ("orthogonal", "loftq", "eva", "corda", "lora_ga"):
             return init
         return "pissa" if init == "pissa" or self.pissa_niter is not None else None
 
@@ -412,11 +409,6 @@ class LoraConfig(AdapterConfig):
         return int(match.group(1)) if match else None
 
 
-# PEFT's inits peftc refuses, and why
-INIT_REFUSED = {
-    "corda": "a data-driven init (PEFT's preprocess_corda(model, config, run_model)), not implemented",
-    "lora_ga": "a gradient-driven init (PEFT's preprocess_loraga(model, config, train_step)), not implemented",
-}
 # PEFT's sub-configs of the LoRA variants peftc implements: field -> default (saved as PEFT's asdict writes them)
 KASA_FIELDS = {"beta": 1e-4, "gamma": 1e-3}
 BDLORA_FIELDS = {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
@@ -425,6 +417,10 @@ LOFTQ_FIELDS = {"loftq_bits": 4, "loftq_iter": 1}
 # EVA's (PEFT's EvaConfig); read by peftc.initialize_lora_eva_weights (passes/lora_eva.py)
 EVA_FIELDS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
               "adjust_scaling_factors": True}
+# the data-driven inits' sub-configs (read by peftc.preprocess_corda / preprocess_loraga and at init)
+CORDA_FIELDS = {"cache_file": None, "covariance_file": None, "corda_method": "ipm", "verbose": False,
+                "use_float16_for_covariance": False, "prune_temporary_fields": True}
+LORA_GA_FIELDS = {"direction": "ArB2r", "scale": "stable", "stable_gamma": 16}
 MONTECLORA_FIELDS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
                      "kl_loss_weight": 1e-5, "buffer_size": 150}
 # PEFT's ArrowConfig; task_adapter_names and gks_adapter_names are set by create_arrow_model (init=False in PEFT)
@@ -495,6 +491,36 @@ def check_eva_config(config: LoraConfig) -> None:
     if config.init_lora_weights == "eva" and config.target_parameters:
         raise ConfigError("init_lora_weights='eva' cannot be combined with target_parameters: EVA reads the inputs "
                           "of the targeted layers, and a targeted parameter has none of its own")
+
+
+def check_data_inits(config: LoraConfig) -> None:
+    """CorDA's and LoRA-GA's sub-configs (PEFT's CordaConfig / LoraGAConfig as dicts), with PEFT's defaults and
+    warnings: init_lora_weights='corda' without a corda_config takes the default one."""
+    if config.init_lora_weights == "corda" and config.corda_config is None:
+        warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
+                      "config.", UserWarning, stacklevel=3)
+        config.corda_config = {}
+    elif config.init_lora_weights != "corda" and config.corda_config is not None:
+        warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.",
+                      UserWarning, stacklevel=3)
+    config.corda_config = sub_config(config, "corda_config", CORDA_FIELDS)
+    config.lora_ga_config = sub_config(config, "lora_ga_config", LORA_GA_FIELDS)
+    corda, ga = config.corda_config, config.lora_ga_config
+    if config.init_method in ("corda", "lora_ga") and config.layer_replication:
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} cannot be combined with layer_replication: "
+                          "the replicas share one base weight, which each would make its own residual")
+    if corda is not None and corda["corda_method"] not in ("ipm", "kpm", None):
+        raise ConfigError(f"corda_config['corda_method'] must be 'ipm' or 'kpm', got {corda['corda_method']!r}")
+    if ga is not None:
+        if ga["direction"] not in ("ArBr", "A2rBr", "ArB2r", "random"):
+            raise ConfigError(f"lora_ga_config['direction'] must be 'ArBr', 'A2rBr', 'ArB2r' or 'random', "
+                              f"got {ga['direction']!r}")
+        if ga["scale"] not in ("stable", "weight_svd", "gd_scale", "unit"):
+            raise ConfigError(f"lora_ga_config['scale'] must be 'stable', 'weight_svd', 'gd_scale' or 'unit', "
+                              f"got {ga['scale']!r}")
+        gamma = ga["stable_gamma"]
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma <= 0:
+            raise ConfigError(f"lora_ga_config['stable_gamma'] must be a positive number, got {gamma!r}")
 
 
 def check_factor_variants(config: LoraConfig) -> None:
@@ -601,5 +627,9 @@ def check_target_parameters(config: LoraConfig) -> None:
         if bad:
             raise ConfigError(f"{name}={getattr(config, name)!r} cannot be combined with target_parameters "
                               "(PEFT's ParamWrapper refuses it too)")
+    if config.init_method in ("corda", "lora_ga"):
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} cannot be combined with "
+                          "target_parameters: its statistics are gathered at nn.Linear and Conv1D modules only "
+                          "(PEFT's preprocess_corda / preprocess_loraga), never at a bare parameter")
 
 

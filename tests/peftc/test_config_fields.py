@@ -184,6 +184,15 @@ METADATA["LORA"]["eva_config"] = (
      "adjust_scaling_factors": False},
     "read by peftc.initialize_lora_eva_weights, which takes data: tests/passes/test_lora_eva.py shows each field "
     "changing EVA's A, ranks or alphas as in PEFT")
+METADATA["LORA"].update({
+    # (read with init_lora_weights='corda' / 'lora_ga' after peftc.preprocess_corda / preprocess_loraga ran the
+    # user's data: tests/passes/test_lora_corda.py and test_lora_ga.py show every sub-field against PEFT)
+    "corda_config": ({"cache_file": None, "covariance_file": None, "corda_method": "kpm", "verbose": False,
+                      "use_float16_for_covariance": False, "prune_temporary_fields": True},
+                     "acts only with init_lora_weights='corda' and preprocess_corda"),
+    "lora_ga_config": ({"direction": "ArBr", "scale": "unit", "stable_gamma": 16},
+                       "acts only with init_lora_weights='lora_ga' and preprocess_loraga"),
+})
 for peft_type in ("LORA", "ADALORA"):
     METADATA[peft_type].update({
         "megatron_core": ("my.megatron", "PEFT reads it only with megatron_config, which is refused"),
@@ -206,7 +215,6 @@ NO_EFFECT: dict[str, dict[str, tuple[Any, str]]] = {
 # values of fields that are refused: (field, value, what the error says); a field listed nowhere else accepts
 # only its default
 REFUSED_VALUES: dict[str, list[tuple[str, Any, str]]] = {
-    "LORA": [("init_lora_weights", "corda", "init_lora_weights='corda' is not supported")],
     "ADALORA": [("bias", "all", "bias='all' is not supported"),
                 ("init_lora_weights", "gaussian", "AdaLoRA initialises with True")],
 }
