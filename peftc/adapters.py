@@ -266,16 +266,17 @@ class AdapterSet:
         """Modules PEFT wraps (their base tensors are named `<module>.base_layer.<name>`)."""
         return {getattr(ma, "wrapper", ma.module_path) for mas in self.modules.values() for ma in mas}
 
-    def rebound_keys(self) -> set[str]:
-        """Source names of the tensors adapters replace inside their module rather than at op sites: targeted
-        parameters, and every parameter of a module trained as copies."""
-        keys = set()
+    def rebound_keys(self) -> dict[str, str]:
+        """Source names of the tensors adapters replace inside a module rather than at op sites (targeted
+        parameters, and every parameter of a module trained as copies) -> that module, whose nodes read them
+        (an nn.MultiheadAttention reads its `out_proj.weight` itself)."""
+        keys = {}
         for mas in self.modules.values():
             for ma in mas:
                 if isinstance(ma, ParamAdapter):
-                    keys.add(ma.key)
+                    keys[ma.key] = ma.owner
                 elif isinstance(ma, CopyAdapter):
-                    keys |= {f"{ma.module_path}.{leaf}" for _, leaf in ma.tensors}
+                    keys |= {f"{ma.module_path}.{leaf}": ma.module_path for _, leaf in ma.tensors}
         return keys
 
     def refresh_tensors(self) -> None:
