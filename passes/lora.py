@@ -41,7 +41,7 @@ from peftc.targets import pattern_value
 from .dora import CONV_DIMS, CONV_KINDS, MAGNITUDE, emit_dora, fold_dora, lora_weight, out_first, weight_norm
 from .lora_factors import DIAG, bdlora_factor, bdlora_side, branch, dense_factors, kasa_init
 from .lora_init import decompose, mica, orthogonal
-from .lora_mha import MHA, is_mha, refuse_out_proj
+from .lora_mha import MHA, is_mha
 from .lora_mixed import emit_mixed_lora
 from .lora_velora import EMBED, init_embed, project
 
@@ -169,9 +169,7 @@ class Lora(Method):
         return None
 
     def own_targets(self, config: LoraConfig, model: nn.Module, found: list[Target]) -> list[Target]:
-        # an nn.MultiheadAttention's weights are rebound inside it (passes/lora_params.py places them); its
-        # out_proj, which it never calls, cannot be a target of its own
-        refuse_out_proj(model, [t.path for t in found])
+        # an nn.MultiheadAttention's weights are rebound inside it: passes/lora_params.py places them
         return [t for t in found if t.kind != MHA]
 
     def check_beside(self, config: LoraConfig, loaded: dict[str, AdapterConfig]) -> None:

@@ -67,8 +67,10 @@ def mha_targets(config: LoraConfig, model: nn.Module, excluded: Any) -> list[Tar
         if not is_mha(module) or excluded(path):
             continue
         check_mha(config, path, module)
-        for kind, name_path in ((MHA_IN, path), (MHA_OUT, f"{path}.{BASE_LAYER}.out_proj")):
-            out.append(Target(name_path, path, module, kind, extra={"owner": path, "param": PARAMS[kind]}))
+        out.append(Target(path, path, module, MHA_IN, extra={"owner": path, "param": PARAMS[MHA_IN]}))
+        # PEFT wraps out_proj in a LoRA Linear: `bias="lora_only"` trains its bias (never in_proj_bias)
+        out.append(Target(f"{path}.{BASE_LAYER}.out_proj", path, module, MHA_OUT, bias_module=f"{path}.out_proj",
+                          extra={"owner": path, "param": PARAMS[MHA_OUT]}))
     return out
 
 
@@ -91,9 +93,9 @@ def check_mha(config: LoraConfig, path: str, module: nn.MultiheadAttention) -> N
 
 
 def refuse_out_proj(model: nn.Module, paths: list[str]) -> None:
-    """An nn.MultiheadAttention's `out_proj` targeted as a Linear of its own (by name, or by "all-linear"):
-    the module never calls it, so PEFT's adapter there is inert in forward but merged by `merge_and_unload`.
-    peftc refuses it rather than pick one of the two."""
+    """An nn.MultiheadAttention's `out_proj` targeted as a Linear of its own (by name, or by "all-linear"), by
+    any method: the attention module never calls it, so PEFT's adapter there is inert in forward but merged by
+    `merge_and_unload` (LoRA's). peftc refuses it rather than pick one of the two."""
     parents = {name: m for name, m in model.named_modules() if is_mha(m)}
     for path in paths:
         parent, _, leaf = path.rpartition(".")

@@ -210,10 +210,12 @@ class RebindParameters(PassBase):
             inputs = [{key: add_state_input(gm, t_fqn, t) for key, (t_fqn, t) in ma.tensors.items()} for ma in mas]
 
             def build(b: SiteBuilder, w: torch.fx.Node, mas: list[ParamAdapter] = mas, inputs: list = inputs) -> Any:
+                val = w.meta["val"]
                 for ma, tensors in zip(mas, inputs):
                     site = ParamSite(ma.owner, ma.param, ma.transposed)
                     w = ma.method.emit(EmitContext(b, site, w, ma.kind, self.training, tensors=tensors,
                                                    config=ma.config))
+                    w.meta["val"] = val  # W + ΔW: the next adapter reads its shape as W's
                 return w
 
             tag = (mas[0].module_path, ",".join(ma.adapter for ma in mas), "LORA")
