@@ -93,7 +93,8 @@ def variant_passes(variant: tuple, tree: ParameterTree, adapters: AdapterSet, me
         if rebound:
             raise ConfigError(f"mixed batches (adapter_names / adapter_index) do not support adapters rebinding "
                               f"weights inside modules {rebound[:4]}: target_parameters and nn.MultiheadAttention "
-                              "(PEFT refuses both too), or modules_to_save (not yet); call with one active set")
+                              "(PEFT refuses both too), or modules_to_save (not yet); call with one active set "
+                              "(compile_model runs every call through this graph: compile a folded model instead)")
         return [DispatchAdapters(adapters.modules, adapters.order, training)]
     if kind == "disabled":
         return []

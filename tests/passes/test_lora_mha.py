@@ -303,3 +303,25 @@ def test_an_attention_modules_out_proj_is_refused_for_every_method():
     with pytest.raises(TargetError, match=r"'mha.out_proj' is the out_proj of nn.MultiheadAttention 'mha'"):
         peftc.apply(case.model, {"peft_type": "IA3", "target_modules": ["out_proj"], "feedforward_modules": []},
                     example_inputs=case.inputs)
+
+
+def test_bf16_base_follows_peft():
+    """fp32 adapters over a bf16 attention module (PEFT's autocast_adapter_dtype): ΔW is cast to bf16 before it
+    is added, as PEFT's merge does; the two differ only by rounding order (tests/peftc/test_mixed_precision.py's
+    relative limit)."""
+    case, ref = mha(), mha()
+    case.model.to(torch.bfloat16)
+    ref.model.to(torch.bfloat16)
+    x = case.inputs[0].bfloat16()
+    fields = {"r": 2, "lora_alpha": 6, "target_modules": ["mha", "lin0"]}
+    am = peftc.apply(case.model, {"peft_type": "LORA", **fields}, example_inputs=(x,))
+    randomize_adapters(am)
+    pm = peft.get_peft_model(ref.model, peft.LoraConfig(**fields))
+    pm.load_state_dict(am.state_dict(), strict=True)
+    assert am.state_dict()["base_model.model.mha.lora_A.default.weight"].dtype == torch.float32
+    with torch.no_grad():
+        got, want = am(x), pm(x)
+        base = mha().model.to(torch.bfloat16)(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    error = (got.float() - want.float()).norm() / want.float().norm()
+    assert error < 4e-2 and (want.float() - base.float()).norm() / want.float().norm() > 10 * error
