@@ -33,6 +33,7 @@ from peftc.method import (
     EmitContext,
     Method,
     MixedEmitContext,
+    Target,
     TensorKey,
     adapter_dtype,
     register_method,
@@ -46,6 +47,7 @@ from .lora_factors import DIAG, bdlora_factor, bdlora_side, blocks, branch, dens
 from .lora_ga import loraga_init
 from .lora_init import decompose, mica, orthogonal
 from .lora_loftq import loftq
+from .lora_mha import MHA, is_mha
 from .lora_mixed import emit_mixed_lora
 from .lora_velora import EMBED, init_embed, project
 
@@ -125,6 +127,7 @@ class Lora(Method):
         "nn_conv1d": "nn.Conv1d",
         "conv3d": "nn.Conv3d",
         "parameter": "nn.Parameter (2-D, 3-D expert stacks)",  # `target_parameters`: passes/lora_params.py
+        MHA: "nn.MultiheadAttention",  # its two weights rebound inside it: passes/lora_mha.py, lora_params.py
     }
     site_ops = {
         "linear": ("linear",),
@@ -134,6 +137,7 @@ class Lora(Method):
         "nn_conv1d": ("conv1d", "convolution"),
         "conv3d": ("conv3d", "convolution"),
         "parameter": (),  # not an op site: the parameter is rebound inside its module
+        MHA: (),  # neither: in_proj_weight and out_proj.weight are rebound inside the module
     }
     variants = {
         "DoRA (`use_dora`)": ("linear", "conv1d", "embedding", "conv2d", "nn_conv1d", "conv3d"),
@@ -164,11 +168,15 @@ class Lora(Method):
         ARROW: VARIANT_KINDS["arrow_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
+        "on an nn.MultiheadAttention (in_proj_weight and out_proj.weight, W + ΔW inside the module; PEFT's "
+        "out_proj update counted twice; no mixed batches)": (MHA,),
     }
 
     unmergeable_variants = frozenset({ARROW})
 
     def layer_kind(self, module: nn.Module) -> str | None:
+        if is_mha(module):  # placed by the target_parameters part (passes/lora_params.py), not at an op
+            return MHA
         if isinstance(module, nn.Linear):
             return "linear"
         if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
@@ -179,6 +187,10 @@ class Lora(Method):
             if isinstance(module, cls):
                 return kind
         return None
+
+    def own_targets(self, config: LoraConfig, model: nn.Module, found: list[Target]) -> list[Target]:
+        # an nn.MultiheadAttention's weights are rebound inside it: passes/lora_params.py places them
+        return [t for t in found if t.kind != MHA]
 
     def check_beside(self, config: LoraConfig, loaded: dict[str, AdapterConfig]) -> None:
         # KaSA truncates the base weight every adapter reads: PEFT refuses KaSA beside non-KaSA adapters

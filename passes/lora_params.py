@@ -43,6 +43,8 @@ from peftc.method import (
 from peftc.names import BASE_LAYER
 
 from .lora import SCALE, A, B, init_factors, linear_like, lora_rank_alpha, lora_scale
+from .lora_mha import MHA_IN, MHA_OUT, PARAMS, mha_targets, out_proj_update
+from .modules_to_save import excluded_by_copies
 from .rebind import rebind_uses
 
 aten = torch.ops.aten
@@ -105,24 +107,27 @@ class LoraParam(Method):
     example_config = {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": [],
                       "target_parameters": ["lin0.weight"]}
     groups = ("lora_A", "lora_B")
-    layer_types = {PARAMETER: "nn.Parameter (`target_parameters`)"}
-    site_ops = {PARAMETER: ()}
+    layer_types = {PARAMETER: "nn.Parameter (`target_parameters`)",
+                   MHA_IN: "nn.MultiheadAttention in_proj_weight", MHA_OUT: "nn.MultiheadAttention out_proj.weight"}
+    site_ops = {PARAMETER: (), MHA_IN: (), MHA_OUT: ()}
 
     def targets(self, config: LoraConfig, model: nn.Module, adapter: str, placed: Placed) -> list[Target]:
-        """Each parameter `target_parameters` names, at PEFT's (nested) wrapper path; adapters on parameters
-        must all target the same ones, and a module is targeted by modules or by parameters, not both."""
+        """The two weights of each nn.MultiheadAttention `target_modules` selects (passes/lora_mha.py), and each
+        parameter `target_parameters` names, at PEFT's (nested) wrapper path; adapters on parameters must all
+        target the same ones, and a module is targeted by modules or by parameters, not both."""
+        mha = mha_targets(config, model, lambda path: excluded_by_copies(path, config.modules_to_save))
         if not config.target_parameters:
-            return []
+            return mha
         found = parameter_targets(config, model)
         for other, other_config in placed.configs.items():
             theirs = getattr(other_config, "target_parameters", None)
             if other != adapter and theirs and theirs != config.target_parameters:
                 raise ConfigError(f"adapter {adapter!r} targets parameters {config.target_parameters}, adapter "
                                   f"{other!r} {theirs}: as in PEFT, adapters on parameters must target the same ones")
-        both = sorted({owner for owner, _, _ in found} & placed.own_paths())
+        both = sorted({owner for owner, _, _ in found} & (placed.own_paths() | {t.module_name for t in mha}))
         if both:
             raise ConfigError(f"modules {both} are targeted both by target_modules and by target_parameters")
-        out = []
+        out = mha
         for owner, param, path in found:
             module = model.get_submodule(owner)
             transposed = getattr(module, "is_transposed", False)
@@ -135,9 +140,10 @@ class LoraParam(Method):
         return ParamAdapter(target.names_at, adapter, self, target.kind, config, tensors, **target.extra)
 
     def create(self, config: LoraConfig, module_name: str, module: nn.Module, kind: str) -> AdapterTensors:
-        """`module_name` is the parameter's full name (`<owner>.<param>`), `module` its owner."""
+        """`module_name` is the parameter's full name (`<owner>.<param>`), `module` its owner; for an
+        nn.MultiheadAttention's weight (kind MHA_IN / MHA_OUT) the module's name, whose rank both get (PEFT's)."""
         key = module_name
-        w = getattr(module, key.rsplit(".", 1)[-1])
+        w = module.get_parameter(PARAMS[kind]) if kind in PARAMS else getattr(module, key.rsplit(".", 1)[-1])
         r, alpha = lora_rank_alpha(config, key)
         if w.dim() == 2:
             experts, fan_in, fan_out = 1, w.shape[1], w.shape[0]
@@ -161,13 +167,14 @@ class LoraParam(Method):
         b, w, tensors = ctx.builder, ctx.y, ctx.tensors
         d = delta(b.call, tuple(w.meta["val"].shape), ctx.site.transposed, tensors[A], tensors[B])
         d = cast(b, b.call(aten.mul.Tensor, d, tensors[SCALE]), dtype_of(tensors[SCALE]), dtype_of(w))
-        return b.call(aten.add.Tensor, w, d)
+        return b.call(aten.add.Tensor, w, out_proj_update(b.call, d, ctx.kind))
 
     def fold(self, kind: str, config: LoraConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
              base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ((param, w),) = base.items()
         transposed = getattr(module, "is_transposed", False)
-        return {param: w + delta(eager, tuple(w.shape), transposed, tensors[A], tensors[B]) * tensors[SCALE]}
+        d = delta(eager, tuple(w.shape), transposed, tensors[A], tensors[B]) * tensors[SCALE]
+        return {param: w + out_proj_update(eager, d, kind)}
 
 
 def delta(call: Call, shape: tuple[int, ...], transposed: bool, a: Any, b: Any) -> Any:
@@ -203,10 +210,12 @@ class RebindParameters(PassBase):
             inputs = [{key: add_state_input(gm, t_fqn, t) for key, (t_fqn, t) in ma.tensors.items()} for ma in mas]
 
             def build(b: SiteBuilder, w: torch.fx.Node, mas: list[ParamAdapter] = mas, inputs: list = inputs) -> Any:
+                val = w.meta["val"]
                 for ma, tensors in zip(mas, inputs):
                     site = ParamSite(ma.owner, ma.param, ma.transposed)
                     w = ma.method.emit(EmitContext(b, site, w, ma.kind, self.training, tensors=tensors,
                                                    config=ma.config))
+                    w.meta["val"] = val  # W + ΔW: the next adapter reads its shape as W's
                 return w
 
             tag = (mas[0].module_path, ",".join(ma.adapter for ma in mas), "LORA")

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import peftc.passes  # noqa: F401  (each method's module registers itself)
 from peftc.passes.dispatch import BASE_NAME
+from peftc.passes.lora_mha import refuse_out_proj
 from peftc.passes.lora_params import ParamAdapter
 from peftc.passes.modules_to_save import CopyAdapter, excluded_by_copies
 
@@ -50,7 +51,9 @@ def layer_kinds(model: nn.Module, method: Method, config: AdapterConfig) -> dict
     if config.target_modules == [] and (getattr(config, "target_parameters", None)
                                         or getattr(config, "trainable_token_indices", None) is not None):
         return kinds  # parameters or token rows alone are targeted
-    for path in select_targets(config, model):
+    paths = select_targets(config, model)
+    refuse_out_proj(model, paths)  # a module an nn.MultiheadAttention holds but never calls, for every method
+    for path in paths:
         module = model.get_submodule(path)
         kind = method.module_kind(config, path, module)
         if kind is None:
@@ -140,7 +143,9 @@ class AdapterSet:
             self._place(adapter_name, config, method, targets)
         if new:
             self.tree.rename_base(self.adapted_paths())
-        self.biases[adapter_name] = trained_biases(config, self.tree.source, [t.path for t in placements[0][1]])
+        layers = [t.path for t in placements[0][1]] + [t.bias_module for _, targets in placements[1:]
+                                                        for t in targets if t.bias_module]
+        self.biases[adapter_name] = trained_biases(config, self.tree.source, layers)
         for key in self.biases[adapter_name]:  # no other adapter trains biases (checked above)
             self.tree.own_trainable(key)
         self.set_trainable()
@@ -266,16 +271,17 @@ class AdapterSet:
         """Modules PEFT wraps (their base tensors are named `<module>.base_layer.<name>`)."""
         return {getattr(ma, "wrapper", ma.module_path) for mas in self.modules.values() for ma in mas}
 
-    def rebound_keys(self) -> set[str]:
-        """Source names of the tensors adapters replace inside their module rather than at op sites: targeted
-        parameters, and every parameter of a module trained as copies."""
-        keys = set()
+    def rebound_keys(self) -> dict[str, str]:
+        """Source names of the tensors adapters replace inside a module rather than at op sites (targeted
+        parameters, and every parameter of a module trained as copies) -> that module, whose nodes read them
+        (an nn.MultiheadAttention reads its `out_proj.weight` itself)."""
+        keys = {}
         for mas in self.modules.values():
             for ma in mas:
                 if isinstance(ma, ParamAdapter):
-                    keys.add(ma.key)
+                    keys[ma.key] = ma.owner
                 elif isinstance(ma, CopyAdapter):
-                    keys |= {f"{ma.module_path}.{leaf}" for _, leaf in ma.tensors}
+                    keys |= {f"{ma.module_path}.{leaf}": ma.module_path for _, leaf in ma.tensors}
         return keys
 
     def refresh_tensors(self) -> None:

@@ -35,7 +35,7 @@ from . import names
 from .adapters import EXTRAS, has_extras, layer_kinds
 from .config import CONFIG_NAME, AdapterConfig, load_config
 from .errors import CheckpointError, ConfigError, TargetError
-from .method import Method, Target, TensorKey
+from .method import Method, Placed, Target, TensorKey, methods_for
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"  # PEFT's older format: loaded only on request (allow_pickle=True)
@@ -483,13 +483,18 @@ def hotswap_adapter(model: Any, directory: str | os.PathLike, adapter_name: str 
     mas = adapters.of(adapter_name)
     if has_extras(live) or has_extras(config):
         raise ConfigError(f"{where}: hot-swapping adapters with {', '.join(EXTRAS)} is not supported yet")
-    source, method = adapters.tree.source, mas[0].method
+    source = adapters.tree.source
+    method, *parts = methods_for(config.peft_type)
     prepared = method.prepare_config(copy.deepcopy(config), source)
     found = [Target(path, path, source.get_submodule(path), kind)
              for path, kind in layer_kinds(source, method, prepared).items()]
-    targets = [t.names_at for t in method.own_targets(prepared, source, found)]
-    if set(targets) != {ma.module_path for ma in mas}:
-        raise ConfigError(f"{where}: it targets other modules ({_listing_diff(targets, mas)})")
+    # the method's own targets and its parts' (LoRA's nn.MultiheadAttention weights), as `AdapterSet.add` places them
+    placed = Placed(adapters.configs, adapters.modules, [(method, method.own_targets(prepared, source, found))])
+    for part in parts:
+        placed.new.append((part, part.targets(prepared, source, adapter_name, placed)))
+    created_as = {t.names_at: t for _, targets in placed.new for t in targets}
+    if set(created_as) != {ma.module_path for ma in mas}:
+        raise ConfigError(f"{where}: it targets other modules ({_listing_diff(created_as, mas)})")
     saved = read_weights(os.path.join(os.fspath(directory), WEIGHTS_NAME))
     expected = adapter_state_dict(model, adapter_name)
     if set(saved) != set(expected):
@@ -510,8 +515,8 @@ def hotswap_adapter(model: Any, directory: str | os.PathLike, adapter_name: str 
     if getattr(plain, "init_method", None) in ("corda", "lora_ga"):
         plain.init_lora_weights = True
     with torch.random.fork_rng(devices=[]):  # create() draws fresh parameters we discard: keep the RNG as is
-        buffers = {ma.module_path: ma.method.create(plain, ma.module_path, source.get_submodule(ma.module_path),
-                                                    ma.kind).buffers
+        buffers = {ma.module_path: ma.method.create(plain, created_as[ma.module_path].module_name,
+                                                    created_as[ma.module_path].module, ma.kind).buffers
                    for ma in mas}
     with torch.no_grad():
         for key, t in saved.items():

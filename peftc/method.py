@@ -161,6 +161,9 @@ class Target:
     name_path: str = ""  # where PEFT names the adapter's tensors (a wrapper path), when not `path`
     tied: str | None = None  # the path of an earlier target whose tensors this one shows, unsaved
     extra: dict[str, Any] = field(default_factory=dict)  # fields of the method's ModuleAdapter subclass
+    # a part's target that PEFT makes a layer of the method: the module whose bias `bias="<method>_only"` trains
+    # (an nn.MultiheadAttention's wrapped out_proj); a method's own targets train their own module's
+    bias_module: str | None = None
 
     @property
     def names_at(self) -> str:

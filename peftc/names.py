@@ -52,9 +52,11 @@ def is_shared(fqn: str) -> bool:
 def base_key(param_fqn: str, adapted_modules: set[str]) -> str:
     """Where a base model tensor lives in the adapted model: under base_layer if its module is adapted,
     once more per nested wrapper (PEFT nests one ParamWrapper per `target_parameters` entry of a module,
-    and `<module>.base_layer` is then adapted too). `adapted_modules` holds adapters' wrapper paths: a
-    module with trainable tokens appears as `<module>.token_adapter`, one trained as copies (modules_to_save)
-    as `<module>.original_module`: its tensors live under that wrapper."""
+    and `<module>.base_layer` is then adapted too), and below every adapted ancestor too (PEFT's wrapper of
+    an nn.MultiheadAttention holds its `out_proj`, itself wrapped: `mha.base_layer.out_proj.base_layer`).
+    `adapted_modules` holds adapters' wrapper paths: a module with trainable tokens appears as
+    `<module>.token_adapter`, one trained as copies (modules_to_save) as `<module>.original_module`: its
+    tensors live under that wrapper."""
     module, _, name = param_fqn.rpartition(".")
     parts = module.split(".") if module else []
     for i in range(len(parts), 0, -1):  # inside a module trained as copies (`<module>.original_module`)
@@ -62,10 +64,13 @@ def base_key(param_fqn: str, adapted_modules: set[str]) -> str:
         if f"{outer}.{ORIGINAL_MODULE}" in adapted_modules:
             return ".".join([PREFIX + outer, ORIGINAL_MODULE, *parts[i:], name])
     if module and f"{module}.{TOKEN_ADAPTER}" in adapted_modules:
-        module = f"{module}.{TOKEN_ADAPTER}"
-    while module and module in adapted_modules:
-        module = f"{module}.{BASE_LAYER}"
-    return f"{PREFIX}{module}.{name}" if module else PREFIX + name
+        parts[-1] = f"{parts[-1]}.{TOKEN_ADAPTER}"
+    path = ""
+    for part in parts:  # the wrapped path so far, one base_layer per wrapper at each level
+        path = f"{path}.{part}" if path else part
+        while path in adapted_modules:
+            path = f"{path}.{BASE_LAYER}"
+    return f"{PREFIX}{path}.{name}" if path else PREFIX + name
 
 
 def split_module(key: str) -> tuple[str, str]:

@@ -88,9 +88,13 @@ def variant_passes(variant: tuple, tree: ParameterTree, adapters: AdapterSet, me
                    training: bool) -> list[PassBase]:
     kind = variant[0]
     if kind == "mixed":
-        if any(ma.method.placement is Placement.WEIGHT for mas in adapters.modules.values() for ma in mas):
-            raise ConfigError("mixed batches (adapter_names / adapter_index) do not support target_parameters "
-                              "(PEFT refuses them too) or modules_to_save yet; call with one active set")
+        rebound = sorted({getattr(ma, "owner", path) for path, mas in adapters.modules.items() for ma in mas
+                          if ma.method.placement is Placement.WEIGHT})
+        if rebound:
+            raise ConfigError(f"mixed batches (adapter_names / adapter_index) do not support adapters rebinding "
+                              f"weights inside modules {rebound[:4]}: target_parameters and nn.MultiheadAttention "
+                              "(PEFT refuses both too), or modules_to_save (not yet); call with one active set "
+                              "(compile_model runs every call through this graph: compile a folded model instead)")
         return [DispatchAdapters(adapters.modules, adapters.order, training)]
     if kind == "disabled":
         return []
@@ -142,8 +146,9 @@ def fold_passes(tree: ParameterTree, adapters: AdapterSet, merged: MergedState) 
     bindings = []
     for path, tensors in merged.tensors.items():
         for leaf, fqn in tensors.items():
-            if f"{path}.{leaf}" in rebound:
-                bindings.append((tree.state_names(f"{path}.{leaf}"), path, fqn, tree.tensor(fqn)))
+            key = f"{path}.{leaf}"
+            if key in rebound:
+                bindings.append((tree.state_names(key), rebound[key], fqn, tree.tensor(fqn)))
             else:
                 sites.setdefault(path, {})[leaf] = (fqn, tree.tensor(fqn))
     return [FoldAdapters(sites), RebindToTensors(bindings)]

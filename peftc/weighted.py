@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from peftc.passes.lora_mha import MHA_IN, MHA_OUT
+
 from .adapters import EXTRAS, has_extras
 from .combine import combine_lora, combined_rank_alpha
 from .errors import ConfigError
@@ -59,6 +61,10 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
         raise
 
 
+# kinds whose factors are laid out as an nn.Linear's: A (r, in), B (out, r) for a weight (out, in)
+FACTOR_LAYOUT = {MHA_IN: "linear", MHA_OUT: "linear"}
+
+
 def _combine_into(modules: dict[str, list[ModuleAdapter]], adapter_name: str, adapters: Sequence[str],
                   weights: Sequence[float], options: dict) -> None:
     with torch.no_grad():
@@ -71,7 +77,7 @@ def _combine_into(modules: dict[str, list[ModuleAdapter]], adapter_name: str, ad
             a, b = combine_lora(
                 [ma.tensors[a_key][1] for ma, _ in sources], [ma.tensors[b_key][1] for ma, _ in sources],
                 [float(ma.tensors[("lora_scaling", None)][1]) for ma, _ in sources], [w for _, w in sources],
-                kind=new.kind, **options,
+                kind=FACTOR_LAYOUT.get(new.kind, new.kind), **options,
             )
             new.tensors[a_key][1].copy_(a)
             new.tensors[b_key][1].copy_(b)
