@@ -168,8 +168,8 @@ class Lora(Method):
         ARROW: VARIANT_KINDS["arrow_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
         "`trainable_token_indices` (rows of W; a tied head follows)": ("embedding",),
-        "on an nn.MultiheadAttention (in_proj_weight and out_proj.weight, W + ΔW inside the module; PEFT's "
-        "out_proj update counted twice; no mixed batches)": (MHA,),
+        "on an nn.MultiheadAttention (in_proj_weight and out_proj.weight, W + ΔW inside the module, once: PEFT "
+        "0.21.2 adds out_proj's twice; no mixed batches)": (MHA,),
     }
 
     unmergeable_variants = frozenset({ARROW})

@@ -10,12 +10,12 @@ consumes it. Targeting the attention module by name adapts both, with PEFT's nam
 wrapped), the base tensors at `<mha>.base_layer.in_proj_weight` and `<mha>.base_layer.out_proj.base_layer.weight`.
 Both get the attention module's rank and alpha (`rank_pattern` / `alpha_pattern` keys match its name).
 
-What PEFT's merge-based forward implies, kept here so outputs, gradients and merges equal PEFT's:
-- `lora_dropout` does not apply (the weights are merged, no input is dropped);
-- out_proj's update counts twice in the value (PEFT's `merge` adds it by hand and again through the wrapped
-  out_proj's own `merge`; huggingface/peft#3774), while its gradient is that of one update (the second is an
-  in-place `.data` write autograd never sees): W + ΔW + stop_gradient(ΔW), and W + 2·ΔW when merged.
-  `out_proj_update` is the one place to change if PEFT's fix lands.
+What PEFT's merge-based forward implies, kept here: `lora_dropout` does not apply (the weights are merged,
+no input is dropped). What it gets wrong, not kept: PEFT 0.21.2 adds out_proj's update twice in value (its
+`merge` adds it by hand and again through the wrapped out_proj's own `merge`; huggingface/peft#3774) while
+its gradient is that of one update (the second is a `.data` write autograd never sees), so its forward is
+W + 2·ΔW and its gradient is not that forward's. peftc computes the LoRA formula, W + ΔW, with autograd's
+gradient: tests compare with PEFT carrying the upstream fix, and pin the difference from PEFT as released.
 Refused, naming the module: separate q/k/v weights (`kdim`/`vdim` other than `embed_dim`; PEFT refuses them),
 and the options PEFT's layer refuses or mis-handles there (see `REFUSED`). Mixed batches are refused for
 every rebound weight (peftc/pipeline.py), as PEFT refuses them for MultiheadAttention.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from peftc.config import LoraConfig
@@ -106,11 +105,3 @@ def refuse_out_proj(model: nn.Module, paths: list[str]) -> None:
                 f"its merge does not). Target {parent!r} (LoRA on in_proj and out_proj), or leave {path!r} "
                 "out (exclude_modules)"
             )
-
-
-def out_proj_update(call: Any, delta: Any, kind: str) -> Any:
-    """A weight's update as PEFT 0.21.2's forward and merge apply it: out_proj's ΔW + stop_gradient(ΔW)
-    (counted twice in value, once in the gradient), in_proj's ΔW."""
-    if kind != MHA_OUT:
-        return delta
-    return call(torch.ops.aten.add.Tensor, delta, call(torch.ops.aten.detach.default, delta))

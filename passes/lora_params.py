@@ -43,7 +43,7 @@ from peftc.method import (
 from peftc.names import BASE_LAYER
 
 from .lora import SCALE, A, B, init_factors, linear_like, lora_rank_alpha, lora_scale
-from .lora_mha import MHA_IN, MHA_OUT, PARAMS, mha_targets, out_proj_update
+from .lora_mha import MHA_IN, MHA_OUT, PARAMS, mha_targets
 from .modules_to_save import excluded_by_copies
 from .rebind import rebind_uses
 
@@ -167,14 +167,14 @@ class LoraParam(Method):
         b, w, tensors = ctx.builder, ctx.y, ctx.tensors
         d = delta(b.call, tuple(w.meta["val"].shape), ctx.site.transposed, tensors[A], tensors[B])
         d = cast(b, b.call(aten.mul.Tensor, d, tensors[SCALE]), dtype_of(tensors[SCALE]), dtype_of(w))
-        return b.call(aten.add.Tensor, w, out_proj_update(b.call, d, ctx.kind))
+        return b.call(aten.add.Tensor, w, d)
 
     def fold(self, kind: str, config: LoraConfig, module: nn.Module, tensors: dict[TensorKey, torch.Tensor],
              base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ((param, w),) = base.items()
         transposed = getattr(module, "is_transposed", False)
         d = delta(eager, tuple(w.shape), transposed, tensors[A], tensors[B]) * tensors[SCALE]
-        return {param: w + out_proj_update(eager, d, kind)}
+        return {param: w + d}
 
 
 def delta(call: Call, shape: tuple[int, ...], transposed: bool, a: Any, b: Any) -> Any:
