@@ -364,6 +364,13 @@ class Lora(Method):
                 "taken, one per step, from a buffer it pre-draws, and keeps a variational loss as module state; a "
                 "captured graph carries neither. Outside training MonteCLoRA is LoRA: eval, fold and checkpoints work"
             )
+        elif training and (config.velora_config or {}).get("init_type") == "batch_average_once":
+            raise ConfigError(
+                "training with velora_config['init_type']='batch_average_once' is not supported by peftc: its "
+                "projection is set by the first training batch and kept, state a captured graph does not carry; "
+                "train with 'batch_average' (recomputed every step) or 'random'. Outside training VeLoRA is LoRA: "
+                "eval, fold and checkpoints work"
+            )
         elif config.velora_config is not None and training:  # A's gradient from compressed activations
             h = project(b, x, tensors, A, config.velora_config, _in_features(site, kind))
             h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))

@@ -542,11 +542,7 @@ def check_factor_variants(config: LoraConfig) -> None:
             raise ConfigError(f"velora_config['num_groups'] must be a positive integer, got {velora['num_groups']!r}")
         if not isinstance(velora["scale"], (int, float)) or isinstance(velora["scale"], bool) or velora["scale"] <= 0:
             raise ConfigError(f"velora_config['scale'] must be a positive number, got {velora['scale']!r}")
-        if velora["init_type"] == "batch_average_once":
-            raise ConfigError("velora_config['init_type']='batch_average_once' is not supported by peftc: its "
-                              "projection is set by the first training batch and kept, state a captured graph does "
-                              "not carry; use 'batch_average' (recomputed every step) or 'random'")
-        if velora["init_type"] not in ("batch_average", "random"):
+        if velora["init_type"] not in ("batch_average", "batch_average_once", "random"):
             raise ConfigError(f"velora_config['init_type'] must be 'batch_average', 'batch_average_once' or "
                               f"'random', got {velora['init_type']!r}")
     if monte is not None:

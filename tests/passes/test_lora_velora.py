@@ -66,7 +66,6 @@ def test_velora_gradient_of_a_is_not_lora_s():
 
 
 @pytest.mark.parametrize(("extra", "match"), [
-    ({"velora_config": {"init_type": "batch_average_once"}}, "batch_average_once' is not supported by peftc"),
     ({"velora_config": {"num_groups": 0}}, "num_groups'\\] must be a positive integer"),
     ({"velora_config": {}, "use_dora": True}, "velora_config and use_dora cannot be combined"),
     ({"velora_config": {}, "target_modules": ["emb"]}, "velora_config for module 'emb'.*PEFT implements"),
@@ -93,3 +92,18 @@ def test_mixed_batch_in_training_is_refused_and_in_eval_is_lora():
     am.train()
     with pytest.raises(ConfigError, match="mixed batches .* velora_config"):
         am(x, adapter_names=names)
+
+
+def test_batch_average_once_loads_and_runs_outside_training_and_refuses_training(tmp_path: Path):
+    """A PEFT adapter with init_type='batch_average_once' is LoRA outside training (equal to PEFT's, checkpoints
+    both ways, fold); training it is an error naming the option (the projection kept from the first batch is
+    state a captured graph does not carry)."""
+    pair = seeded_pair("mlp", init_lora_weights=False, velora_config={"init_type": "batch_average_once"})
+    randomize_adapters(pair.am)
+    pair.pm.load_state_dict(pair.am.state_dict())
+    check_eval(pair)
+    check_checkpoints(pair, tmp_path)
+    check_fold(pair)
+    pair.am.train()
+    with pytest.raises(ConfigError, match="batch_average_once' is not supported by peftc"):
+        pair.am(*pair.case.inputs)
