@@ -5,6 +5,7 @@ exported ONNX decoders (bench_generate_ort.py): merged and switch through onnxru
 
     python bench/bench_generate.py                          # prompts 16 and 512, batch 1 and 8, 64 new tokens
     python bench/bench_generate.py --prompts 16 --batches 8 --rounds 2 --no-compile --no-ort
+    python bench/bench_generate.py --compile-options '{"options": {"cpp_wrapper": true}}'
 
 All-linear LoRA r=16 (random non-zero B), greedy, `min_new_tokens = max_new_tokens` so every call
 generates the same number of tokens. Candidates run interleaved in rounds with a rotating order after a
@@ -14,6 +15,7 @@ Ratios are times relative to the base model's generate (lower is better). Needs 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=8, help="adapters of the mixed batch")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-options", default="{}", metavar="JSON",
+                        help='compile_model keyword arguments, e.g. \'{"options": {"cpp_wrapper": true}}\'')
     parser.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime decoders")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -44,7 +48,7 @@ def main() -> None:
     if not args.no_compile:
         from peftc.backends.compile import compile_model
 
-        compiled = compile_model(am)
+        compiled = compile_model(am, **json.loads(args.compile_options))
     options = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0}
     rows = []
     for prompt in (int(x) for x in args.prompts.split(",")):

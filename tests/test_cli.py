@@ -179,7 +179,7 @@ def test_inspect_local_model_lists_one_layer_and_draws_svg(tiny_bert, tmp_path, 
     assert row.split()[:6] == [layer, "linear", "LORA", "default", "2", "4"]
     listed = stdout.split(f"{layer}: the base op, then the inserted nodes\n")[1].splitlines()[:5]
     assert [line.split(" = ")[1].split("(")[0] for line in listed] == [
-        "aten.linear.default", "aten.linear.default", "aten.linear.default", "aten.mul.Tensor", "aten.add.Tensor"]
+        "aten.linear.default", "aten.linear.default", "aten.mul.Tensor", "aten.linear.default", "aten.add.Tensor"]
     text = picture.read_text()
     assert "<svg" in text and "lora_B.default.weight" in text and layer in text
 
