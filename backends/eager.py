@@ -31,9 +31,13 @@ class EagerProgram:
         self.run = captured.gm if run is None else run
         self.state = [resolve(name) for name in captured.state_names()]
         self.mutated = [resolve(name) for name in captured.mutated_state]
+        # read at every call (every decode step), for each of a few hundred tensors: the module's own dicts first,
+        # where nn.Module keeps parameters and buffers, rather than getattr's slower way there
+        self._where = [(module._parameters, module._buffers, module, attr) for module, attr in self.state]
 
     def __call__(self, flat_inputs: list[Any], extras: dict[str, Any] | None = None) -> Any:
-        state = [getattr(module, attr) for module, attr in self.state]
+        state = [params[attr] if attr in params else buffers[attr] if attr in buffers else getattr(module, attr)
+                 for params, buffers, module, attr in self._where]
         extra = [extras[name] for name in self.captured.extra_inputs] if self.captured.extra_inputs else []
         outputs = self.run(*state, *flat_inputs, *extra)
         n = len(self.mutated)

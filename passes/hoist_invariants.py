@@ -43,37 +43,40 @@ class KeptWhileInputsUnchanged(nn.Module):
     def __init__(self, body: torch.fx.GraphModule) -> None:
         super().__init__()
         self.body = body
-        self._key: list[Any] | None = None
+        self._key: tuple[Any, ...] | None = None
         self._outputs: Any = None
 
     def forward(self, *inputs: Any) -> Any:
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             return self.body(*inputs)
         key = _key(inputs)
-        if key is not None and self._key is not None and all(map(_same, key, self._key)):
+        if key is not None and self._key is not None and _same(key, self._key):
             return self._outputs
         outputs = self.body(*inputs)
         self._key, self._outputs = key, (outputs if key is not None else None)
         return outputs
 
 
-def _key(inputs: tuple[Any, ...]) -> list[Any] | None:
-    """What identifies each input; None where a version is not tracked (inference-mode tensors)."""
+def _key(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What identifies the inputs: the float tensors themselves, their versions and storages; the integer
+    tensors' values. None where a version is not tracked (inference-mode tensors). Checked at every decode
+    step over every adapter tensor, so it is kept to a few list comprehensions."""
+    integers = [t for t in inputs if not (t.is_floating_point() or t.is_complex())]
+    floats = [t for t in inputs if t.is_floating_point() or t.is_complex()]
     try:
-        return [t.clone() if _is_integer(t) else (t, t._version, t.data_ptr()) for t in inputs]
+        versions = [t._version for t in floats]
     except RuntimeError:
         return None
+    return floats, versions, [t.data_ptr() for t in floats], [t.clone() for t in integers]
 
 
-def _is_integer(t: torch.Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex())
-
-
-def _same(new: Any, old: Any) -> bool:
-    if isinstance(new, torch.Tensor):
-        return (isinstance(old, torch.Tensor) and new.shape == old.shape and new.device == old.device
-                and bool(torch.equal(new, old)))
-    return not isinstance(old, torch.Tensor) and new[0] is old[0] and new[1:] == old[1:]
+def _same(new: tuple[Any, ...], old: tuple[Any, ...]) -> bool:
+    floats, versions, pointers, integers = new
+    old_floats, old_versions, old_pointers, old_integers = old
+    return (len(floats) == len(old_floats) and all(map(operator.is_, floats, old_floats)) and versions == old_versions
+            and pointers == old_pointers and len(integers) == len(old_integers)
+            and all(a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+                    for a, b in zip(integers, old_integers)))
 
 
 def invariant_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
