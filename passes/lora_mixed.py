@@ -32,14 +32,17 @@ def emit_mixed_lora(ctx: MixedEmitContext, keys: tuple[TensorKey, TensorKey, Ten
         return None
     r_max = max(t[key_a].meta["val"].shape[0] for t in present)
 
-    def stacked(key: TensorKey, pad: list[int] | None) -> torch.fx.Node:
-        """Slot 0 and absent adapters are zeros; `pad` (constant_pad_nd widths for the rank dim) or none."""
+    def stacked(key: TensorKey, pad: list[int] | None, scaled: bool = False) -> torch.fx.Node:
+        """Slot 0 and absent adapters are zeros; `pad` (constant_pad_nd widths for the rank dim) or none;
+        `scaled`: each adapter's tensor times its scale."""
         rows = []
         for slot in slots:
             t = None if slot is None else slot[0][key]
             if t is not None and pad is not None:
                 missing = r_max - t.meta["val"].shape[0 if len(pad) == 4 else 1]
                 t = b.call(aten.constant_pad_nd.default, t, [w * missing for w in pad])
+            if t is not None and scaled:
+                t = b.call(aten.mul.Tensor, t, slot[0][key_scale])
             rows.append(t)
         zeros = b.call(aten.zeros_like.default, next(t for t in rows if t is not None))
         table = b.call(aten.stack.default, [zeros, *(zeros if t is None else t for t in rows)])
@@ -48,8 +51,9 @@ def emit_mixed_lora(ctx: MixedEmitContext, keys: tuple[TensorKey, TensorKey, Ten
     slot_of = b.call(aten.add.Scalar, index, 1)  # -1 (base only) -> the zero slot 0
     batch = b.call(aten.sym_size.int, index, 0)
     a_rows = stacked(key_a, [0, 0, 0, 1])  # (batch, r_max, in): pad A's rows
-    b_rows = stacked(key_b, [0, 1])  # (batch, out, r_max): pad B's columns
-    scales = stacked(key_scale, None)  # (batch,)
+    # (batch, out, r_max): pad B's columns. In inference each adapter's B·s is stacked: it depends on the adapters
+    # alone (computed once: hoisted in eager, constant-folded by ONNX Runtime), so no per-sample scale remains
+    b_rows = stacked(key_b, [0, 1], scaled=not training)
 
     x = cast_like(b, site.input, present[0][key_a])
     (p,) = dropouts
@@ -57,11 +61,8 @@ def emit_mixed_lora(ctx: MixedEmitContext, keys: tuple[TensorKey, TensorKey, Ten
         x = b.call(aten.dropout.default, x, p, True)
     x = b.call(aten.reshape.default, x, [batch, -1, present[0][key_a].meta["val"].shape[1]])
     h = b.call(aten.bmm.default, x, b.call(aten.transpose.int, a_rows, 1, 2))
-    scales = b.call(aten.reshape.default, scales, [-1, 1, 1])
-    if not training:  # each sample's B·s depends on the adapters and the index alone: computed once (hoisted)
-        b_rows = b.call(aten.mul.Tensor, b_rows, scales)
     h = b.call(aten.bmm.default, h, b.call(aten.transpose.int, b_rows, 1, 2))
-    if training:
-        h = b.call(aten.mul.Tensor, h, scales)
+    if training:  # (batch,) scales, one per sample
+        h = b.call(aten.mul.Tensor, h, b.call(aten.reshape.default, stacked(key_scale, None), [-1, 1, 1]))
     h = cast(b, b.call(aten.reshape.default, h, shape_of(b, y)), dtype_of(present[0][key_scale]), dtype_of(y))
     return b.call(aten.add.Tensor, y, h)

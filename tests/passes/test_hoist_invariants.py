@@ -50,7 +50,8 @@ def test_mixed_lora_stacks_and_gathers_outside_the_per_call_graph():
         assert op in [n.target for n in program.captured.gm.graph.nodes], op  # the graph compile/ONNX see
         assert op not in inline, op
     hoisted = getattr(program.run, HOISTED).body
-    assert [n.target for n in hoisted.graph.nodes].count(aten.index_select.default) == 6  # A, B, scale x 2 sites
+    # A and B·s gathered per sample, at 2 sites (an inference graph stacks each adapter's B·s: no per-sample scale)
+    assert [n.target for n in hoisted.graph.nodes].count(aten.index_select.default) == 4
     assert not invariant_nodes(program.run.graph)
 
 
