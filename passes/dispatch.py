@@ -14,11 +14,13 @@ with batch x tokens flattened (GPT-2's Conv1D); rows of one sample stay contiguo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from peftc.capture import USER
 from peftc.graph import SiteBuilder, add_state_input, shape_of
 from peftc.method import EmitContext, MixedEmitContext, ModuleAdapter, TensorKey
 from peftc.sites import Site, sites_by_module
@@ -56,7 +58,7 @@ class DispatchAdapters(PassBase):
             raise AssertionError("the graph already takes an adapter_index")
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        index = add_index_input(gm)
+        index, rows = add_index_input(gm), batch_rows(gm)
         sites = sites_by_module(gm.graph)
         position = {name: i for i, name in enumerate(self.slots)}
         for path, module_adapters in self.adapters.items():
@@ -70,7 +72,7 @@ class DispatchAdapters(PassBase):
                     inputs = {key: add_state_input(gm, fqn, t) for key, (fqn, t) in ma.tensors.items()}
                     per_slot[position[ma.adapter]] = (ma, inputs)
                 b = SiteBuilder(gm.graph, site.node, (path, ",".join(ma.adapter for ma in chosen), "DISPATCH"))
-                b.reroute(_emit_site(b, site, per_slot, index, self.training))
+                b.reroute(_emit_site(b, site, per_slot, index, rows, self.training))
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
@@ -94,7 +96,16 @@ def add_index_input(gm: torch.fx.GraphModule) -> torch.fx.Node:
     return node
 
 
-def _emit_site(b: SiteBuilder, site: Site, per_slot: list[Slot], index: torch.fx.Node, training: bool) -> torch.fx.Node:
+def batch_rows(gm: torch.fx.GraphModule) -> Any:
+    """The batch size `adapter_index` is checked against (programs.checked_index): dim 0 of the first
+    batched user input, as the graph knows it (a symbol, or an int where export specialised it)."""
+    users = sorted((n for n in gm.graph.find_nodes(op="placeholder") if USER in n.meta), key=lambda n: n.meta[USER])
+    vals = (n.meta.get("val") for n in users)
+    return next((v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+
+
+def _emit_site(b: SiteBuilder, site: Site, per_slot: list[Slot], index: torch.fx.Node, rows: Any,
+               training: bool) -> torch.fx.Node:
     y = site.node
     present = [s for s in per_slot if s is not None]
     methods = {type(ma.method) for ma, _ in present}
@@ -102,7 +113,8 @@ def _emit_site(b: SiteBuilder, site: Site, per_slot: list[Slot], index: torch.fx
     if len(methods) == 1 and len(kinds) == 1:
         ma = present[0][0]
         slots = [None if s is None else (s[1], s[0].config) for s in per_slot]
-        batched = ma.method.emit_mixed(MixedEmitContext(b, site, y, ma.kind, training, slots=slots, index=index))
+        context = MixedEmitContext(b, site, y, ma.kind, training, slots=slots, index=index, rows=rows)
+        batched = ma.method.emit_mixed(context)
         if batched is not None:
             return batched
     return _per_sample(b, site, per_slot, index, training)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .config import AdapterConfig, register_config
 from .errors import CheckpointError
@@ -137,6 +138,13 @@ class MixedEmitContext(SiteContext):
 
     slots: list[tuple[dict[TensorKey, torch.fx.Node], AdapterConfig] | None] = field(default_factory=list)
     index: torch.fx.Node | None = None
+    rows: Any = None  # the batch size (a symbol or an int) that `index` has one entry per; None where unknown
+
+    def batch_first(self, node: torch.fx.Node) -> bool:
+        """Whether `node`'s dim 0 is provably the batch `index` runs over (a sample per row)."""
+        val = node.meta.get("val")
+        return (self.rows is not None and isinstance(val, torch.Tensor) and val.dim() > 0
+                and statically_known_true(val.shape[0] == self.rows))
 
 
 @dataclass(frozen=True)
