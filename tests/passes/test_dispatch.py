@@ -85,6 +85,27 @@ def test_mixed_graph_lowers_lora_linear_to_batched_matmuls():
     # embed_tokens (an Embedding) takes the generic per-sample form: one `where` per adapter there
     assert targets.count(torch.ops.aten.where.self) == 2  # adapters a and c target embed_tokens; b does not
     assert torch.ops.aten.linear.default not in targets  # no per-adapter loop at linear sites
+    # the stacks hold Aᵀ and (B·s)ᵀ: each bmm reads the gathered rows as they are (no per-call transpose), and a
+    # (batch, seq, hidden) activation is the bmm's layout already (no reshape in, none out)
+    bmms = [n for n in nodes if n.target == torch.ops.aten.bmm.default]
+    assert all(n.args[1].target == torch.ops.aten.index_select.default for n in bmms)
+    assert not [n for n in bmms if n.args[0].target == torch.ops.aten.reshape.default]
+    assert not [u for n in bmms for u in n.users if u.target == torch.ops.aten.reshape.default]
+
+
+def test_mixed_graph_reshapes_activations_that_are_not_batch_seq_features():
+    """A 2-d (batch, features) input goes through the bmm as (batch, 1, features) and back."""
+    case = zoo.mlp()
+    am = three_adapters(case)
+    am(*case.inputs, adapter_index=torch.zeros(case.inputs[0].shape[0], dtype=torch.long))
+    (graph,) = [g for g in am.graphs if g.extra_inputs == ("adapter_index",)]
+    bmm, reshape = torch.ops.aten.bmm.default, torch.ops.aten.reshape.default
+    bmms = [n for n in adapter_nodes(graph.gm.graph) if n.target == bmm]
+    first = [n for n in bmms if n.args[0].target != bmm]
+    second = [n for n in bmms if n.args[0].target == bmm]
+    assert len(first) == len(second) == 2  # lin0, lin1
+    assert all(n.args[0].target == reshape for n in first)
+    assert all(any(u.target == reshape for u in n.users) for n in second)
 
 
 def test_mixed_batch_matches_peft_adapter_names():
