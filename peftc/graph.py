@@ -28,6 +28,14 @@ ADDED_STATE = "peftc_added_state"  # placeholder meta: a tensor a rewrite added 
 # applies an aten op to its arguments: `SiteBuilder.call` in a graph (a method's `emit`), `eager` on
 # tensors (its `fold`, its `create`), so one function computes a method's tensors both ways
 Call = Callable[..., Any]
+# node meta: the state tensor (its name) the call writes this value to afterwards, as torch.export's mutated
+# buffers are written (MonteCLoRA's sampled variance and expert weights, PEFT's reassigned sampler buffers)
+STATE_WRITE = "peftc_state_write"
+
+
+def write_state(value: torch.fx.Node, state: torch.fx.Node) -> None:
+    """Have each call write `value` to the state input `state` after running (passes/state_writes.py)."""
+    value.meta[STATE_WRITE] = state.meta[STATE]
 
 
 def eager(op: Any, *args: Any, **kwargs: Any) -> Any:

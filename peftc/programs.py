@@ -94,6 +94,8 @@ class Programs:
         self.disabled = False
         self.remat: RematPlan | None = None  # gradient checkpointing: train graphs get the remat pass
         self.merged = MergedState()
+        # the state values the last calls wrote (`write_state`), with their gradient, by tensor name
+        self.written: dict[str, torch.Tensor] = {}
 
     def call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The kwargs a graph is called with: peftc's defaults (use_cache=False), scalars in tensor form."""
@@ -116,16 +118,16 @@ class Programs:
             for evicted in self.captures.add(key, base):
                 self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
         variant = self.variant(mixed)
-        self.before_call(variant)
+        self.before_call(variant, training)
         program = self._programs.get((id(base), variant))
         if program is None:
             captured = rewrite(base, variant, self.tree, self.adapters, self.merged)
             run = eager_lowering(captured.gm, self.remat, captured.training)
-            program = EagerProgram(captured, self.tree.resolve, run)
+            program = EagerProgram(captured, self.tree.resolve, run, self.written)
             self._programs[(id(base), variant)] = program
         return program, flat
 
-    def before_call(self, variant: tuple) -> None:
+    def before_call(self, variant: tuple, training: bool) -> None:
         """Let the methods of the adapters this call runs unmerged update their parameters first, as PEFT's
         forward does (`Method.before_call`); in a mixed batch, every loaded adapter."""
         if variant[0] == "disabled":
@@ -138,7 +140,7 @@ class Programs:
             return
         for mas in self.adapters.named(sorted(running)).values():
             for ma in mas:
-                ma.method.before_call(ma.config, {key: t for key, (_, t) in ma.tensors.items()})
+                ma.method.before_call(ma.config, {key: t for key, (_, t) in ma.tensors.items()}, training)
 
     def variant(self, mixed: bool) -> tuple:
         """What the rewrite of a base graph depends on besides the graph itself."""

@@ -76,9 +76,8 @@ BEHAVIOUR: dict[str, dict[str, Change]] = {
         "use_bdlora": {"use_bdlora": {"target_modules_bd_a": ["lin1"], "target_modules_bd_b": ["lin0"], "nblocks": 2}},
         # (the same forward: A's gradient comes from the compressed activations)
         "velora_config": {"velora_config": {"num_groups": 3}},
-        # (outside training MonteCLoRA is LoRA plus its sampler's tensors; peftc refuses training with it)
-        "monteclora_config": {"monteclora_config": {"num_samples": 3, "buffer_size": 2, "sample_scaler": 0.01},
-                              "eval_only": True},
+        # (outside training MonteCLoRA is LoRA plus its sampler's tensors; in training A takes sampled noise)
+        "monteclora_config": {"monteclora_config": {"num_samples": 3, "buffer_size": 2, "sample_scaler": 0.01}},
         "layer_replication": {"layer_replication": [[0, 2], [1, 2]], "model": "llama",
                               "base": {"target_modules": ["q_proj", "v_proj"]}},
         # (int8 instead of NF4, two iterations: another dequantised base and other factors)
