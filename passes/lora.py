@@ -50,7 +50,7 @@ from .lora_loftq import loftq
 from .lora_mha import MHA, is_mha
 from .lora_mixed import emit_mixed_lora
 from .lora_monteclora import EXPERT_WEIGHTS, SAMPLER, VAR_PRIOR, advance, perturbed_a, sampler_tensors
-from .lora_velora import EMBED, init_embed, project
+from .lora_velora import EMBED, flags, init_embed, project, record_grad_mode
 
 aten = torch.ops.aten
 
@@ -158,7 +158,8 @@ class Lora(Method):
         "KaSA (`kasa_config`: a truncated base weight, a learned diagonal between A and B)":
             VARIANT_KINDS["kasa_config"],
         "BD-LoRA (`use_bdlora`: A or B block-diagonal)": VARIANT_KINDS["use_bdlora"],
-        "VeLoRA (`velora_config`: A's gradient from compressed inputs; init_type 'batch_average' or 'random')":
+        "VeLoRA (`velora_config`: A's gradient from compressed inputs; init_type 'batch_average', "
+        "'batch_average_once' or 'random')":
             VARIANT_KINDS["velora_config"],
         "MonteCLoRA (`monteclora_config`: A a mixture of sampled perturbations in training; "
         "`_get_monteclora_loss()`, `peftc.MontecloraTrainerMixin`)":
@@ -324,6 +325,8 @@ class Lora(Method):
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
         scale = torch.tensor(scale, dtype=dtype, device=w.device)
         buffers = {SCALE: scale, **drawn}
+        if config.velora_config is not None:
+            buffers.update(flags(config.velora_config, w.device))
         if config.arrow_config is not None:  # (the router's own A and B are created and saved, as PEFT's, unused)
             buffers[START] = start_vector(config.arrow_config, fan_in, w.device)
         if config.use_dora:  # m starts at the norm of the (residual) base weight plus the initial update
@@ -358,13 +361,6 @@ class Lora(Method):
         elif config.monteclora_config is not None and training:  # A perturbed by this call's sample
             h = b.call(aten.linear.default, x, perturbed_a(b, tensors, config.monteclora_config, tensors[A]))
             h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))
-        elif training and (config.velora_config or {}).get("init_type") == "batch_average_once":
-            raise ConfigError(
-                "training with velora_config['init_type']='batch_average_once' is not supported by peftc: its "
-                "projection is set by the first training batch and kept, state a captured graph does not carry; "
-                "train with 'batch_average' (recomputed every step) or 'random'. Outside training VeLoRA is LoRA: "
-                "eval, fold and checkpoints work"
-            )
         elif config.velora_config is not None and training:  # A's gradient from compressed activations
             h = project(b, x, tensors, A, config.velora_config, _in_features(site, kind))
             h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))
@@ -383,9 +379,15 @@ class Lora(Method):
         delta = cast(b, b.call(aten.mul.Tensor, h, scale), dtype_of(scale), dtype_of(y))
         return b.call(aten.add.Tensor, y, delta)
 
+    def runs_before_call(self, config: LoraConfig) -> bool:
+        return config.monteclora_config is not None or (config.velora_config or {}).get("init_type") in (
+            "batch_average", "batch_average_once")
+
     def before_call(self, config: LoraConfig, tensors: dict[TensorKey, torch.Tensor], training: bool) -> None:
         if training and config.monteclora_config is not None:
             advance(config.monteclora_config, tensors)  # the sample this call reads, as PEFT's sampler draws it
+        if training and config.velora_config is not None:
+            record_grad_mode(tensors)
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
         if any(slot is not None and slot[1].arrow_config is not None for slot in ctx.slots):

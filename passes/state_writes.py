@@ -1,11 +1,14 @@
 """State writes: values a rewrite marks (`peftc.graph.write_state`) become outputs the call writes back to
 model tensors, as torch.export's mutated buffers are (MonteCLoRA's sampled variance and expert weights,
-which PEFT assigns to its sampler's buffers in the forward).
+VeLoRA's batch projection: tensors PEFT's forward reassigns).
 
 before: output(mutated..., outputs...)                with values v₁.. marked "write to tensor t₁.."
 after:  output(v₁.., mutated..., outputs...)          and the graph's mutated state [t₁.., mutated...]
 
-It runs last, so the passes before it (loss terms) index the outputs as the capture left them.
+A tensor written at several sites (a module run twice per call) keeps the last run's value where every mark
+allows it (PEFT keeps its last assignment); otherwise the graph is refused: one value per call could not be
+what PEFT's runs, each reading the previous one's, compute. It runs last, so the passes before it (loss terms)
+index the outputs as the capture left them.
 """
 
 from __future__ import annotations
@@ -25,18 +28,25 @@ class WriteBackState(PassBase):
         self.written: list[str] = []
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        marked = [n for n in gm.graph.nodes if STATE_WRITE in n.meta]
-        targets = [n.meta[STATE_WRITE] for n in marked]
-        twice = sorted({t for t in targets if targets.count(t) > 1})
-        if twice:
-            modules = sorted({n.meta[ADAPTER][0] for n in marked if n.meta[STATE_WRITE] in twice})
+        last: dict[str, torch.fx.Node] = {}  # tensor -> its last write, in graph (execution) order
+        refused: dict[str, set[str]] = {}  # tensor -> modules writing it more than once without last_wins
+        for node in gm.graph.nodes:
+            if STATE_WRITE not in node.meta:
+                continue
+            name, last_wins = node.meta[STATE_WRITE]
+            if name in last and not (last_wins and last[name].meta[STATE_WRITE][1]):
+                refused.setdefault(name, set()).add(node.meta[ADAPTER][0])
+            last[name] = node
+        if refused:
+            modules = sorted(set().union(*refused.values()))
             raise ConfigError(f"module(s) {modules} run more than once per call, and each run would write "
-                              f"{twice[:2]}: PEFT draws a MonteCLoRA sample per run, which peftc's one sample per "
-                              "module and call does not follow; target modules that run once per forward")
-        self.written = targets
-        if marked:
+                              f"{sorted(refused)[:2]}, a tensor PEFT's forward updates at every run for the next "
+                              "(MonteCLoRA's sample, VeLoRA's batch_average_once projection); peftc keeps one "
+                              "value per call: target modules that run once per forward")
+        self.written = list(last)
+        if last:
             output = next(iter(gm.graph.find_nodes(op="output")))
-            output.args = (type(output.args[0])([*marked, *output.args[0]]),)
+            output.args = (type(output.args[0])([*last.values(), *output.args[0]]),)
             gm.graph.lint()
             gm.recompile()
-        return PassResult(gm, bool(marked))
+        return PassResult(gm, bool(last))

@@ -24,7 +24,7 @@ from .adapters import AdapterSet
 from .capture import CapturedGraph, capture, flatten_call, signature_key, tensor_call_kwargs
 from .errors import ConfigError
 from .merge import MergedState
-from .method import Method, methods_for
+from .method import methods_for
 from .pipeline import canonicalize, eager_lowering, rewrite
 from .state import ParameterTree
 
@@ -134,8 +134,9 @@ class Programs:
             return
         running = set(variant[1]) - set(variant[2] if variant[0] == "active" else ())
         # (most methods have no such update: skip the walk over every adapted module, at every decode step)
-        running = {name for name in running if any(
-            type(m).before_call is not Method.before_call for m in methods_for(self.adapters.configs[name].peft_type))}
+        configs = self.adapters.configs
+        running = {name for name in running
+                   if any(m.runs_before_call(configs[name]) for m in methods_for(configs[name].peft_type))}
         if not running:
             return
         for mas in self.adapters.named(sorted(running)).values():
