@@ -7,8 +7,10 @@ after:  output(v₁.., mutated..., outputs...)          and the graph's mutated 
 
 A tensor written at several sites (a module run twice per call) keeps the last run's value where every mark
 allows it (PEFT keeps its last assignment); otherwise the graph is refused: one value per call could not be
-what PEFT's runs, each reading the previous one's, compute. It runs last, so the passes before it (loss terms)
-index the outputs as the capture left them.
+what PEFT's runs, each reading the previous one's, compute. A written tensor the graph also reads is read through
+a copy taken at the start: the write then never changes a value autograd saved, nor what a checkpointed layer
+(passes/remat.py) recomputes from in backward. It runs last, so the passes before it (loss terms) index the
+outputs as the capture left them.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from peftc.capture import STATE
 from peftc.errors import ConfigError
 from peftc.graph import STATE_WRITE
 from peftc.sites import ADAPTER
+
+aten = torch.ops.aten
 
 
 class WriteBackState(PassBase):
@@ -44,6 +49,13 @@ class WriteBackState(PassBase):
                               "(MonteCLoRA's sample, VeLoRA's batch_average_once projection); peftc keeps one "
                               "value per call: target modules that run once per forward")
         self.written = list(last)
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        for read in placeholders:
+            if read.meta.get(STATE) in last and read.users:
+                with gm.graph.inserting_after(placeholders[-1]):
+                    copy = gm.graph.call_function(aten.clone.default, (read,))
+                copy.meta["val"] = read.meta.get("val")
+                read.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)
         if last:
             output = next(iter(gm.graph.find_nodes(op="output")))
             output.args = (type(output.args[0])([*last.values(), *output.args[0]]),)
