@@ -54,6 +54,10 @@ class InsertAdapters(PassBase):
                     new = ma.method.emit(EmitContext(b, site, y, ma.kind, self.training, tensors=inputs,
                                                      config=ma.config, beside=beside))
                     b.reroute(new)
+                    if "val" not in new.meta and "val" in y.meta:
+                        # the adapted value has the site's shape and dtype: an adapter at a module reading it
+                        # (a -> b, nothing between) casts its input to its own dtype by this (bf16 base, fp32 adapter)
+                        new.meta["val"] = y.meta["val"]
                     y = new
                     modified = True
                 replaced.append(site.node)
