@@ -188,9 +188,11 @@ class Programs:
         self._programs.clear()
 
     def reset(self) -> None:
-        """Forget the captures too (tensors moved to another dtype or device, which graphs bake in)."""
+        """Forget the captures too (tensors moved to another dtype or device, which graphs bake in), and the
+        values the last calls wrote (the tensors now hold them moved)."""
         self.captures.clear()
         self._programs.clear()
+        self.written.clear()
 
     def detached_copy(self, tree: ParameterTree, adapters: AdapterSet) -> Programs:
         """Programs for a structural copy of the model (`fold`): the same base captures, no programs yet."""

@@ -109,6 +109,29 @@ def test_monteclora_training_matches_peft(name: str, tmp_path: Path):
     check_checkpoints(pair, tmp_path, TOL)
 
 
+def test_a_loaded_adapter_trains_as_peft_s(tmp_path: Path):
+    """A MonteCLoRA adapter PEFT saved, loaded by each (seeded alike: each draws its sampler's samples at load),
+    trains the same: outputs, the loss and gradients over a buffer refill."""
+    pair = seeded_lora_pair("chain", TARGETS["chain"], init_lora_weights=False, monteclora_config=TRAIN)
+    pair.pm.save_pretrained(tmp_path)
+    case, ref = zoo.chain(), zoo.chain()
+    torch.manual_seed(3)
+    am = peftc.load(case.model, tmp_path, is_trainable=True, example_inputs=case.inputs).train()
+    torch.manual_seed(3)
+    pm = peft.PeftModel.from_pretrained(ref.model, tmp_path, is_trainable=True).train()
+    for step in range(3):
+        torch.manual_seed(step)
+        out = case.call(am)
+        torch.manual_seed(step)
+        want = case.call(pm)
+        assert_same_outputs(out, want, TOL)
+        (loss_of(case, out) + am._get_monteclora_loss()).backward()
+        (loss_of(case, want) + pm.base_model._get_monteclora_loss()).backward()
+        reference = dict(pm.named_parameters())
+        for key, p in am.adapter_parameters():
+            torch.testing.assert_close(p.grad, reference[key].grad, **TOL, msg=lambda m, k=key, i=step: f"{i} {k}: {m}")
+
+
 def test_monteclora_perturbs_a_in_training_only():
     """The training forward is not LoRA's (else the test above would prove nothing) and draws anew each call."""
     pair = seeded_lora_pair("chain", TARGETS["chain"], init_lora_weights=False, monteclora_config=TRAIN)
