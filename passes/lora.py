@@ -394,12 +394,14 @@ class Lora(Method):
             return None  # an Arrow router runs on the whole batch in the generic per-sample form
         if ctx.training and any(slot is not None and slot[1].monteclora_config is not None for slot in ctx.slots):
             # (PEFT refuses adapter_names in training too)
-            raise ConfigError("mixed batches (adapter_names) in training are not supported with monteclora_config; "
-                              "train one adapter at a time, or run mixed batches in eval mode")
+            raise ConfigError("mixed batches (adapter_names) in training are not supported with monteclora_config, nor "
+                              "peftc.backends.compile's training graphs (one adapter run as a mixed batch); train one "
+                              "adapter at a time in the eager model, or run mixed batches in eval mode")
         if ctx.training and any(slot is not None and slot[1].velora_config is not None for slot in ctx.slots):
             # PEFT computes VeLoRA's batch projection per adapter's sub-batch; peftc's forms see the whole batch
-            raise ConfigError("mixed batches (adapter_names) in training are not supported with velora_config; "
-                              "train one adapter at a time, or run mixed batches in eval mode")
+            raise ConfigError("mixed batches (adapter_names) in training are not supported with velora_config, nor "
+                              "peftc.backends.compile's training graphs (one adapter run as a mixed batch); train one "
+                              "adapter at a time in the eager model, or run mixed batches in eval mode")
         if ctx.kind not in ("linear", "conv1d") or any(
                 slot is not None and (slot[1].kasa_config is not None or slot[1].use_bdlora is not None)
                 for slot in ctx.slots):
