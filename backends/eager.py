@@ -25,9 +25,13 @@ class EagerProgram:
     the captured graph itself; the adapted model's programs run its `pipeline.eager_lowering`)."""
 
     def __init__(
-        self, captured: CapturedGraph, resolve: Callable[[str], TensorRef], run: torch.fx.GraphModule | None = None
+        self, captured: CapturedGraph, resolve: Callable[[str], TensorRef], run: torch.fx.GraphModule | None = None,
+        written: dict[str, torch.Tensor] | None = None,
     ):
+        """`written`, where given, receives each call's written state values as computed, with their gradient
+        (the tensors themselves are updated without it): MonteCLoRA's loss reads the last call's."""
         self.captured = captured
+        self.written = written
         self.run = captured.gm if run is None else run
         self.state = [resolve(name) for name in captured.state_names()]
         self.mutated = [resolve(name) for name in captured.mutated_state]
@@ -46,4 +50,6 @@ class EagerProgram:
             with torch.no_grad():
                 for (module, attr), value in zip(self.mutated, outputs[:n]):
                     getattr(module, attr).copy_(value)
+            if self.written is not None:
+                self.written.update(zip(self.captured.mutated_state, outputs[:n]))
         return pytree.tree_unflatten(list(outputs[n:]), self.captured.out_spec)

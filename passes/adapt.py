@@ -11,7 +11,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from peftc.capture import STATE
 from peftc.errors import TargetError
-from peftc.graph import SiteBuilder, add_state_input
+from peftc.graph import STATE_WRITE, SiteBuilder, add_state_input
 from peftc.method import EmitContext, ModuleAdapter
 from peftc.sites import ADAPTER, WEIGHT_OPS, Site, find_sites, module_path, sites_by_module
 
@@ -54,14 +54,20 @@ class InsertAdapters(PassBase):
                     new = ma.method.emit(EmitContext(b, site, y, ma.kind, self.training, tensors=inputs,
                                                      config=ma.config, beside=beside))
                     b.reroute(new)
+                    if "val" not in new.meta and "val" in y.meta:
+                        # the adapted value has the site's shape and dtype: an adapter at a module reading it
+                        # (a -> b, nothing between) casts its input to its own dtype by this (bf16 base, fp32 adapter)
+                        new.meta["val"] = y.meta["val"]
                     y = new
                     modified = True
                 replaced.append(site.node)
         # a method that recomputes the base op (IA3 feed-forward, OFT) leaves the old op without users, and a
         # second such adapter at one site leaves the first one's recomputation: drop them (but keep a draw that
-        # only advances the RNG, as BOFT's dropout does to follow PEFT's random stream)
+        # only advances the RNG, as BOFT's dropout does to follow PEFT's random stream, and a value written back
+        # to a model tensor: passes/state_writes.py makes it an output)
         for node in reversed(list(gm.graph.nodes)):
-            if not node.users and (ADAPTER in node.meta or node in replaced) and not node.is_impure():
+            if not node.users and (ADAPTER in node.meta or node in replaced) and not node.is_impure() \
+                    and STATE_WRITE not in node.meta:
                 gm.graph.erase_node(node)
         gm.graph.lint()
         gm.recompile()

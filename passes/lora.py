@@ -49,7 +49,8 @@ from .lora_init import decompose, mica, orthogonal
 from .lora_loftq import loftq
 from .lora_mha import MHA, is_mha
 from .lora_mixed import emit_mixed_lora
-from .lora_velora import EMBED, init_embed, project
+from .lora_monteclora import EXPERT_WEIGHTS, SAMPLER, VAR_PRIOR, advance, perturbed_a, sampler_tensors
+from .lora_velora import EMBED, flags, init_embed, project, record_grad_mode
 
 aten = torch.ops.aten
 
@@ -65,10 +66,6 @@ VARIANT_KINDS = {"arrow_config": ("linear", "conv1d"),
                  "monteclora_config": ("linear", "conv1d")}
 ARROW = ("Arrow router (`arrow_config`: per-token top-k routing over the LoRA experts of a module, GenKnowSub; "
          "`peftc.create_arrow_model`)")
-# MonteCLoRA's sampler (PEFT's `MontecloraSampler`): its parameters, and its buffers (kept frozen here, saved)
-SAMPLER = "lora_monteclora_sampler"
-STD_PRIOR, EXPERT_PRIOR = (SAMPLER, "std_prior"), (SAMPLER, "expert_weights_prior")
-VAR_PRIOR, EXPERT_WEIGHTS = (SAMPLER, "gaussian_var_prior"), (SAMPLER, "expert_weights")
 
 
 def lora_rank_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
@@ -161,9 +158,11 @@ class Lora(Method):
         "KaSA (`kasa_config`: a truncated base weight, a learned diagonal between A and B)":
             VARIANT_KINDS["kasa_config"],
         "BD-LoRA (`use_bdlora`: A or B block-diagonal)": VARIANT_KINDS["use_bdlora"],
-        "VeLoRA (`velora_config`: A's gradient from compressed inputs; init_type 'batch_average' or 'random')":
+        "VeLoRA (`velora_config`: A's gradient from compressed inputs; init_type 'batch_average', "
+        "'batch_average_once' or 'random')":
             VARIANT_KINDS["velora_config"],
-        "MonteCLoRA (`monteclora_config`: eval, fold and checkpoints; training refused)":
+        "MonteCLoRA (`monteclora_config`: A a mixture of sampled perturbations in training; "
+        "`_get_monteclora_loss()`, `peftc.MontecloraTrainerMixin`)":
             VARIANT_KINDS["monteclora_config"],
         ARROW: VARIANT_KINDS["arrow_config"],
         "`target_parameters` (W + ΔW inside the module; no mixed batches)": ("parameter",),
@@ -205,7 +204,7 @@ class Lora(Method):
     def frozen(self, config: LoraConfig) -> frozenset[TensorKey]:
         # MiCA trains A only: B holds the base weight's minor singular vectors
         # VeLoRA's projection is a saved buffer in PEFT: a frozen parameter here, so checkpoints carry it
-        # and so are MonteCLoRA's sampler buffers
+        # and so are MonteCLoRA's sampler buffers (written by each training call: passes/lora_monteclora.py)
         return frozenset({B, EMB_B} if config.init_method == "mica" else ()) | \
             frozenset({EMBED} if config.velora_config is not None else ()) | \
             frozenset({VAR_PRIOR, EXPERT_WEIGHTS} if config.monteclora_config is not None else ())
@@ -261,6 +260,7 @@ class Lora(Method):
             raise ConfigError(f"{variant} for module {module_name!r} ({self.layer_types[kind]}): PEFT implements "
                               f"this variant for {', '.join(self.layer_types[k] for k in VARIANT_KINDS[variant])} only")
         init, base = config.init_lora_weights, {}
+        drawn: dict[TensorKey, torch.Tensor] = {}  # MonteCLoRA's pre-drawn samples (run-time tensors)
         if kind == "embedding":
             if config.lora_bias:
                 raise ConfigError(f"lora_bias=True for module {module_name!r}: PEFT has no bias for Embedding LoRA")
@@ -317,16 +317,16 @@ class Lora(Method):
                 params[DIAG], base["weight"] = kasa_init(module_name, w, r, w.dtype)
             if config.velora_config is not None:
                 params[EMBED] = init_embed(fan_in, config.velora_config, w.dtype)
-            if config.monteclora_config is not None:  # (PEFT also pre-draws training samples here: not needed)
-                samples = config.monteclora_config["num_samples"]
-                params[STD_PRIOR] = torch.rand(r, dtype=w.dtype)
-                params[EXPERT_PRIOR] = torch.rand(samples, dtype=w.dtype)
-                params[VAR_PRIOR], params[EXPERT_WEIGHTS] = torch.eye(r, dtype=w.dtype), torch.ones(samples) / samples
+            if config.monteclora_config is not None:  # its parameters, and the samples PEFT pre-draws here
+                sampler, drawn = sampler_tensors(config.monteclora_config, fan_in, r, w.device, w.dtype)
+                params.update(sampler)
         # PEFT keeps float adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
         dtype = adapter_dtype(w)
         params = {k: v.to(device=w.device, dtype=dtype) for k, v in params.items()}
         scale = torch.tensor(scale, dtype=dtype, device=w.device)
-        buffers = {SCALE: scale}
+        buffers = {SCALE: scale, **drawn}
+        if config.velora_config is not None:
+            buffers.update(flags(config.velora_config, w.device))
         if config.arrow_config is not None:  # (the router's own A and B are created and saved, as PEFT's, unused)
             buffers[START] = start_vector(config.arrow_config, fan_in, w.device)
         if config.use_dora:  # m starts at the norm of the (residual) base weight plus the initial update
@@ -358,19 +358,9 @@ class Lora(Method):
             conv = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)[d - 1]
             h = b.call(conv, x, tensors[A], None, stride, padding)
             h = b.call(conv, h, tensors[B], tensors.get(B_BIAS), [1] * d, [0] * d, [1] * d, groups)
-        elif config.monteclora_config is not None and training:
-            raise ConfigError(
-                "training with monteclora_config is not supported by peftc: PEFT perturbs A with a Monte Carlo sample "
-                "taken, one per step, from a buffer it pre-draws, and keeps a variational loss as module state; a "
-                "captured graph carries neither. Outside training MonteCLoRA is LoRA: eval, fold and checkpoints work"
-            )
-        elif training and (config.velora_config or {}).get("init_type") == "batch_average_once":
-            raise ConfigError(
-                "training with velora_config['init_type']='batch_average_once' is not supported by peftc: its "
-                "projection is set by the first training batch and kept, state a captured graph does not carry; "
-                "train with 'batch_average' (recomputed every step) or 'random'. Outside training VeLoRA is LoRA: "
-                "eval, fold and checkpoints work"
-            )
+        elif config.monteclora_config is not None and training:  # A perturbed by this call's sample
+            h = b.call(aten.linear.default, x, perturbed_a(b, tensors, config.monteclora_config, tensors[A]))
+            h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))
         elif config.velora_config is not None and training:  # A's gradient from compressed activations
             h = project(b, x, tensors, A, config.velora_config, _in_features(site, kind))
             h = b.call(aten.linear.default, h, tensors[B], tensors.get(B_BIAS))
@@ -389,15 +379,29 @@ class Lora(Method):
         delta = cast(b, b.call(aten.mul.Tensor, h, scale), dtype_of(scale), dtype_of(y))
         return b.call(aten.add.Tensor, y, delta)
 
+    def runs_before_call(self, config: LoraConfig) -> bool:
+        return config.monteclora_config is not None or (config.velora_config or {}).get("init_type") in (
+            "batch_average", "batch_average_once")
+
+    def before_call(self, config: LoraConfig, tensors: dict[TensorKey, torch.Tensor], training: bool) -> None:
+        if training and config.monteclora_config is not None:
+            advance(config.monteclora_config, tensors)  # the sample this call reads, as PEFT's sampler draws it
+        if training and config.velora_config is not None:
+            record_grad_mode(tensors)
+
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
         if any(slot is not None and slot[1].arrow_config is not None for slot in ctx.slots):
             return None  # an Arrow router runs on the whole batch in the generic per-sample form
         if ctx.training and any(slot is not None and slot[1].monteclora_config is not None for slot in ctx.slots):
-            return None  # the generic form runs `emit`, which refuses MonteCLoRA training
+            # (PEFT refuses adapter_names in training too)
+            raise ConfigError("mixed batches (adapter_names) in training are not supported with monteclora_config, nor "
+                              "peftc.backends.compile's training graphs (one adapter run as a mixed batch); train one "
+                              "adapter at a time in the eager model, or run mixed batches in eval mode")
         if ctx.training and any(slot is not None and slot[1].velora_config is not None for slot in ctx.slots):
             # PEFT computes VeLoRA's batch projection per adapter's sub-batch; peftc's forms see the whole batch
-            raise ConfigError("mixed batches (adapter_names) in training are not supported with velora_config; "
-                              "train one adapter at a time, or run mixed batches in eval mode")
+            raise ConfigError("mixed batches (adapter_names) in training are not supported with velora_config, nor "
+                              "peftc.backends.compile's training graphs (one adapter run as a mixed batch); train one "
+                              "adapter at a time in the eager model, or run mixed batches in eval mode")
         if ctx.kind not in ("linear", "conv1d") or any(
                 slot is not None and (slot[1].kasa_config is not None or slot[1].use_bdlora is not None)
                 for slot in ctx.slots):

@@ -200,7 +200,7 @@ class OFT(RotationMethod):
         w = module.weight
         return AdapterTensors(params={key: packed.to(device=w.device, dtype=adapter_dtype(w))})
 
-    def before_call(self, config: OFTConfig, tensors: dict[TensorKey, torch.Tensor]) -> None:
+    def before_call(self, config: OFTConfig, tensors: dict[TensorKey, torch.Tensor], training: bool) -> None:
         """Constrained OFT (`coft`): as PEFT's forward, project the parameter in place before it is used (no
         gradient flows through the projection; the graph reads the projected value)."""
         if not config.coft:

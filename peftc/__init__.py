@@ -18,6 +18,7 @@ from .optim import create_loraplus_optimizer
 from .passes.lora_corda import preprocess_corda
 from .passes.lora_eva import get_eva_state_dict, initialize_lora_eva_weights
 from .passes.lora_ga import preprocess_loraga
+from .passes.lora_monteclora import MontecloraTrainerMixin
 
 __all__ = [
     "AdaptedModel",
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "LoraConfig",
+    "MontecloraTrainerMixin",
     "PeftcError",
     "TargetError",
     "apply",

@@ -28,6 +28,17 @@ ADDED_STATE = "peftc_added_state"  # placeholder meta: a tensor a rewrite added 
 # applies an aten op to its arguments: `SiteBuilder.call` in a graph (a method's `emit`), `eager` on
 # tensors (its `fold`, its `create`), so one function computes a method's tensors both ways
 Call = Callable[..., Any]
+# node meta: (the state tensor's name, whether a later write of it may replace this one) for a value the call
+# writes to that tensor afterwards, as torch.export's mutated buffers are written (MonteCLoRA's sampled variance
+# and expert weights, VeLoRA's batch projection: tensors PEFT's forward reassigns)
+STATE_WRITE = "peftc_state_write"
+
+
+def write_state(value: torch.fx.Node, state: torch.fx.Node, last_wins: bool = False) -> None:
+    """Have each call write `value` to the state input `state` after running (passes/state_writes.py).
+    `last_wins`: where the module runs several times per call, the last run's value is kept (PEFT keeps the
+    last assignment); otherwise a second write to one tensor is refused."""
+    value.meta[STATE_WRITE] = (state.meta[STATE], last_wins)
 
 
 def eager(op: Any, *args: Any, **kwargs: Any) -> Any:

@@ -303,9 +303,15 @@ class Method(ABC):
     def emit(self, ctx: EmitContext) -> torch.fx.Node:
         """Insert the adapter at `ctx.site`, whose current value is `ctx.y`; return the new value."""
 
-    def before_call(self, config: AdapterConfig, tensors: dict[TensorKey, torch.Tensor]) -> None:
-        """What PEFT's forward does to the adapter's parameters in place before using them, run before every
-        call that uses the adapter (OFT's `coft` projection). Default: nothing."""
+    def runs_before_call(self, config: AdapterConfig) -> bool:
+        """Whether `before_call` does anything for an adapter of `config` (the call skips the walk over the
+        adapted modules otherwise, at every decode step). Default: whether the method defines one."""
+        return type(self).before_call is not Method.before_call
+
+    def before_call(self, config: AdapterConfig, tensors: dict[TensorKey, torch.Tensor], training: bool) -> None:
+        """What PEFT's forward does to the adapter's tensors in place before using them, run before every
+        call that uses the adapter (OFT's `coft` projection; MonteCLoRA's next sample, in training). Default:
+        nothing."""
         return None
 
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:

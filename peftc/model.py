@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from peftc.passes.adalora import rank_allocator
 from peftc.passes.dispatch import BASE_NAME, slot_indices
+from peftc.passes.lora_monteclora import monteclora_loss
 from peftc.passes.remat import remat_plan
 
 from . import checkpoint, merge, weighted
@@ -174,6 +175,14 @@ class AdaptedModel(nn.Module):
         """AdaLoRA's rank allocation for the trainable AdaLoRA adapter (PEFT's `AdaLoraModel.update_and_allocate`):
         call after each optimizer step and before zero_grad, or let `AdaLoraCallback` call it in a Trainer."""
         rank_allocator(self).update_and_allocate(global_step)
+
+    def monteclora_loss(self, adapter_names: str | Sequence[str] | None = None) -> torch.Tensor | float:
+        """MonteCLoRA's variational loss (PEFT's `_get_monteclora_loss`), to add to the task loss after a training
+        call, as PEFT's users and `MontecloraTrainerMixin` do: the model's `loss` output is the task's alone.
+        Averaged over the samplers of `adapter_names` (default: the active adapters); 0.0 outside training."""
+        return monteclora_loss(self, adapter_names)
+
+    _get_monteclora_loss = monteclora_loss  # PEFT's name
 
     def hotswap_adapter(self, model_name_or_path: str, adapter_name: str = "default") -> None:
         """Replace a loaded adapter's weights and scales by a saved adapter's, in place (PEFT's

@@ -8,6 +8,7 @@
       variant "mixed":    ──dispatch▶ every adapter, picked per sample            passes/dispatch.py
       variant "disabled": the base graph
       every variant:      ──loss terms▶ regularisers added to a returned loss    passes/loss_terms.py
+                          ──state writes▶ values written back to model tensors passes/state_writes.py
     lowering for eager execution:
                ──elide masks──▶ trivial attention masks dropped at run time   passes/attention_masks.py
                ──remat────────▶ layers recomputed in backward (train)          passes/remat.py
@@ -38,6 +39,7 @@ from peftc.passes.modules_to_save import CopyAdapter
 from peftc.passes.rebind import Binding, RebindToTensors, partition
 from peftc.passes.recompute_gates import RecomputeGatedActivations
 from peftc.passes.remat import CheckpointLayers, RematPlan
+from peftc.passes.state_writes import WriteBackState
 
 from .adapters import AdapterSet
 from .capture import STATE, CapturedGraph
@@ -78,8 +80,10 @@ def rewrite(base: CapturedGraph, variant: tuple, tree: ParameterTree, adapters: 
     """A new graph for `variant` (`Programs.variant`); `base` is never changed."""
     gm = copy_graph_module(base.gm)
     bind_tree_names(gm, tree)
-    run_passes(gm, variant_passes(variant, tree, adapters, merged, base.training) + loss_passes(base, adapters))
-    mutated = [tree.names[f] for f in base.mutated_state]
+    writes = WriteBackState()
+    run_passes(gm, [*variant_passes(variant, tree, adapters, merged, base.training), *loss_passes(base, adapters),
+                    writes])
+    mutated = writes.written + [tree.names[f] for f in base.mutated_state]
     extra = ("adapter_index",) if variant[0] == "mixed" else ()
     return dataclasses.replace(base, gm=gm, mutated_state=mutated, extra_inputs=extra)
 

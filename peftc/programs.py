@@ -24,7 +24,7 @@ from .adapters import AdapterSet
 from .capture import CapturedGraph, capture, flatten_call, signature_key, tensor_call_kwargs
 from .errors import ConfigError
 from .merge import MergedState
-from .method import Method, methods_for
+from .method import methods_for
 from .pipeline import canonicalize, eager_lowering, rewrite
 from .state import ParameterTree
 
@@ -94,6 +94,8 @@ class Programs:
         self.disabled = False
         self.remat: RematPlan | None = None  # gradient checkpointing: train graphs get the remat pass
         self.merged = MergedState()
+        # the state values the last calls wrote (`write_state`), with their gradient, by tensor name
+        self.written: dict[str, torch.Tensor] = {}
 
     def call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The kwargs a graph is called with: peftc's defaults (use_cache=False), scalars in tensor form."""
@@ -116,29 +118,30 @@ class Programs:
             for evicted in self.captures.add(key, base):
                 self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
         variant = self.variant(mixed)
-        self.before_call(variant)
+        self.before_call(variant, training)
         program = self._programs.get((id(base), variant))
         if program is None:
             captured = rewrite(base, variant, self.tree, self.adapters, self.merged)
             run = eager_lowering(captured.gm, self.remat, captured.training)
-            program = EagerProgram(captured, self.tree.resolve, run)
+            program = EagerProgram(captured, self.tree.resolve, run, self.written)
             self._programs[(id(base), variant)] = program
         return program, flat
 
-    def before_call(self, variant: tuple) -> None:
+    def before_call(self, variant: tuple, training: bool) -> None:
         """Let the methods of the adapters this call runs unmerged update their parameters first, as PEFT's
         forward does (`Method.before_call`); in a mixed batch, every loaded adapter."""
         if variant[0] == "disabled":
             return
         running = set(variant[1]) - set(variant[2] if variant[0] == "active" else ())
         # (most methods have no such update: skip the walk over every adapted module, at every decode step)
-        running = {name for name in running if any(
-            type(m).before_call is not Method.before_call for m in methods_for(self.adapters.configs[name].peft_type))}
+        configs = self.adapters.configs
+        running = {name for name in running
+                   if any(m.runs_before_call(configs[name]) for m in methods_for(configs[name].peft_type))}
         if not running:
             return
         for mas in self.adapters.named(sorted(running)).values():
             for ma in mas:
-                ma.method.before_call(ma.config, {key: t for key, (_, t) in ma.tensors.items()})
+                ma.method.before_call(ma.config, {key: t for key, (_, t) in ma.tensors.items()}, training)
 
     def variant(self, mixed: bool) -> tuple:
         """What the rewrite of a base graph depends on besides the graph itself."""
@@ -185,9 +188,11 @@ class Programs:
         self._programs.clear()
 
     def reset(self) -> None:
-        """Forget the captures too (tensors moved to another dtype or device, which graphs bake in)."""
+        """Forget the captures too (tensors moved to another dtype or device, which graphs bake in), and the
+        values the last calls wrote (the tensors now hold them moved)."""
         self.captures.clear()
         self._programs.clear()
+        self.written.clear()
 
     def detached_copy(self, tree: ParameterTree, adapters: AdapterSet) -> Programs:
         """Programs for a structural copy of the model (`fold`): the same base captures, no programs yet."""

@@ -122,3 +122,26 @@ def test_autocast_is_applied_at_run_time_not_captured():
     assert_close_relative(low, low_ref, BF16_REL, "autocast logits")
     torch.testing.assert_close(full, ref(**case.inputs).logits.detach(), **oracle.TOL)
     assert (low.float() - full).abs().max() > 1e-4  # autocast really ran in bf16
+
+
+def test_an_adapted_layer_reading_another_casts_its_input():
+    """A bf16 base whose adapted layers feed each other directly (a -> b): b's fp32 adapter reads a's adapted
+    bf16 output cast to fp32, as PEFT's does; outputs and adapter gradients equal PEFT's in training."""
+    case, ref = zoo.chain(), zoo.chain()
+    case.model.to(torch.bfloat16)
+    ref.model.to(torch.bfloat16)
+    x = case.inputs[0].to(torch.bfloat16)
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["a", "b", "c"]}
+    am = peftc.apply(case.model, {"peft_type": "LORA", **config}, example_inputs=(x,))
+    oracle.randomize_adapters(am)
+    pm = peft.get_peft_model(ref.model, peft.LoraConfig(**config))
+    pm.load_state_dict(am.state_dict(), strict=True)
+    am.train()
+    pm.train()
+    got, want = am(x), pm(x)
+    assert_close_relative(got, want, BF16_REL, "output")
+    got.float().square().sum().backward()
+    want.float().square().sum().backward()
+    theirs = dict(pm.named_parameters())
+    for name, p in am.adapter_parameters():
+        assert_close_relative(p.grad, theirs[name].grad, BF16_REL, name)
