@@ -95,6 +95,17 @@ class EmbeddingModel(nn.Module):
         return self.proj(self.emb(ids).mean(dim=1))
 
 
+class Twice(nn.Module):
+    """One module called twice per forward: two sites with one module path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.relu(self.lin(x)))
+
+
 @dataclass
 class Case:
     name: str

@@ -167,19 +167,10 @@ def test_nan_in_the_expert_weights_falls_back_to_a():
         torch.testing.assert_close(p.grad, torch.zeros_like(p.grad) if theirs is None else theirs, **TOL)
 
 
-class Twice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(6, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(torch.relu(self.lin(x)))
-
-
 def test_what_peftc_refuses_in_training():
     x = torch.randn(4, 6)
     config = {"peft_type": "LORA", "r": 2, "target_modules": ["lin"], "monteclora_config": MONTE}
-    am = peftc.apply(Twice().eval(), config, example_inputs=(x,))
+    am = peftc.apply(zoo.Twice().eval(), config, example_inputs=(x,))
     am(x)  # eval: LoRA
     with pytest.raises(ConfigError, match=r"module\(s\) \[.lin.\] run more than once per call"):
         am.train()(x)

@@ -9,7 +9,6 @@ from typing import Any
 import peft
 import pytest
 import torch
-import torch.nn as nn
 
 import peftc
 from peftc.errors import ConfigError
@@ -182,15 +181,6 @@ def test_a_loaded_batch_average_once_adapter_takes_its_projection_again(tmp_path
     assert all(not torch.equal(states[0][k], v) for k, v in saved.items())
 
 
-class Twice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(6, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(torch.relu(self.lin(x)))
-
-
 def test_a_module_run_twice():
     """'batch_average' keeps the last run's projection, as PEFT does; 'batch_average_once' would set it at the
     first run and read it at the second, which one value per call cannot follow: refused, naming the module."""
@@ -199,7 +189,7 @@ def test_a_module_run_twice():
         fields = {"r": 2, "target_modules": ["lin"], "init_lora_weights": False,
                   "velora_config": {"num_groups": 2, "init_type": init_type}}
         torch.manual_seed(0)
-        base = Twice().eval()
+        base = zoo.Twice().eval()
         am = peftc.apply(copy.deepcopy(base), {"peft_type": "LORA", **fields}, example_inputs=(x,)).train()
         pm = peft.get_peft_model(base, peft.LoraConfig(**fields)).train()
         pm.load_state_dict(am.state_dict())

@@ -7,7 +7,6 @@ import copy
 import networkx as nx
 import pytest
 import torch
-import torch.nn as nn
 
 import peftc
 import peftc.inspect as pi
@@ -144,20 +143,9 @@ def test_assert_no_adapter_nodes_names_what_remains(mlp):
     pi.assert_no_adapter_nodes(folded.graphs[0])
 
 
-class Twice(nn.Module):
-    """One module called twice: two sites with one module path."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(6, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(torch.relu(self.lin(x)))
-
-
 def test_a_module_called_twice_has_two_sites():
     torch.manual_seed(0)
-    am = peftc.apply(Twice(), {"peft_type": "LORA", "r": 2, "target_modules": ["lin"]},
+    am = peftc.apply(zoo.Twice(), {"peft_type": "LORA", "r": 2, "target_modules": ["lin"]},
                      example_inputs=(torch.randn(3, 6),))
     sites = pi.adapter_sites(am)
     assert [s.module_path for s in sites] == ["lin", "lin"]
