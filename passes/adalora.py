@@ -17,6 +17,11 @@ Training, as PEFT's AdaLoraModel:
     triplets' E masked to zero; the kept triplets are the config's `rank_pattern`.
 Checkpoints hold only the triplets `rank_pattern` keeps (PEFT's `resize_state_dict_by_rank_pattern`), and
 a config with a `rank_pattern` creates each module at its kept rank (PEFT's resize when it loads one).
+
+PEFT's AdaLoraModel is a LoraModel, so LoRA's model-level fields act as for LoRA: `modules_to_save` (and the
+head task_type SEQ_CLS adds) trains copies (passes/modules_to_save.py), `bias` trains base biases, and
+`layer_replication` repeats decoder layers with shared base weights. The allocator and the regularisation read
+the AdaLoRA triplets only, as PEFT's read only `lora_` parameters.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.fx
 import torch.nn as nn
 from transformers import TrainerCallback
 
-from peftc.config import AdapterConfig, LoraConfig, check_probability, check_targets
+from peftc.config import AdapterConfig, LoraConfig, check_layer_replication, check_probability, check_targets
 from peftc.errors import ConfigError
 from peftc.graph import Call, cast, cast_like, dtype_of, eager
 from peftc.method import AdapterTensors, EmitContext, Method, TensorKey, adapter_dtype, in_out_features, register_method
@@ -58,13 +63,11 @@ class AdaLoraConfig(LoraConfig):
         "loftq_config": "PEFT's AdaLoRA does not support LoftQ (its config refuses loftq_config)",
         "target_parameters": "LoRA's target_parameters part is placed for peft_type LORA only",
         "trainable_token_indices": "LoRA's trainable-tokens part is placed for peft_type LORA only",
-        "modules_to_save": "not checked against PEFT's AdaLoRA yet",
         "velora_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
         "monteclora_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
         "kasa_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
         "use_bdlora": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
         "arrow_config": "a LoRA variant; PEFT's AdaLoRA layers do not apply it",
-        "layer_replication": "not checked against PEFT's AdaLoRA",
         "eva_config": "EVA is an init of LoRA's; PEFT's AdaLoRA layers take init_lora_weights True or False only",
         "corda_config": "CorDA is an init of LoRA's; PEFT's AdaLoRA layers take init_lora_weights True or False only",
         "lora_ga_config": "LoRA-GA is an init of LoRA's; PEFT's AdaLoRA layers take init_lora_weights True or False "
@@ -87,8 +90,9 @@ class AdaLoraConfig(LoraConfig):
         AdapterConfig.__post_init__(self)
         check_targets(self)
         check_probability(self, "lora_dropout")
-        if self.bias != "none":
-            raise ConfigError(f"bias={self.bias!r} is not supported by peftc yet (only 'none')")
+        if self.bias not in ("none", "all", "lora_only"):  # LoRA's values: PEFT's AdaLoraModel is a LoraModel
+            raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
+        check_layer_replication(self)
         if not isinstance(self.init_lora_weights, bool):
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r}: AdaLoRA initialises with True "
                               "(E zero, A and B normal) or False (all random); PEFT's AdaLoRA layers take no "
@@ -341,8 +345,10 @@ def rank_allocator(model: Any) -> RankAllocator:
     if name not in allocators or allocators[name].config is not configs[name]:  # (a new adapter of that name)
         allocators[name] = RankAllocator(configs[name], {})
     # the live parameters, each call (moving or sharding the model registers new ones)
+    # (its AdaLoRA modules only: PEFT's allocator reads `lora_` parameters, never a modules_to_save copy)
     allocators[name].modules = {ma.module_path: {key: t for key, (_, t) in ma.tensors.items() if key in (A, E, B)}
-                                for mas in model.targeted_modules.values() for ma in mas if ma.adapter == name}
+                                for mas in model.targeted_modules.values() for ma in mas
+                                if ma.adapter == name and isinstance(ma.method, AdaLora)}
     return allocators[name]
 
 

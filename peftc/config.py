@@ -313,7 +313,10 @@ class LoraConfig(AdapterConfig):
         "megatron_config": "Megatron-LM's parallel linear layers are not a layer type peftc adapts",
         "alora_invocation_tokens": "activated LoRA (aLoRA) is not implemented yet",
         "use_qalora": "QALoRA needs quantized (GPTQ) base layers, which peftc does not adapt",
-        "ensure_weight_tying": "tied adapters across tied weights are not implemented yet",
+        "ensure_weight_tying": "PEFT ties by sharing tensors across tied modules (a targeted lm_head's lora_A / "
+                               "lora_B are views of the embedding's lora_embedding_B / lora_embedding_A transposed, "
+                               "a modules_to_save embedding's copy is the head's too); peftc does not alias adapter "
+                               "tensors across modules for LoRA's targets or copies yet",
     }
     # init_lora_weights values peftc implements (PEFT compares gaussian/olora case-insensitively)
     init_choices: ClassVar[str] = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', "

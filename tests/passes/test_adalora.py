@@ -19,7 +19,7 @@ import peftc
 from peftc.errors import ConfigError
 from peftc.graph import eager
 from tests import zoo
-from tests.oracle import check_checkpoints, check_eval, check_fold, check_train, make_pair
+from tests.oracle import check_checkpoints, check_eval, check_fold, check_train, make_pair, saved_shapes
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*0/1 specialized:UserWarning"),
               pytest.mark.filterwarnings("ignore:The following rank_pattern keys:RuntimeWarning"),
@@ -78,17 +78,22 @@ def peft_pattern(pm: peft.PeftModel) -> dict[str, list[bool]] | None:
     return None if pattern is None else {k.replace(".default", ""): v for k, v in pattern.items()}
 
 
-def train_both(pair, steps: int, lr: float = 0.5) -> list[tuple[dict | None, dict | None]]:
-    """The same SGD steps on both models, each followed by update_and_allocate; the patterns after each."""
+def train_both(pair, steps: int, lr: float = 0.5, labels: torch.Tensor | None = None
+               ) -> list[tuple[dict | None, dict | None]]:
+    """The same SGD steps on both models (language-model labels unless `labels`), each followed by
+    update_and_allocate; the patterns after each."""
     case, am, pm = pair.case, pair.am, pair.pm
     ours = torch.optim.SGD([p for _, p in am.adapter_parameters()], lr=lr)
     theirs = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    inputs = {**case.inputs, "labels": case.inputs["input_ids"]}
+    inputs = {**case.inputs, "labels": case.inputs["input_ids"] if labels is None else labels}
+    am.zero_grad(set_to_none=True)  # (from any step before)
+    pm.zero_grad(set_to_none=True)
     am.train()
     pm.train()
     patterns = []
     for step in range(steps):
         for model, opt in ((am, ours), (pm, theirs)):
+            torch.manual_seed(step)  # (the same dropout masks: a BERT drops out in training)
             model(**inputs).loss.backward()
             opt.step()
         am.update_and_allocate(step)
@@ -210,3 +215,86 @@ def test_hotswap_of_a_smaller_allocated_adapter_is_refused(allocated, tmp_path: 
             pair.am.hotswap_adapter(str(tmp_path), "fresh")
     finally:
         pair.am.delete_adapter("fresh")
+
+
+# -- LoRA's model-level fields, which PEFT's AdaLoraModel (a LoraModel) applies as LoRA does ---------------------
+
+def seq_cls_pair(**extra: Any):
+    """AdaLoRA on a BERT classifier under task_type SEQ_CLS: PEFT's model for the task trains the head as a copy."""
+    f = {**SCHEDULE, "target_modules": ["query", "value"], "init_lora_weights": False, "task_type": "SEQ_CLS", **extra}
+    return make_pair("bert_seq_cls", {"peft_type": "ADALORA", **f}, peft.AdaLoraConfig(**f))
+
+
+def test_modules_to_save_match_peft(tmp_path: Path):
+    """The SEQ_CLS head and a module named in modules_to_save (the pooler, holding a submodule) train as copies
+    beside the triplets: outputs, gradients, checkpoints both ways, fold against merge_and_unload."""
+    pair = seq_cls_pair(modules_to_save=["pooler"])
+    assert pair.am.peft_config["default"].modules_to_save == ["pooler", "classifier", "score"]  # as PEFT writes it
+    assert {"base_model.model.classifier.modules_to_save.default.weight",
+            "base_model.model.bert.pooler.modules_to_save.default.dense.weight"} <= set(pair.am.state_dict())
+    check_eval(pair)
+    check_checkpoints(pair, tmp_path)
+    saved = load_file(tmp_path / "peftc" / "adapter_model.safetensors")
+    assert {"base_model.model.classifier.weight", "base_model.model.bert.pooler.dense.weight"} <= set(saved)
+    check_train(pair)
+    merged = check_fold(pair)
+    assert "classifier" in merged and any(path.startswith("bert.pooler") for path in merged)
+
+
+def test_rank_allocation_beside_a_trained_head_matches_peft():
+    """With class labels the loss carries the orthogonal term; the head's copy trains beside the triplets and the
+    allocator ranks the triplets only, as PEFT's (it reads `lora_` parameters): the same patterns and weights."""
+    pair = seq_cls_pair()
+    head = pair.am.state_dict()["base_model.model.classifier.modules_to_save.default.weight"].clone()
+    inputs = {**pair.case.inputs, "labels": torch.tensor([0, 1, 1])}
+    pair.am.train()
+    pair.pm.train()
+    torch.manual_seed(0)
+    loss = pair.am(**inputs).loss
+    torch.manual_seed(0)
+    torch.testing.assert_close(loss, pair.pm(**inputs).loss)
+    patterns = train_both(pair, steps=5, labels=inputs["labels"])
+    for step, (ours, theirs) in enumerate(patterns):
+        assert ours == theirs, step
+    final = patterns[-1][0]
+    assert sorted(final) == sorted(f"bert.encoder.layer.{i}.attention.self.{m}.lora_E" for i in (0, 1)
+                                   for m in ("query", "value"))
+    assert_same_adapter(pair)  # the head's copy too
+    assert not torch.allclose(pair.am.state_dict()["base_model.model.classifier.modules_to_save.default.weight"], head)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_match_peft(bias: str, tmp_path: Path):
+    """PEFT's AdaLoraModel trains and saves base biases as LoraModel does ("lora_only": the adapted layers')."""
+    pair = pair_of("gpt2", bias=bias)
+    with torch.no_grad():  # biases away from the base model's, the same in both
+        theirs = dict(pair.pm.named_parameters())
+        for name, p in pair.am.adapter_parameters():
+            if name.endswith(".bias"):
+                p.add_(0.3)
+                theirs[name].add_(0.3)
+    trained = {n for n, _ in pair.am.adapter_parameters() if ".lora_" not in n}
+    assert trained == {n for n, p in theirs.items() if p.requires_grad and ".lora_" not in n}
+    assert trained and all(n.endswith(".bias") for n in trained)
+    assert (bias == "all") == any(".ln_" in n for n in trained)  # "lora_only": c_attn's and c_fc's only
+    check_eval(pair)
+    check_checkpoints(pair, tmp_path)
+    assert trained <= set(saved_shapes(tmp_path / "peftc"))
+    check_fold(pair)
+    check_train(pair)
+
+
+def test_layer_replication_matches_peft(tmp_path: Path):
+    """Replicated decoder layers share base weights and get triplets of their own, which the orthogonal term and
+    the allocator count as PEFT's do; merging is refused, as for LoRA (PEFT's check lets it through, wrongly)."""
+    pair = pair_of("llama", task_type="CAUSAL_LM", layer_replication=[[0, 2], [1, 2]])
+    assert "base_model.model.model.layers.2.self_attn.q_proj.lora_E.default" in pair.am.state_dict()
+    check_eval(pair)
+    check_checkpoints(pair, tmp_path)
+    check_train(pair)
+    for step, (ours, theirs) in enumerate(train_both(pair, steps=5)):
+        assert ours == theirs, step
+    assert len(ours) == 3 * len(TARGETS["llama"])
+    assert_same_adapter(pair)
+    with pytest.raises(ConfigError, match="replicated"):
+        pair.am.fold()

@@ -91,6 +91,9 @@ BEHAVIOUR: dict[str, dict[str, Change]] = {
         # (added to the loss by PEFT's model for a task type only)
         "orth_reg_weight": {"orth_reg_weight": 0.1, "model": "llama",
                             "base": {"task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}},
+        "modules_to_save": {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}, "bias": {"bias": "all"},
+        "layer_replication": {"layer_replication": [[0, 2], [1, 2]], "model": "llama",
+                              "base": {"target_modules": ["q_proj", "v_proj"]}},
     },
     "TRAINABLE_TOKENS": {
         "token_indices": {"token_indices": [3]}, "init_weights": {"init_weights": False},
@@ -161,6 +164,7 @@ MORE_VALUES: dict[str, list[tuple[str, Change]]] = {
              # (A keeps its first draw until initialize_lora_eva_weights: one draw fewer than True's)
              ("init_lora_weights", {"init_lora_weights": "eva"}),
              ("velora_config", {"velora_config": {"num_groups": 3, "init_type": "batch_average_once"}})],
+    "ADALORA": [("bias", {"bias": "lora_only"})],
 }
 # AdaLoRA's schedule fields act only through `update_and_allocate` (rank allocation while training): field -> the
 # changes that must change the rank patterns over ALLOCATION_STEPS steps, against the example config with
@@ -214,12 +218,11 @@ NO_EFFECT: dict[str, dict[str, tuple[Any, str]]] = {
 # values of fields that are refused: (field, value, what the error says); a field listed nowhere else accepts
 # only its default
 REFUSED_VALUES: dict[str, list[tuple[str, Any, str]]] = {
-    "ADALORA": [("bias", "all", "bias='all' is not supported"),
+    "ADALORA": [("bias", "adalora_only", "must be .none., .all. or .lora_only."),
                 ("init_lora_weights", "gaussian", "AdaLoRA initialises with True")],
 }
 # a refused field's non-default value, where the generic one (below) does not fit its type
-REFUSED_EXAMPLES: dict[str, Any] = {"layer_replication": [[0, 1]], "use_bdlora": {"nblocks": 2},
-                                    "modules_to_save": ["lin1"]}
+REFUSED_EXAMPLES: dict[str, Any] = {"use_bdlora": {"nblocks": 2}}
 
 
 def peft_fields(peft_type: str) -> list[str]:
