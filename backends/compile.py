@@ -34,7 +34,7 @@ from peftc.passes.dispatch import BASE_ONLY
 from peftc.passes.hoist_invariants import Prologue, split_hoisted
 from peftc.passes.remat import CheckpointLayers
 
-from peftc.capture import CapturedGraph
+from peftc.capture import CapturedGraph, leading_size
 from peftc.errors import ConfigError
 from peftc.graph import copy_graph_module
 
@@ -198,7 +198,7 @@ def inline_grad_blocks(gm: torch.fx.GraphModule) -> int:
 
 
 def batch_size(flat_inputs: list[Any]) -> int:
-    sizes = [v.shape[0] for v in flat_inputs if isinstance(v, torch.Tensor) and v.dim() > 0]
-    if not sizes:
+    size = leading_size(flat_inputs)
+    if size is None:
         raise ConfigError("the call has no batched tensor input to run an adapter per sample on")
-    return sizes[0]
+    return size

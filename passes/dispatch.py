@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from peftc.capture import USER
+from peftc.capture import USER, leading_size
 from peftc.graph import SiteBuilder, add_state_input, shape_of
 from peftc.method import EmitContext, MixedEmitContext, ModuleAdapter, TensorKey
 from peftc.sites import Site, sites_by_module
@@ -97,11 +97,10 @@ def add_index_input(gm: torch.fx.GraphModule) -> torch.fx.Node:
 
 
 def batch_rows(gm: torch.fx.GraphModule) -> Any:
-    """The batch size `adapter_index` is checked against (programs.checked_index): dim 0 of the first
-    batched user input, as the graph knows it (a symbol, or an int where export specialised it)."""
+    """The batch size `adapter_index` is checked against at run time (programs.checked_index), as the graph
+    knows it: the same rule over the user inputs' example values."""
     users = sorted((n for n in gm.graph.find_nodes(op="placeholder") if USER in n.meta), key=lambda n: n.meta[USER])
-    vals = (n.meta.get("val") for n in users)
-    return next((v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return leading_size(n.meta.get("val") for n in users)
 
 
 def _emit_site(b: SiteBuilder, site: Site, per_slot: list[Slot], index: torch.fx.Node, rows: Any,

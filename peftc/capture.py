@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,13 @@ def _hashable(v: Any) -> Any:
         return v
     except TypeError:
         return repr(v)
+
+
+def leading_size(values: Iterable[Any]) -> Any:
+    """The batch a per-sample adapter index runs over: dim 0 of the first tensor with a dim among a call's
+    flat inputs (an int at run time; a symbol, or an int export specialised, among a graph's example values);
+    None where there is none."""
+    return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
 
 
 def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:

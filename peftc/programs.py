@@ -21,7 +21,7 @@ from peftc.passes.dispatch import BASE_ONLY
 from peftc.passes.remat import RematPlan
 
 from .adapters import AdapterSet
-from .capture import CapturedGraph, capture, flatten_call, signature_key, tensor_call_kwargs
+from .capture import CapturedGraph, capture, flatten_call, leading_size, signature_key, tensor_call_kwargs
 from .errors import ConfigError
 from .merge import MergedState
 from .method import methods_for
@@ -155,7 +155,7 @@ class Programs:
         """A per-sample `adapter_index`: one integer per sample, each a loaded adapter's slot or -1."""
         if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point():
             raise ConfigError("adapter_index must be a 1-d integer tensor with one entry per sample")
-        batch = next((v.shape[0] for v in flat if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        batch = leading_size(flat)
         if batch is not None and index.shape[0] != batch:
             raise ConfigError(f"adapter_index has {index.shape[0]} entries for a batch of {batch}")
         order = self.adapters.order
