@@ -392,16 +392,13 @@ class Lora(Method):
     def emit_mixed(self, ctx: MixedEmitContext) -> torch.fx.Node | None:
         if any(slot is not None and slot[1].arrow_config is not None for slot in ctx.slots):
             return None  # an Arrow router runs on the whole batch in the generic per-sample form
-        if ctx.training and any(slot is not None and slot[1].monteclora_config is not None for slot in ctx.slots):
-            # (PEFT refuses adapter_names in training too)
-            raise ConfigError("mixed batches (adapter_names) in training are not supported with monteclora_config, nor "
-                              "peftc.backends.compile's training graphs (one adapter run as a mixed batch); train one "
-                              "adapter at a time in the eager model, or run mixed batches in eval mode")
-        if ctx.training and any(slot is not None and slot[1].velora_config is not None for slot in ctx.slots):
-            # PEFT computes VeLoRA's batch projection per adapter's sub-batch; peftc's forms see the whole batch
-            raise ConfigError("mixed batches (adapter_names) in training are not supported with velora_config, nor "
-                              "peftc.backends.compile's training graphs (one adapter run as a mixed batch); train one "
-                              "adapter at a time in the eager model, or run mixed batches in eval mode")
+        # in training, MonteCLoRA draws one sample per module and call (PEFT refuses adapter_names in training too),
+        # and PEFT computes VeLoRA's batch projection per adapter's sub-batch: peftc's forms see the whole batch
+        for field in ("monteclora_config", "velora_config"):
+            if ctx.training and any(slot is not None and getattr(slot[1], field) is not None for slot in ctx.slots):
+                raise ConfigError(f"mixed batches (adapter_names) in training are not supported with {field}, nor "
+                                  "peftc.backends.compile's training graphs (one adapter run as a mixed batch); train "
+                                  "one adapter at a time in the eager model, or run mixed batches in eval mode")
         if ctx.kind not in ("linear", "conv1d") or any(
                 slot is not None and (slot[1].kasa_config is not None or slot[1].use_bdlora is not None)
                 for slot in ctx.slots):

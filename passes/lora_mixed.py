@@ -58,7 +58,6 @@ def emit_mixed_lora(ctx: MixedEmitContext, keys: tuple[TensorKey, TensorKey, Ten
         return b.call(aten.index_select.default, table, 0, slot_of)
 
     slot_of = b.call(aten.add.Scalar, index, 1)  # -1 (base only) -> the zero slot 0
-    batch = b.call(aten.sym_size.int, index, 0)
     a_rows = stacked(key_a, [0, 0, 0, 1], transposed=True)  # (batch, in, r_max): pad A's rows
     # (batch, r_max, out): pad B's columns. In inference each adapter's B·s is stacked: it depends on the adapters
     # alone (computed once: hoisted in eager, constant-folded by ONNX Runtime), so no per-sample scale remains
@@ -71,6 +70,7 @@ def emit_mixed_lora(ctx: MixedEmitContext, keys: tuple[TensorKey, TensorKey, Ten
     # (batch, seq, features) in and out is the matmuls' layout already: no reshape either way
     three_d = all(ctx.batch_first(n) and n.meta["val"].dim() == 3 for n in (site.input, y))
     if not three_d:
+        batch = b.call(aten.sym_size.int, index, 0)
         x = b.call(aten.reshape.default, x, [batch, -1, present[0][key_a].meta["val"].shape[1]])
     h = b.call(aten.bmm.default, b.call(aten.bmm.default, x, a_rows), b_rows)
     if training:  # (batch,) scales, one per sample
