@@ -41,6 +41,7 @@ from peftc.graph import copy_graph_module
 from peftc.state import set_tensor
 
 from .compile import batch_size, inline_grad_blocks
+from .onnx_prologue import INDEX, FixedInputPrologue, split_fixed_inputs
 
 MODES = ("merged", "switch", "inputs")
 METADATA_KEY = "peftc"
@@ -99,7 +100,7 @@ def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, 
     entry = _Entry(captured, model, flat, adapter_keys).eval()  # the graph's own mode was fixed at capture
     rename = rename or (lambda name: name)
     user_names = [rename(n) for n in _user_input_names(args, kwargs, flat)]
-    index_names = ["adapter_index"] if mode == "switch" else []
+    index_names = [INDEX] if mode == "switch" else []
     example = [v for v in flat if isinstance(v, torch.Tensor)]
     if mode == "switch":
         example.append(torch.zeros(batch_size(example), dtype=torch.int64))
@@ -181,11 +182,15 @@ class OnnxAdapterSession:
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
                  session_options: Any = None):
+        import onnx
         import onnxruntime as ort
+        from google.protobuf.message import DecodeError
 
-        self.session = ort.InferenceSession(os.fspath(path), session_options,
-                                            providers=list(providers or default_providers()))
-        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        try:
+            model = onnx.load(os.fspath(path), load_external_data=False)
+        except (OSError, DecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read the ONNX model ({e})") from None
+        meta = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY)
         if meta is None:
             raise CheckpointError(f"{path}: not exported by peftc.export_onnx (no {METADATA_KEY!r} metadata)")
         meta = json.loads(meta)
@@ -197,6 +202,17 @@ class OnnxAdapterSession:
         self.task: str | None = meta.get("task")  # "text-generation": a decoder with a KV cache
         self.cache: list[list[int]] = meta.get("cache", [])  # its layers' [kv heads, head dim]
         self.cache_dtype: str = meta.get("cache_dtype", "float32")
+        providers = list(providers or default_providers())
+        fixed = [INDEX] if self.mode == "switch" else list(self.adapter_inputs)
+        split = None if any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer) \
+            else split_fixed_inputs(model, fixed)
+        self._prologue: FixedInputPrologue | None = None  # what the fixed inputs alone give, run once per choice
+        if split is None:
+            self.session = ort.InferenceSession(os.fspath(path), session_options, providers=providers)
+        else:
+            self.session = ort.InferenceSession(split.step.SerializeToString(), session_options, providers=providers)
+            prologue = ort.InferenceSession(split.prologue.SerializeToString(), session_options, providers=providers)
+            self._prologue = FixedInputPrologue(prologue, split)
         device = self.session.get_providers()[0]
         self._device = "cuda" if device == "CUDAExecutionProvider" else "cpu"
         self._adapters: dict[str, dict[str, Any]] = {}  # inputs mode: name -> input name -> OrtValue
@@ -242,8 +258,7 @@ class OnnxAdapterSession:
             adapter_index: Any = None) -> dict[str, np.ndarray]:
         """Outputs by name for `inputs` (numpy arrays or torch tensors, by input name). A switch-mode
         model also takes the raw `adapter_index` (-1: base model; i: `exported_adapters[i]`)."""
-        feed = self._feed(inputs, adapter_names, adapter_index)
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        return {name: value.numpy() for name, value in self.run_values(inputs, adapter_names, adapter_index).items()}
 
     def run_values(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None,
                    adapter_index: Any = None) -> dict[str, Any]:
@@ -252,6 +267,8 @@ class OnnxAdapterSession:
         import onnxruntime as ort
 
         feed = self._feed(inputs, adapter_names, adapter_index)
+        if self._prologue is not None:
+            feed = self._prologue(feed)
         feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v, self._device, 0)
                 for k, v in feed.items()}
         return dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feed)))
@@ -268,11 +285,11 @@ class OnnxAdapterSession:
         if adapter_index is not None:
             if adapter_names is not None or self.mode != "switch":
                 raise ConfigError("adapter_index is for mode='switch' models, instead of adapter_names")
-            feed["adapter_index"] = self._checked_index(_numpy(adapter_index), batch)
+            feed[INDEX] = self._checked_index(_numpy(adapter_index), batch)
         else:
             wanted = self._names_for(adapter_names, batch)
             if self.mode == "switch":
-                feed["adapter_index"] = np.array(slot_indices(wanted, self.exported_adapters), dtype=np.int64)
+                feed[INDEX] = np.array(slot_indices(wanted, self.exported_adapters), dtype=np.int64)
             elif self.mode == "inputs":
                 feed.update(self._adapters[wanted[0]])
         return feed

@@ -133,6 +133,19 @@ def test_switch_mixed_batch(exports, name: str) -> None:
         assert_matches(got, ex.eager(inputs, adapter), rows=rows)
     assert_matches(session.run(inputs, adapter_index=np.array([-1, 1, 1, 0])),
                    ex.eager(inputs, adapter_names=["__base__", "other", "other", "default"]))
+    # the gathers by adapter_index run once per choice, in a prologue session (backends/onnx_prologue.py)
+    assert "adapter_index" not in {i.name for i in session.session.get_inputs()}
+    assert_matches(session.run(inputs, adapter_names="other"), ex.eager(inputs, "other"))  # one adapter for all
+
+
+@pytest.mark.xdist_group("onnx-llama")
+def test_model_with_external_data_runs_uncut(exports, tmp_path) -> None:
+    ex = exports("llama")
+    onnx.save(onnx.load(ex.file("switch")), tmp_path / "external.onnx", save_as_external_data=True, size_threshold=0)
+    session = OnnxAdapterSession(tmp_path / "external.onnx", providers=["CPUExecutionProvider"])
+    assert "adapter_index" in {i.name for i in session.session.get_inputs()}
+    inputs, per_sample = ex.inputs(), ["other", "__base__", "default", "other"]
+    assert_matches(session.run(inputs, adapter_names=per_sample), ex.eager(inputs, adapter_names=per_sample))
 
 
 @pytest.mark.parametrize("name", grouped("onnx", ["llama", "gpt2"]))  # shares `exports`

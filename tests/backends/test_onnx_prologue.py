@@ -1,0 +1,115 @@
+"""The cut of an ONNX model at its fixed inputs (backends/onnx_prologue.py), on a hand-built switch-mode
+LoRA site: y = x W + (x Aᵀ[i]) Bᵀ[i], the stacks transposed from initializers and gathered by
+`adapter_index + 1` as the export writes them. Exported decoders are cut in test_onnx.py and
+test_onnx_decoder.py, whose tokens and outputs are checked against torch."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from peftc.backends.onnx_prologue import FixedInputPrologue, split_fixed_inputs
+
+SLOTS, IN, R, OUT = 3, 4, 2, 5  # slot 0: the zero adapter of base-only samples
+
+
+def site_model(row_reader: str = "MatMul") -> Any:
+    """One LoRA site in switch mode. `row_reader="Mul"`: B's rows scale the output elementwise instead."""
+    rng = np.random.default_rng(0)
+    stack_b_shape = (SLOTS, R, OUT) if row_reader == "MatMul" else (SLOTS, 1, OUT)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((IN, OUT)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((SLOTS, R, IN)).astype(np.float32), "A_stack"),
+        numpy_helper.from_array(rng.standard_normal(stack_b_shape).astype(np.float32), "B_stack"),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+    ]
+    nodes = [
+        helper.make_node("Add", ["adapter_index", "one"], ["slot"]),
+        helper.make_node("Transpose", ["A_stack"], ["A_t"], perm=[0, 2, 1]),
+        helper.make_node("Gather", ["A_t", "slot"], ["A_rows"], axis=0),
+        helper.make_node("Gather", ["B_stack", "slot"], ["B_rows"], axis=0),
+        helper.make_node("MatMul", ["x", "W"], ["y"]),
+        helper.make_node("MatMul", ["x", "A_rows"], ["xa"]),
+        helper.make_node(row_reader, ["xa", "B_rows"] if row_reader == "MatMul" else ["y", "B_rows"], ["h"]),
+        helper.make_node("Add", ["y", "h"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "site",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", IN]),
+         helper.make_tensor_value_info("adapter_index", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def session(model: Any) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+class Recording:
+    """A prologue session that records the fixed inputs of each run."""
+
+    def __init__(self, inner: ort.InferenceSession):
+        self.inner, self.runs = inner, []
+
+    def get_inputs(self) -> Any:
+        return self.inner.get_inputs()
+
+    def run_with_ort_values(self, names: list[str], feed: dict[str, Any]) -> Any:
+        self.runs.append({k: v.numpy() for k, v in feed.items()})
+        return self.inner.run_with_ort_values(names, feed)
+
+
+def test_cut_moves_the_gathers_and_the_stacking_into_the_prologue() -> None:
+    split = split_fixed_inputs(site_model(), ["adapter_index"])
+    assert split is not None
+    assert Counter(n.op_type for n in split.prologue.graph.node) == {"Add": 1, "Transpose": 1, "Gather": 2}
+    assert Counter(n.op_type for n in split.step.graph.node) == {"MatMul": 3, "Add": 1}
+    assert split.carried == ["A_rows", "B_rows"]
+    assert [i.name for i in split.step.graph.input] == ["x", "A_rows", "B_rows"]
+    assert [t.name for t in split.step.graph.initializer] == ["W"]  # the stacks live in the prologue alone
+    assert sorted(t.name for t in split.prologue.graph.initializer) == ["A_stack", "B_stack", "one"]
+    assert split.one_row_broadcasts
+
+
+def test_prologue_runs_once_per_index_and_once_per_sample_for_one_adapter() -> None:
+    model = site_model()
+    whole, split = session(model), split_fixed_inputs(model, ["adapter_index"])
+    recording = Recording(session(split.prologue))
+    prologue, step = FixedInputPrologue(recording, split), session(split.step)
+    x = np.random.default_rng(1).standard_normal((4, 3, IN)).astype(np.float32)
+
+    def run(index: list[int]) -> np.ndarray:
+        feed = prologue({"x": x, "adapter_index": np.array(index, dtype=np.int64)})
+        feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+        (got,) = step.run_with_ort_values(["out"], feed)
+        (want,) = whole.run(["out"], {"x": x, "adapter_index": np.array(index, dtype=np.int64)})
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+        return want
+
+    run([1, -1, 0, 1])
+    run([1, -1, 0, 1])  # the same choice: the kept rows
+    assert [r["adapter_index"].tolist() for r in recording.runs] == [[1, -1, 0, 1]]
+    out = run([1, 1, 1, 1])  # one adapter: one sample's rows, broadcast by the step's MatMuls
+    assert recording.runs[-1]["adapter_index"].tolist() == [1]
+    assert not np.allclose(out, run([0, 0, 0, 0]))  # a real adapter choice, not the zero slot
+    assert len(recording.runs) == 3
+
+
+def test_rows_read_elementwise_get_a_row_per_sample() -> None:
+    split = split_fixed_inputs(site_model(row_reader="Mul"), ["adapter_index"])
+    assert split is not None and not split.one_row_broadcasts
+
+
+def test_no_fixed_inputs_no_cut() -> None:
+    assert split_fixed_inputs(site_model(), []) is None
+
+
+def test_outputs_and_metadata_survive_the_cut() -> None:
+    model = site_model()
+    helper.set_model_props(model, {"peftc": "{}"})
+    split = split_fixed_inputs(model, ["adapter_index"])
+    assert [o.name for o in split.step.graph.output] == ["out"]
+    assert {p.key: p.value for p in split.step.metadata_props} == {"peftc": "{}"}
