@@ -10,17 +10,19 @@ exported ONNX decoders (bench_generate_ort.py): merged and switch through onnxru
 All-linear LoRA r=16 (random non-zero B), greedy, `min_new_tokens = max_new_tokens` so every call
 generates the same number of tokens. Candidates run interleaved in rounds with a rotating order after a
 warm-up call (which also captures and compiles), medians; tokens/s counts generated tokens (batch x new).
-Ratios are times relative to the base model's generate (lower is better). Needs `pip install -e '.[bench]'`.
+Ratios are times relative to the base model's generate (lower is better), each the median of the ratios of
+calls in the same round (`paired_ratios`). Needs `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from bench_lora import build_model, interleaved, same_random_adapters, timing_parser
+from bench_lora import build_model, interleaved_samples, noise_of, paired_ratios, same_random_adapters, timing_parser
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPEC = {"r": 16, "lora_alpha": 32, "target_modules": TARGETS, "init_lora_weights": False}
@@ -72,20 +74,23 @@ def main() -> None:
             start = time.time()
             same = torch.equal(candidates["peftc eager"](), candidates["PEFT"]())
             same_mixed = torch.equal(candidates["peftc mixed"](), candidates["PEFT mixed"]())
-            t, noise = interleaved(candidates, args.rounds, args.iters, args.warmup)
+            samples = interleaved_samples(candidates, args.rounds, args.iters, args.warmup)
+            t = {name: statistics.median(s) for name, s in samples.items()}
+            noise = noise_of(samples)
+
             tokens = batch * n
             print(f"prompt {prompt} batch {batch}: {time.time() - start:.0f} s; greedy ids equal PEFT's: {same}, "
                   f"mixed: {same_mixed}; IQR/median {100 * noise:.0f}%", flush=True)
             for name, seconds in t.items():
-                ratio = seconds / t["base HF"]
-                print(f"  {name:15s} {seconds:8.3f} s  {tokens / seconds:8.1f} tok/s  /base {ratio:.3f}", flush=True)
+                to_base = ratio(samples, name, "base HF")
+                print(f"  {name:18s} {seconds:8.3f} s  {tokens / seconds:8.1f} tok/s  /base {to_base:.3f}", flush=True)
             row = [prompt, batch] + [tokens / t[c] for c in ("base HF", "PEFT", "peftc eager")]
             row += [tokens / t["peftc compiled"] if compiled is not None else float("nan"), tokens / t["peftc folded"]]
-            row += [t["peftc eager"] / t["base HF"], t["PEFT"] / t["base HF"],
-                    t["peftc mixed"] / t["peftc eager"], t["PEFT mixed"] / t["PEFT"]]
+            row += [ratio(samples, "peftc eager", "base HF"), ratio(samples, "PEFT", "base HF"),
+                    ratio(samples, "peftc mixed", "peftc eager"), ratio(samples, "PEFT mixed", "PEFT")]
             ort = ("ORT merged", "ORT switch", "genai merged")
             row += [tokens / t[c] if c in t else float("nan") for c in ort]
-            row += [t["ORT switch"] / t["ORT merged"] if "ORT switch" in t else float("nan"), 100 * noise]
+            row += [ratio(samples, "ORT switch", "ORT merged"), 100 * noise]
             rows.append(row)
     print()
     head = ["prompt", "batch", "base tok/s", "PEFT tok/s", "peftc tok/s", "compiled tok/s", "folded tok/s",
@@ -96,6 +101,11 @@ def main() -> None:
         print("  ".join(f"{v:>{len(h)}.3f}" if isinstance(v, float) and h.endswith(("/base", "single", "merged"))
                         else f"{v:>{len(h)}.1f}" if isinstance(v, float) else f"{v:>{len(h)}d}"
                         for v, h in zip(row, head)))
+
+
+def ratio(samples: dict[str, list[float]], name: str, reference: str) -> float:
+    """`name`'s time over `reference`'s, call by call within a round, then the median (nan if either is absent)."""
+    return paired_ratios(samples, reference)[name] if name in samples and reference in samples else float("nan")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,19 @@ def interleaved(
 ) -> tuple[dict[str, float], float]:
     """Median seconds per call of each candidate, run in rounds with a rotating order, and the
     largest interquartile range / median among them (how noisy the machine was meanwhile)."""
+    samples = interleaved_samples(candidates, rounds, iters, warmup)
+    return {n: statistics.median(s) for n, s in samples.items()}, noise_of(samples)
+
+
+def noise_of(samples: dict[str, list[float]]) -> float:
+    """The largest interquartile range / median among the candidates' samples."""
+    return max((q[2] - q[0]) / q[1] for q in (statistics.quantiles(s, n=4) for s in samples.values()))
+
+
+def interleaved_samples(
+    candidates: dict[str, Callable[[], object]], rounds: int, iters: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds of each call of each candidate, `iters` per round, in rounds with a rotating order."""
     names = list(candidates)
     for name in names:
         for _ in range(warmup):
@@ -78,8 +91,13 @@ def interleaved(
         for name in order:
             for _ in range(iters):
                 samples[name].append(timed(candidates[name]))
-    noise = max((q[2] - q[0]) / q[1] for q in (statistics.quantiles(s, n=4) for s in samples.values()))
-    return {n: statistics.median(s) for n, s in samples.items()}, noise
+    return samples
+
+
+def paired_ratios(samples: dict[str, list[float]], reference: str) -> dict[str, float]:
+    """Each candidate's time over the reference's, taken call by call in the same round, then the median: the
+    machine's slow spells (it is shared) hit both sides of a ratio, where a ratio of two medians mixes rounds."""
+    return {n: statistics.median(t / r for t, r in zip(s, samples[reference])) for n, s in samples.items()}
 
 
 def same_random_adapters(base: torch.nn.Module, spec: dict, k: int) -> tuple[peftc.AdaptedModel, torch.nn.Module]:
