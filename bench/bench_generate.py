@@ -6,6 +6,7 @@ exported ONNX decoders (bench_generate_ort.py): merged and switch through onnxru
     python bench/bench_generate.py                          # prompts 16 and 512, batch 1 and 8, 64 new tokens
     python bench/bench_generate.py --prompts 16 --batches 8 --rounds 2 --no-compile --no-ort
     python bench/bench_generate.py --compile-options '{"options": {"cpp_wrapper": true}}'
+    python bench/bench_generate.py --only "ORT merged,ORT switch" --rounds 15 --no-compile   # one goal's ratio
 
 All-linear LoRA r=16 (random non-zero B), greedy, `min_new_tokens = max_new_tokens` so every call
 generates the same number of tokens. Candidates run interleaved in rounds with a rotating order after a
@@ -38,7 +39,11 @@ def main() -> None:
     parser.add_argument("--compile-options", default="{}", metavar="JSON",
                         help='compile_model keyword arguments, e.g. \'{"options": {"cpp_wrapper": true}}\'')
     parser.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime decoders")
+    parser.add_argument("--only", default=None, metavar="LABELS",
+                        help='time these candidates alone (comma-separated labels, e.g. "base HF,peftc eager"): '
+                             "more rounds in the same time for the ratios of one goal")
     args = parser.parse_args()
+    only = None if args.only is None else set(args.only.split(","))
     torch.set_num_threads(args.threads)
     base = build_model(tie=True)
     n = args.new_tokens
@@ -67,13 +72,15 @@ def main() -> None:
             }
             if compiled is not None:
                 candidates["peftc compiled"] = gen(compiled)
-            if not args.no_ort:
+            if not args.no_ort and (only is None or any(c.startswith(("ORT", "genai")) for c in only)):
                 from bench_generate_ort import ort_candidates
 
                 candidates.update(ort_candidates(am, ids, n, names, threads=args.threads))
             start = time.time()
             same = torch.equal(candidates["peftc eager"](), candidates["PEFT"]())
             same_mixed = torch.equal(candidates["peftc mixed"](), candidates["PEFT mixed"]())
+            if only is not None:
+                candidates = {label: call for label, call in candidates.items() if label in only}
             samples = interleaved_samples(candidates, args.rounds, args.iters, args.warmup)
             t = {name: statistics.median(s) for name, s in samples.items()}
             noise = noise_of(samples)
@@ -84,8 +91,8 @@ def main() -> None:
             for name, seconds in t.items():
                 to_base = ratio(samples, name, "base HF")
                 print(f"  {name:18s} {seconds:8.3f} s  {tokens / seconds:8.1f} tok/s  /base {to_base:.3f}", flush=True)
-            row = [prompt, batch] + [tokens / t[c] for c in ("base HF", "PEFT", "peftc eager")]
-            row += [tokens / t["peftc compiled"] if compiled is not None else float("nan"), tokens / t["peftc folded"]]
+            row = [prompt, batch] + [tokens / t[c] if c in t else float("nan")
+                                     for c in ("base HF", "PEFT", "peftc eager", "peftc compiled", "peftc folded")]
             row += [ratio(samples, "peftc eager", "base HF"), ratio(samples, "PEFT", "base HF"),
                     ratio(samples, "peftc mixed", "peftc eager"), ratio(samples, "PEFT mixed", "PEFT")]
             ort = ("ORT merged", "ORT switch", "genai merged")
