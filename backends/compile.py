@@ -24,6 +24,7 @@ or under `torch.no_grad()` the state is passed detached and that guard never cha
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -139,18 +140,27 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
             dynamic[n_inputs + k] = [0]
     inner = copy_graph_module(gm)  # `gm` keeps its inputs: the program's state names are read from them
     used = drop_unused_inputs(inner)  # the adapters' own tensors, once hoisted, are read by the prologue only
-    detached = {i for i in used if i < n_state}
-    dynamic = {used.index(i): dims for i, dims in dynamic.items() if i in used}
+    detached = {k for k, i in enumerate(used) if i < n_state}
+    # dims to mark at every call (the call's own inputs) and where the prologue's values are new (a kept
+    # value is the same tensor at every decode step, and keeps its mark)
+    dynamic_calls = {used.index(i): dims for i, dims in dynamic.items() if i in used and i < n_inputs}
+    dynamic_kept = {used.index(i): dims for i, dims in dynamic.items() if i in used and i >= n_inputs}
     compiled = torch.compile(inner.forward, **options)
+    last_kept: tuple[Any, ...] = ()
 
     def forward(*inputs: Any) -> Any:
-        if prologue is not None:
-            inputs = (*inputs, *prologue(inputs))
+        nonlocal last_kept
+        kept = prologue(inputs) if prologue is not None else ()
+        every = (*inputs, *kept)
+        inputs = [every[i] for i in used]
         if not (captured.training and torch.is_grad_enabled()):
             # requires_grad is guarded on and set_adapter flips it: state that needs no grad goes in detached
-            inputs = [t.detach() if i in detached else t for i, t in enumerate(inputs)]
-        inputs = [inputs[i] for i in used]
-        for position, dims in dynamic.items():
+            inputs = [t.detach() if k in detached else t for k, t in enumerate(inputs)]
+        marks = dynamic_calls.items()
+        if len(kept) != len(last_kept) or not all(map(operator.is_, kept, last_kept)):
+            marks = [*marks, *dynamic_kept.items()]
+            last_kept = kept
+        for position, dims in marks:
             torch._dynamo.maybe_mark_dynamic(inputs[position], dims)
         return compiled(*inputs)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from peftc import unchanged
 from peftc.capture import CapturedGraph
 
 # (module, attribute) holding a tensor: looked up at call time, so replaced buffers are seen
@@ -40,8 +41,13 @@ class EagerProgram:
         self._where = [(module._parameters, module._buffers, module, attr) for module, attr in self.state]
 
     def __call__(self, flat_inputs: list[Any], extras: dict[str, Any] | None = None) -> Any:
-        state = [params[attr] if attr in params else buffers[attr] if attr in buffers else getattr(module, attr)
-                 for params, buffers, module, attr in self._where]
+        kept = unchanged.region()  # in a generate call the tensors are the same at every step: bound once
+        state = None if kept is None else kept.get(id(self))
+        if state is None:
+            state = [params[attr] if attr in params else buffers[attr] if attr in buffers else getattr(module, attr)
+                     for params, buffers, module, attr in self._where]
+            if kept is not None:
+                kept[id(self)] = state
         extra = [extras[name] for name in self.captured.extra_inputs] if self.captured.extra_inputs else []
         outputs = self.run(*state, *flat_inputs, *extra)
         n = len(self.mutated)

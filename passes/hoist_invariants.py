@@ -27,6 +27,7 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from peftc import unchanged
 from peftc.graph import ADDED_STATE, outline
 
 from .dispatch import INDEX
@@ -38,45 +39,64 @@ class KeptWhileInputsUnchanged(nn.Module):
     """Runs `body` and keeps its outputs; returns them again while called with the same inputs, unless
     autograd must see the computation. Float tensors are the same when they are the same tensor, unmodified
     (version counter: in-place writes; storage: `.data =`); integer tensors (the adapter index, made anew
-    for each call from `adapter_names`) when their values are equal."""
+    for each call from `adapter_names`) when their values are equal. Within `peftc.unchanged.state_unchanged()`
+    (a generate call) the float tensors are checked at the first call only."""
 
     def __init__(self, body: torch.fx.GraphModule) -> None:
         super().__init__()
         self.body = body
         self._key: tuple[Any, ...] | None = None
         self._outputs: Any = None
+        self._floats: list[int] = []  # positions of the float and integer inputs (the graph fixes them)
+        self._integers: list[int] | None = None
 
     def forward(self, *inputs: Any) -> Any:
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             return self.body(*inputs)
-        key = _key(inputs)
-        if key is not None and self._key is not None and _same(key, self._key):
+        if self._integers is None:
+            floats = [t.is_floating_point() or t.is_complex() for t in inputs]
+            self._floats = [i for i, f in enumerate(floats) if f]
+            self._integers = [i for i, f in enumerate(floats) if not f]
+        integers = [inputs[i] for i in self._integers]
+        kept = unchanged.region()
+        if (kept is not None and id(self) in kept and self._key is not None
+                and _same_integers(integers, self._key[3])):
             return self._outputs
-        outputs = self.body(*inputs)
-        self._key, self._outputs = key, (outputs if key is not None else None)
+        key = _key([inputs[i] for i in self._floats], integers)
+        if key is not None and self._key is not None and _same(key, self._key):
+            outputs = self._outputs
+        else:
+            outputs = self.body(*inputs)
+            self._key, self._outputs = key, (outputs if key is not None else None)
+        if kept is not None and key is not None:
+            kept[id(self)] = True  # the float inputs were checked in this region
         return outputs
 
 
-def _key(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+def _key(floats: list[torch.Tensor], integers: list[torch.Tensor]) -> tuple[Any, ...] | None:
     """What identifies the inputs: the float tensors themselves, their versions and storages; the integer
-    tensors' values. None where a version is not tracked (inference-mode tensors). Checked at every decode
-    step over every adapter tensor, so it is kept to a few list comprehensions."""
-    integers = [t for t in inputs if not (t.is_floating_point() or t.is_complex())]
-    floats = [t for t in inputs if t.is_floating_point() or t.is_complex()]
+    tensors' values. None where a version is not tracked (inference-mode tensors). Checked at every call over
+    every adapter tensor (outside `state_unchanged`), so it is kept to C-level maps."""
     try:
-        versions = [t._version for t in floats]
+        versions = list(map(_VERSION, floats))
     except RuntimeError:
         return None
-    return floats, versions, [t.data_ptr() for t in floats], [t.clone() for t in integers]
+    return floats, versions, list(map(torch.Tensor.data_ptr, floats)), [t.clone() for t in integers]
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def _same(new: tuple[Any, ...], old: tuple[Any, ...]) -> bool:
     floats, versions, pointers, integers = new
     old_floats, old_versions, old_pointers, old_integers = old
     return (len(floats) == len(old_floats) and all(map(operator.is_, floats, old_floats)) and versions == old_versions
-            and pointers == old_pointers and len(integers) == len(old_integers)
-            and all(a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
-                    for a, b in zip(integers, old_integers)))
+            and pointers == old_pointers and _same_integers(integers, old_integers))
+
+
+def _same_integers(new: list[torch.Tensor], old: list[torch.Tensor]) -> bool:
+    return len(new) == len(old) and all(a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+                                        for a, b in zip(new, old))
 
 
 def invariant_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
@@ -147,7 +167,7 @@ class Prologue:
 
     def __call__(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
         with torch.no_grad():  # the kept values are constants of the graph that reads them
-            return tuple(self.kept(*(inputs[i] for i in self.positions)))
+            return tuple(self.kept(*[inputs[i] for i in self.positions]))
 
 
 def split_hoisted(gm: torch.fx.GraphModule) -> Prologue | None:

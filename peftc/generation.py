@@ -33,6 +33,7 @@ from torch.export import Dim
 
 from .capture import CapturedGraph, lift, module_mode, progress, traced_as_forward
 from .errors import CaptureError, ConfigError
+from .unchanged import state_unchanged
 
 KIND = "kv"  # the program kind of the cache graph, beside plain forward graphs
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5  # >= 2 and distinct: no size specialises or unifies
@@ -364,7 +365,8 @@ def generate(am: Any, args: tuple, kwargs: dict, adapter_names: Sequence[str] | 
         proxy.forward = seq2seq_forward(am, source, run, adapter_index)
     else:
         proxy.forward = graph_forward(am, source, run, adapter_index)
-    return proxy.generate(*args, **kwargs)
+    with state_unchanged():  # nothing changes the model's tensors between tokens: they are bound and checked once
+        return proxy.generate(*args, **kwargs)
 
 
 def _prompt_batch(args: tuple, kwargs: dict) -> int | None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peftc.passes import hoist_invariants
 from peftc.passes.hoist_invariants import HOISTED, HoistAdapterInvariants, invariant_nodes
 
 import peftc
+from peftc.unchanged import state_unchanged
 from tests import zoo
 from tests.oracle import example, randomize_adapters
 
@@ -84,6 +86,26 @@ def test_kept_while_unchanged_and_recomputed_after_writes():
         other = ["b", "a", "__base__", "b"]
         torch.testing.assert_close(am(x, adapter_names=other), reference_with_base(am, x, other), atol=1e-6,
                                    rtol=1e-6)
+
+
+def test_in_a_state_unchanged_region_inputs_are_checked_at_the_first_call(monkeypatch):
+    am, x = two_adapters()
+    names, other = ["a", "b", "b", "a"], ["b", "a", "__base__", "b"]
+    with torch.no_grad():
+        want, want_other = reference(am, x, names), reference_with_base(am, x, other)
+    checks = []
+    key = hoist_invariants._key
+    monkeypatch.setattr(hoist_invariants, "_key", lambda *a: checks.append(a) or key(*a))
+    with torch.no_grad(), state_unchanged():
+        for _ in range(4):
+            torch.testing.assert_close(am(x, adapter_names=names), want, atol=1e-6, rtol=1e-6)
+        assert len(checks) == 1  # the adapters' tensors: once, not at every call
+        # another adapter index is still another choice
+        torch.testing.assert_close(am(x, adapter_names=other), want_other, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # outside a region: at every call
+        am(x, adapter_names=names)
+        am(x, adapter_names=names)
+    assert len(checks) == 4
 
 
 def reference_with_base(am: peftc.AdaptedModel, x: torch.Tensor, names: list[str]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from peftc.passes import hoist_invariants
 from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -162,6 +163,20 @@ def test_mixed_adapters_equal_single_and_peft(llama2) -> None:
     # the raw index spelling is the same generation
     index = torch.tensor([am.adapter_order.index("other"), -1, am.adapter_order.index("default")])
     assert torch.equal(run(am, inputs, adapter_index=index).sequences, mixed.sequences)
+
+
+@SHARED
+def test_adapters_are_checked_once_per_generate(llama2, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing changes the model's tensors between tokens (peftc.unchanged): the kept adapter values are checked
+    at the first step only, so a step does not grow with the adapters loaded."""
+    _, am, _ = llama2
+    inputs, names = prompts(), ["other", "default"]
+    warm = run(am, inputs, adapter_names=names)  # captured and rewritten
+    checks = []
+    key = hoist_invariants._key
+    monkeypatch.setattr(hoist_invariants, "_key", lambda *a: checks.append(a) or key(*a))
+    assert torch.equal(run(am, inputs, adapter_names=names).sequences, warm.sequences)
+    assert len(checks) == 1
 
 
 @SHARED
