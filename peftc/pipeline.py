@@ -13,6 +13,8 @@
                ──elide masks──▶ trivial attention masks dropped at run time   passes/attention_masks.py
                ──remat────────▶ layers recomputed in backward (train)          passes/remat.py
                or gates ──────▶ gated activations recomputed (train)          passes/recompute_gates.py
+               or accumulate ─▶ low-rank branches added in place (inference)  passes/accumulate_in_place.py
+                  then hoist ─▶ adapter-only work computed once (inference)  passes/hoist_invariants.py
 
 Every stage is a torch.fx `PassBase` with the conditions it requires and ensures; each list runs in a
 `PassManager`. `CHECK_PASSES` (set by the test suite) lints the graph after every pass.
@@ -28,6 +30,7 @@ from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from peftc.passes import InsertAdapters
+from peftc.passes.accumulate_in_place import AccumulateLowRankInPlace
 from peftc.passes.attention_masks import ElideAttentionMasks
 from peftc.passes.canonical_linear import LinearFromTransposedMatmul
 from peftc.passes.dispatch import DispatchAdapters
@@ -121,18 +124,20 @@ def loss_passes(base: CapturedGraph, adapters: AdapterSet) -> list[PassBase]:
     return [AddLossTerms(terms, index)] if index is not None else []
 
 
-def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: bool) -> torch.fx.GraphModule:
+def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: bool,
+                   autocast: bool = False) -> torch.fx.GraphModule:
     """What an eager program runs for the graph `gm`: a copy lowered for eager execution. Attention
     masks that are trivial at run time are dropped (a choice made from tensor values, which only
     eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
-    otherwise recompute gated activations; inference graphs compute what depends on the adapters'
-    tensors alone once, not at every call. None of this changes a value: `gm` stays the graph that
+    otherwise recompute gated activations; inference graphs add low-rank branches into their linear's
+    output in place (not for calls under `autocast`, which picks dtypes per op), and compute what depends
+    on the adapters' tensors alone once, not at every call. None of this changes a value: `gm` stays the graph that
     inspection, torch.compile and ONNX see (torch.compile runs the remat stage alone)."""
     stages: list[PassBase] = [ElideAttentionMasks()]
     if training:
         stages.append(CheckpointLayers(remat) if remat is not None else RecomputeGatedActivations())
     else:
-        stages.append(HoistAdapterInvariants())
+        stages += [HoistAdapterInvariants()] if autocast else [AccumulateLowRankInPlace(), HoistAdapterInvariants()]
     return run_passes(copy_graph_module(gm), stages)
 
 

@@ -91,6 +91,7 @@ class Programs:
         self.transformers = transformers
         self.captures = CaptureCache()
         self._programs: dict[tuple, EagerProgram] = {}
+        self._under_autocast: dict[tuple, EagerProgram] = {}  # inference programs for calls under autocast
         self.disabled = False
         self.remat: RematPlan | None = None  # gradient checkpointing: train graphs get the remat pass
         self.merged = MergedState()
@@ -117,15 +118,23 @@ class Programs:
             canonicalize(base)
             for evicted in self.captures.add(key, base):
                 self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
+                self._under_autocast = {k: p for k, p in self._under_autocast.items() if k[0] != id(evicted)}
         variant = self.variant(mixed)
         self.before_call(variant, training)
-        program = self._programs.get((id(base), variant))
+        slot = (id(base), variant)
+        program = self._programs.get(slot)
         if program is None:
             captured = rewrite(base, variant, self.tree, self.adapters, self.merged)
-            run = eager_lowering(captured.gm, self.remat, captured.training)
-            program = EagerProgram(captured, self.tree.resolve, run, self.written)
-            self._programs[(id(base), variant)] = program
+            program = self._programs[slot] = self._lowered(captured)
+        if not training and _autocast(flat):  # autocast picks each op's dtype: the same graph, lowered for it
+            if slot not in self._under_autocast:
+                self._under_autocast[slot] = self._lowered(program.captured, autocast=True)
+            program = self._under_autocast[slot]
         return program, flat
+
+    def _lowered(self, captured: CapturedGraph, autocast: bool = False) -> EagerProgram:
+        run = eager_lowering(captured.gm, self.remat, captured.training, autocast)
+        return EagerProgram(captured, self.tree.resolve, run, self.written)
 
     def before_call(self, variant: tuple, training: bool) -> None:
         """Let the methods of the adapters this call runs unmerged update their parameters first, as PEFT's
@@ -186,12 +195,13 @@ class Programs:
     def clear(self) -> None:
         """Forget the rewritten programs (the adapters changed); base captures stay valid."""
         self._programs.clear()
+        self._under_autocast.clear()
 
     def reset(self) -> None:
         """Forget the captures too (tensors moved to another dtype or device, which graphs bake in), and the
         values the last calls wrote (the tensors now hold them moved)."""
         self.captures.clear()
-        self._programs.clear()
+        self.clear()
         self.written.clear()
 
     def detached_copy(self, tree: ParameterTree, adapters: AdapterSet) -> Programs:
@@ -200,3 +210,9 @@ class Programs:
         other.captures = self.captures.copy()
         other.remat = self.remat
         return other
+
+
+def _autocast(flat: list[Any]) -> bool:
+    """Whether autocast is on for the device of the call's first tensor."""
+    device = next((t.device.type for t in flat if isinstance(t, torch.Tensor)), "cpu")
+    return torch.is_autocast_enabled(device)
