@@ -209,6 +209,7 @@ class AdapterSet:
                     live.clear()
                     live.update(before)
             self.configs, self.modules, self.tree.names, self.biases = books
+            self.tree.rehomed()
             raise
 
     # -- activating and removing ----------------------------------------------------------------

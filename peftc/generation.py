@@ -164,15 +164,6 @@ class LayerShape:
     dtype: torch.dtype
 
 
-def per_placement(am: Any, name: str, compute: Callable[[], Any]) -> Any:
-    """`compute()`, remembered on the model under `name` while its tensors keep their dtypes and devices."""
-    placement = frozenset(am.parameter_tree.placement())
-    cached = am.__dict__.get(name)
-    if cached is None or cached[0] != placement:
-        cached = am.__dict__[name] = (placement, compute())
-    return cached[1]
-
-
 def one_token_call(am: Any, *also: str) -> Any:
     """The source model's output for one token (given as `input_ids` and as each input named in `also`),
     eagerly: what a cache layout is read from."""
@@ -184,10 +175,10 @@ def one_token_call(am: Any, *also: str) -> Any:
 
 
 def cache_layout(am: Any) -> list[LayerShape]:
-    """Each cache layer's (kv heads, head dim, dtype), read off a one-token eager call of the model
-    (cached per placement). The graph's past inputs have these static dims; a prompt starts from
-    empty pasts of this layout."""
-    return per_placement(am, "_peftc_kv_layout", lambda: _cache_layout(am))
+    """Each cache layer's (kv heads, head dim, dtype), read off a one-token eager call of the model (kept until
+    the model moves to another dtype or device). The graph's past inputs have these static dims; a prompt
+    starts from empty pasts of this layout."""
+    return am.programs.remembered("kv cache layout", lambda: _cache_layout(am))
 
 
 def _cache_layout(am: Any) -> list[LayerShape]:

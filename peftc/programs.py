@@ -12,6 +12,7 @@ keeps at most `limit` of them and forgets the one used least recently, as torch.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,6 +98,7 @@ class Programs:
         self.merged = MergedState()
         # the state values the last calls wrote (`write_state`), with their gradient, by tensor name
         self.written: dict[str, torch.Tensor] = {}
+        self._facts: dict[str, Any] = {}  # what `remembered` read off the model as captured
 
     def call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The kwargs a graph is called with: peftc's defaults (use_cache=False), scalars in tensor form."""
@@ -135,6 +137,13 @@ class Programs:
     def _lowered(self, captured: CapturedGraph, autocast: bool = False) -> EagerProgram:
         run = eager_lowering(captured.gm, self.remat, captured.training, autocast)
         return EagerProgram(captured, self.tree.resolve, run, self.written)
+
+    def remembered(self, name: str, read: Callable[[], Any]) -> Any:
+        """`read()`, kept until the captures go (the tensors moved to another dtype or device): a fact read off
+        the model as its graphs were captured, such as its KV-cache layout, not read again at every call."""
+        if name not in self._facts:
+            self._facts[name] = read()
+        return self._facts[name]
 
     def before_call(self, variant: tuple, training: bool) -> None:
         """Let the methods of the adapters this call runs unmerged update their parameters first, as PEFT's
@@ -203,6 +212,7 @@ class Programs:
         self.captures.clear()
         self.clear()
         self.written.clear()
+        self._facts.clear()
 
     def detached_copy(self, tree: ParameterTree, adapters: AdapterSet) -> Programs:
         """Programs for a structural copy of the model (`fold`): the same base captures, no programs yet."""

@@ -37,7 +37,6 @@ from .generation import (
     cache_argument,
     export_as_forward,
     one_token_call,
-    per_placement,
 )
 
 EXAMPLE_SOURCE = 7  # encoder length of the examples: >= 2, distinct from the others
@@ -127,8 +126,9 @@ SEQ2SEQ = ProgramKind("seq2seq", capture_seq2seq)
 
 
 def cache_layout(am: Any) -> list[LayerShape]:
-    """Each decoder layer's self-attention cache shape, from a one-token eager call (cached per placement)."""
-    return per_placement(am, "_peftc_seq2seq_layout", lambda: _cache_layout(am))
+    """Each decoder layer's self-attention cache shape, from a one-token eager call (kept until the model moves
+    to another dtype or device)."""
+    return am.programs.remembered("seq2seq cache layout", lambda: _cache_layout(am))
 
 
 def _cache_layout(am: Any) -> list[LayerShape]:

@@ -121,6 +121,8 @@ class ParameterTree:
         self.source = source
         self.names: dict[str, str] = {}  # source FQN -> tree FQN
         self.replicated: list[list[int]] | None = None  # the layer_replication the source was built with
+        # for sync_source: (the source module's table, name, the tree module, name), while no tensor is re-homed
+        self._links: list[tuple[dict[str, Any], str, nn.Module, str]] | None = None
         for fqn, p in source.named_parameters(remove_duplicate=False):
             self.names[fqn] = names.base_key(fqn, set())
             set_tensor(root, self.names[fqn], p)
@@ -138,16 +140,23 @@ class ParameterTree:
     def tensor(self, fqn: str) -> torch.Tensor:
         return getattr(*self.resolve(fqn))
 
+    def rehomed(self) -> None:
+        """Tensors moved between modules other than by `set`/`remove` (a rollback): look their holders up anew."""
+        self._links = None
+
     def set(self, fqn: str, tensor: torch.Tensor, persistent: bool = True) -> None:
+        self._links = None
         set_tensor(self.root, fqn, tensor, persistent)
 
     def remove(self, fqn: str) -> None:
         """Drop the tensor at `fqn` if it is still there (a shared tensor goes with the first of its holders)."""
+        self._links = None
         module, attr = self.resolve(fqn)
         if hasattr(module, attr):
             delattr(module, attr)
 
     def prune(self) -> None:
+        self._links = None
         prune_empty_slots(self.root)
 
     def rename_base(self, adapted: set[str]) -> None:
@@ -165,12 +174,17 @@ class ParameterTree:
         self.prune()
 
     def sync_source(self) -> None:
-        """Point the source copy at the tree's current tensors (`.to()` replaces buffers, loads may swap)."""
-        for fqn, tree_fqn in self.names.items():
-            module_path, attr = names.split_module(fqn)
-            module = self.source.get_submodule(module_path)
-            table = module._parameters if attr in module._parameters else module._buffers
-            table[attr] = self.tensor(tree_fqn)
+        """Point the source copy at the tree's current tensors (`.to()` replaces buffers, loads may swap).
+        Done before every generate call: the modules holding each tensor are looked up once, not each time."""
+        if self._links is None:
+            self._links = []
+            for fqn, tree_fqn in self.names.items():
+                module_path, attr = names.split_module(fqn)
+                module = self.source.get_submodule(module_path)
+                table = module._parameters if attr in module._parameters else module._buffers
+                self._links.append((table, attr, *self.resolve(tree_fqn)))
+        for table, attr, holder, tree_attr in self._links:
+            table[attr] = getattr(holder, tree_attr)
 
     def replace_base(self, path: str, leaf: str, value: torch.Tensor) -> None:
         """A new frozen base tensor for module `path` (PiSSA/OLoRA's residual, LoftQ's dequantised weight), in the
