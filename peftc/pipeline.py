@@ -15,6 +15,7 @@
                or gates ──────▶ gated activations recomputed (train)          passes/recompute_gates.py
                or accumulate ─▶ low-rank branches added in place (inference)  passes/accumulate_in_place.py
                   then hoist ─▶ adapter-only work computed once (inference)  passes/hoist_invariants.py
+               ──bindings─────▶ ops called as eager code calls them         passes/python_bindings.py
 
 Every stage is a torch.fx `PassBase` with the conditions it requires and ensures; each list runs in a
 `PassManager`. `CHECK_PASSES` (set by the test suite) lints the graph after every pass.
@@ -39,6 +40,7 @@ from peftc.passes.hoist_invariants import HoistAdapterInvariants
 from peftc.passes.lora_params import ParamAdapter, RebindParameters
 from peftc.passes.loss_terms import AddLossTerms, loss_output_index, loss_terms
 from peftc.passes.modules_to_save import CopyAdapter
+from peftc.passes.python_bindings import CallPythonBindings
 from peftc.passes.rebind import Binding, RebindToTensors, partition
 from peftc.passes.recompute_gates import RecomputeGatedActivations
 from peftc.passes.remat import CheckpointLayers, RematPlan
@@ -131,14 +133,15 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
     otherwise recompute gated activations; inference graphs add low-rank branches into their linear's
     output in place (not for calls under `autocast`, which picks dtypes per op), and compute what depends
-    on the adapters' tensors alone once, not at every call. None of this changes a value: `gm` stays the graph that
+    on the adapters' tensors alone once, not at every call. Last, the most frequent ops are called through
+    torch's Python bindings, as eager code calls them. None of this changes a value: `gm` stays the graph that
     inspection, torch.compile and ONNX see (torch.compile runs the remat stage alone)."""
     stages: list[PassBase] = [ElideAttentionMasks()]
     if training:
         stages.append(CheckpointLayers(remat) if remat is not None else RecomputeGatedActivations())
     else:
         stages += [HoistAdapterInvariants()] if autocast else [AccumulateLowRankInPlace(), HoistAdapterInvariants()]
-    return run_passes(copy_graph_module(gm), stages)
+    return run_passes(copy_graph_module(gm), [*stages, CallPythonBindings()])
 
 
 def bind_tree_names(gm: torch.fx.GraphModule, tree: ParameterTree) -> None:
