@@ -75,8 +75,9 @@ def low_rank_sum(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torc
         if not (_linear(y) and _linear(d) and len(d.args) == 2 and len(y.users) == 1 and len(d.users) == 1):
             continue
         h = d.args[0]
-        if (_linear(h) and h.args[0] is y.args[0] and len(h.users) == 1 and _rank(y.args[0]) >= 2
-                and _static_width(y)):
+        x, out = _example(y.args[0]), _example(y)
+        if (_linear(h) and h.args[0] is y.args[0] and len(h.users) == 1 and x is not None and x.dim() >= 2
+                and out is not None and isinstance(out.shape[-1], int)):
             return y, h, d.args[1]
     return None
 
@@ -85,12 +86,7 @@ def _linear(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is LINEAR
 
 
-def _static_width(node: torch.fx.Node) -> bool:
+def _example(node: torch.fx.Node) -> torch.Tensor | None:
+    """The node's example value from the capture (None where a rewrite inserted it: not rewritten)."""
     val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and isinstance(val.shape[-1], int)
-
-
-def _rank(node: torch.fx.Node) -> int:
-    val = node.meta.get("val")
-    return val.dim() if isinstance(val, torch.Tensor) else 0  # unknown: not rewritten
-
+    return val if isinstance(val, torch.Tensor) else None

@@ -13,8 +13,9 @@
                ──elide masks──▶ trivial attention masks dropped at run time   passes/attention_masks.py
                ──remat────────▶ layers recomputed in backward (train)          passes/remat.py
                or gates ──────▶ gated activations recomputed (train)          passes/recompute_gates.py
-               or accumulate ─▶ low-rank branches added in place (inference)  passes/accumulate_in_place.py
-                  then hoist ─▶ adapter-only work computed once (inference)  passes/hoist_invariants.py
+               or accumulate ─▶ low-rank branches added in place (inference,  passes/accumulate_in_place.py
+                                not under autocast)
+               ──hoist────────▶ adapter-only work computed once (inference)  passes/hoist_invariants.py
                ──bindings─────▶ ops called as eager code calls them         passes/python_bindings.py
 
 Every stage is a torch.fx `PassBase` with the conditions it requires and ensures; each list runs in a
@@ -140,7 +141,9 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     if training:
         stages.append(CheckpointLayers(remat) if remat is not None else RecomputeGatedActivations())
     else:
-        stages += [HoistAdapterInvariants()] if autocast else [AccumulateLowRankInPlace(), HoistAdapterInvariants()]
+        if not autocast:
+            stages.append(AccumulateLowRankInPlace())
+        stages.append(HoistAdapterInvariants())
     return run_passes(copy_graph_module(gm), [*stages, CallPythonBindings()])
 
 

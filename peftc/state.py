@@ -141,22 +141,23 @@ class ParameterTree:
         return getattr(*self.resolve(fqn))
 
     def rehomed(self) -> None:
-        """Tensors moved between modules other than by `set`/`remove` (a rollback): look their holders up anew."""
+        """Tensors moved between modules (`set`, `remove`, `prune`, an add-adapter rollback): `sync_source` looks
+        their holders up anew."""
         self._links = None
 
     def set(self, fqn: str, tensor: torch.Tensor, persistent: bool = True) -> None:
-        self._links = None
+        self.rehomed()
         set_tensor(self.root, fqn, tensor, persistent)
 
     def remove(self, fqn: str) -> None:
         """Drop the tensor at `fqn` if it is still there (a shared tensor goes with the first of its holders)."""
-        self._links = None
+        self.rehomed()
         module, attr = self.resolve(fqn)
         if hasattr(module, attr):
             delattr(module, attr)
 
     def prune(self) -> None:
-        self._links = None
+        self.rehomed()
         prune_empty_slots(self.root)
 
     def rename_base(self, adapted: set[str]) -> None:
