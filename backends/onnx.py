@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ from peftc.graph import copy_graph_module
 from peftc.state import set_tensor
 
 from .compile import batch_size, inline_grad_blocks
-from .onnx_prologue import INDEX, FixedInputPrologue, split_fixed_inputs
+from .onnx_prologue import INDEX, FixedInputPrologue, run_ort, split_fixed_inputs
 
 MODES = ("merged", "switch", "inputs")
 METADATA_KEY = "peftc"
@@ -211,10 +211,10 @@ class OnnxAdapterSession:
             self.session = ort.InferenceSession(os.fspath(path), session_options, providers=providers)
         else:
             self.session = ort.InferenceSession(split.step.SerializeToString(), session_options, providers=providers)
+        self._device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if split is not None:
             prologue = ort.InferenceSession(split.prologue.SerializeToString(), session_options, providers=providers)
-            self._prologue = FixedInputPrologue(prologue, split)
-        device = self.session.get_providers()[0]
-        self._device = "cuda" if device == "CUDAExecutionProvider" else "cpu"
+            self._prologue = FixedInputPrologue(prologue, split, self._device)
         self._adapters: dict[str, dict[str, Any]] = {}  # inputs mode: name -> input name -> OrtValue
 
     @property
@@ -261,9 +261,10 @@ class OnnxAdapterSession:
         return {name: value.numpy() for name, value in self.run_values(inputs, adapter_names, adapter_index).items()}
 
     def run_values(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None,
-                   adapter_index: Any = None) -> dict[str, Any]:
+                   adapter_index: Any = None, on_device: Collection[str] = ()) -> dict[str, Any]:
         """As `run`, with ONNX Runtime's own `OrtValue`s out (and accepted in): a decode loop feeds the
-        present KV cache back as the next past without copying it into numpy and back."""
+        present KV cache back as the next past without copying it into numpy and back, and names it in
+        `on_device` so that on a GPU it stays there too."""
         import onnxruntime as ort
 
         feed = self._feed(inputs, adapter_names, adapter_index)
@@ -271,7 +272,7 @@ class OnnxAdapterSession:
             feed = self._prologue(feed)
         feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v, self._device, 0)
                 for k, v in feed.items()}
-        return dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feed)))
+        return dict(zip(self.output_names, run_ort(self.session, feed, self.output_names, self._device, on_device)))
 
     def _feed(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None,
               adapter_index: Any) -> dict[str, Any]:

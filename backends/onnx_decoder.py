@@ -181,11 +181,12 @@ def generate(session: Any, input_ids: Any, attention_mask: Any = None, max_new_t
     empty = {name % i: np.zeros((batch, heads, 0, head_dim), session.cache_dtype)
              for i, (heads, head_dim) in enumerate(session.cache) for name in PAST}
     feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty}
+    presents = {present % i for i in range(len(session.cache)) for present in PRESENT}
     finished = torch.zeros(batch, dtype=torch.bool)
     sequences = ids
     for step in range(max_new_tokens):
         # OrtValues: the presents go back in as the next step's past without a copy through numpy
-        out = session.run_values(feed, adapter_names=adapter_names, adapter_index=adapter_index)
+        out = session.run_values(feed, adapter_names=adapter_names, adapter_index=adapter_index, on_device=presents)
         scores = processors(sequences, torch.from_numpy(out["logits"].numpy()[:, -1, :]).float())
         if do_sample:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

@@ -25,7 +25,7 @@ file's weights would have to be rewritten into two new files.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -144,8 +144,9 @@ class FixedInputPrologue:
     """Runs a split's prologue and keeps its values while the fixed inputs are the same: equal arrays (the
     adapter index, made anew for each call), or the same OrtValue objects (a loaded adapter's tensors)."""
 
-    def __init__(self, session: Any, split: FixedInputSplit) -> None:
+    def __init__(self, session: Any, split: FixedInputSplit, device: str = "cpu") -> None:
         self.session = session
+        self.device = device
         self.carried = split.carried
         self.one_row_broadcasts = split.one_row_broadcasts
         self.fixed = [i.name for i in session.get_inputs()]
@@ -164,7 +165,8 @@ class FixedInputPrologue:
         if self._key is None or not all(map(_same_value, key, self._key)):
             values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
                       for k, v in fixed.items()}
-            self._values = dict(zip(self.carried, self.session.run_with_ort_values(self.carried, values)))
+            carried = run_ort(self.session, values, self.carried, self.device, on_device=self.carried)
+            self._values = dict(zip(self.carried, carried))
             self._key = key
         feed.update(self._values)
         return feed
@@ -174,3 +176,19 @@ def _same_value(new: Any, old: Any) -> bool:
     if isinstance(new, np.ndarray) and isinstance(old, np.ndarray):
         return new.shape == old.shape and new.dtype == old.dtype and bool(np.array_equal(new, old))
     return new is old
+
+
+def run_ort(session: Any, feed: dict[str, Any], outputs: Sequence[str], device: str = "cpu",
+            on_device: Collection[str] = ()) -> list[Any]:
+    """`session`'s `outputs` (OrtValues) for a feed of OrtValues. A plain run hands every output over in host
+    memory; on a GPU (`device` "cuda") the ones named in `on_device` (a decode loop's presents, a prologue's
+    values: read again by the next run) are bound to stay in device memory, the rest come to the host."""
+    if device == "cpu" or not on_device:
+        return session.run_with_ort_values(list(outputs), feed)
+    binding = session.io_binding()
+    for name, value in feed.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in outputs:
+        binding.bind_output(name, device if name in on_device else "cpu")
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()

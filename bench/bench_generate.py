@@ -7,6 +7,7 @@ exported ONNX decoders (bench_generate_ort.py): merged and switch through onnxru
     python bench/bench_generate.py --prompts 16 --batches 8 --rounds 2 --no-compile --no-ort
     python bench/bench_generate.py --compile-options '{"options": {"cpp_wrapper": true}}'
     python bench/bench_generate.py --only "ORT merged,ORT switch" --rounds 15 --no-compile   # one goal's ratio
+    python bench/bench_generate.py --device cuda            # torch on the GPU, ORT through its CUDA provider
 
 All-linear LoRA r=16 (random non-zero B), greedy, `min_new_tokens = max_new_tokens` so every call
 generates the same number of tokens. Candidates run interleaved in rounds with a rotating order after a
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--compile-options", default="{}", metavar="JSON",
                         help='compile_model keyword arguments, e.g. \'{"options": {"cpp_wrapper": true}}\'')
     parser.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime decoders")
+    parser.add_argument("--device", default="cpu",
+                        help="cuda: the torch rows on the GPU, the ORT rows through onnxruntime-gpu's CUDA provider")
     parser.add_argument("--only", default=None, metavar="LABELS",
                         help='time these candidates alone (comma-separated labels, e.g. "base HF,peftc eager"): '
                              "more rounds in the same time for the ratios of one goal")
@@ -50,6 +53,15 @@ def main() -> None:
     print(f"model: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params; {n} new tokens; "
           f"{args.threads} threads; {args.rounds} rounds, medians; LoRA r=16 all-linear", flush=True)
     am, pm = same_random_adapters(base, SPEC, args.adapters)
+    with_ort = not args.no_ort and (only is None or any(c.startswith(("ORT", "genai")) for c in only))
+    if with_ort:  # exported from the CPU model, once, before the torch rows move
+        from bench_generate_ort import exported
+
+        for mode in ("merged", "switch"):
+            exported(am, mode)
+    for model in (am, pm, base):
+        model.to(args.device)
+    done = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None  # a call's GPU work in its time
     folded = am.fold(["a0"])
     compiled = None
     if not args.no_compile:
@@ -62,9 +74,15 @@ def main() -> None:
         for batch in (int(x) for x in args.batches.split(",")):
             ids = torch.randint(1, base.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
             names = [f"a{i % args.adapters}" for i in range(batch)]
+            on_device = ids.to(args.device)
 
-            def gen(model: object, ids: torch.Tensor = ids, **extra: object) -> Callable[[], object]:
-                return lambda: model.generate(input_ids=ids, **options, **extra)
+            def gen(model: object, ids: torch.Tensor = on_device, **extra: object) -> Callable[[], object]:
+                def generate() -> object:
+                    out = model.generate(input_ids=ids, **options, **extra)
+                    done()
+                    return out
+
+                return generate
 
             candidates = {
                 "base HF": gen(base), "PEFT": gen(pm), "peftc eager": gen(am), "peftc folded": gen(folded),
@@ -72,13 +90,19 @@ def main() -> None:
             }
             if compiled is not None:
                 candidates["peftc compiled"] = gen(compiled)
-            if not args.no_ort and (only is None or any(c.startswith(("ORT", "genai")) for c in only)):
+            if with_ort:
                 from bench_generate_ort import ort_candidates
 
-                candidates.update(ort_candidates(am, ids, n, names, threads=args.threads))
+                candidates.update(ort_candidates(am, ids, n, names, threads=args.threads, device=args.device))
             start = time.time()
-            same = torch.equal(candidates["peftc eager"](), candidates["PEFT"]())
-            same_mixed = torch.equal(candidates["peftc mixed"](), candidates["PEFT mixed"]())
+            single, mixed = candidates["peftc eager"](), candidates["peftc mixed"]()
+            same = torch.equal(single, candidates["PEFT"]())
+            same_mixed = torch.equal(mixed, candidates["PEFT mixed"]())
+            checks = f"greedy ids equal PEFT's: {same}, mixed: {same_mixed}"
+            if with_ort:  # the decoders' tokens vs the torch graph's (unmerged, so the same arithmetic)
+                ort_single, ort_mixed = (torch.equal(torch.as_tensor(candidates[label]()), ours.cpu())
+                                         for label, ours in (("ORT switch", single), ("ORT switch mixed", mixed)))
+                checks += f"; ORT switch's equal peftc's: {ort_single}, mixed: {ort_mixed}"
             if only is not None:
                 candidates = {label: call for label, call in candidates.items() if label in only}
             samples = interleaved_samples(candidates, args.rounds, args.iters, args.warmup)
@@ -86,8 +110,8 @@ def main() -> None:
             noise = noise_of(samples)
 
             tokens = batch * n
-            print(f"prompt {prompt} batch {batch}: {time.time() - start:.0f} s; greedy ids equal PEFT's: {same}, "
-                  f"mixed: {same_mixed}; IQR/median {100 * noise:.0f}%", flush=True)
+            print(f"prompt {prompt} batch {batch}: {time.time() - start:.0f} s; {checks}; "
+                  f"IQR/median {100 * noise:.0f}%", flush=True)
             for name, seconds in t.items():
                 to_base = ratio(samples, name, "base HF")
                 print(f"  {name:18s} {seconds:8.3f} s  {tokens / seconds:8.1f} tok/s  /base {to_base:.3f}", flush=True)

@@ -45,16 +45,24 @@ def exported(am: Any, mode: str) -> str:
 
 
 def ort_candidates(am: Any, ids: torch.Tensor, new_tokens: int, names: Sequence[str], threads: int = 0,
-                   genai: bool = True) -> dict[str, Callable[[], Any]]:
-    """Label -> a call generating `new_tokens` greedily for the prompts `ids` (no padding)."""
+                   genai: bool = True, device: str = "cpu") -> dict[str, Callable[[], Any]]:
+    """Label -> a call generating `new_tokens` greedily for the prompts `ids` (no padding); on "cuda" through
+    onnxruntime-gpu's CUDA provider."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     first = am.adapter_order[0]
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        ort.preload_dlls()  # the CUDA libraries of the nvidia-* wheels torch uses
+        providers.insert(0, "CUDAExecutionProvider")
 
     def session(mode: str) -> OnnxAdapterSession:
-        return OnnxAdapterSession(os.path.join(exported(am, mode), "decoder.onnx"), ["CPUExecutionProvider"], options)
+        s = OnnxAdapterSession(os.path.join(exported(am, mode), "decoder.onnx"), providers, options)
+        if s.session.get_providers()[0] != providers[0]:
+            raise RuntimeError(f"onnxruntime did not take {providers[0]} (available: {ort.get_available_providers()})")
+        return s
 
     merged, switch = session("merged"), session("switch")
     batch = ids.shape[0]
