@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from peftc.backends.onnx_prologue import FixedInputPrologue, split_fixed_inputs
+from peftc.backends.onnx_prologue import FixedInputPrologue, run_ort, split_fixed_inputs
 
 SLOTS, IN, R, OUT = 3, 4, 2, 5  # slot 0: the zero adapter of base-only samples
 
@@ -113,3 +113,42 @@ def test_outputs_and_metadata_survive_the_cut() -> None:
     split = split_fixed_inputs(model, ["adapter_index"])
     assert [o.name for o in split.step.graph.output] == ["out"]
     assert {p.key: p.value for p in split.step.metadata_props} == {"peftc": "{}"}
+
+
+class BoundRun:
+    """A CPU session seen through IO binding, recording the device each output is bound to."""
+
+    def __init__(self, inner: ort.InferenceSession):
+        self.inner, self.inputs, self.bound, self.outputs = inner, {}, {}, []
+
+    def io_binding(self) -> BoundRun:
+        return self
+
+    def bind_ortvalue_input(self, name: str, value: Any) -> None:
+        self.inputs[name] = value
+
+    def bind_output(self, name: str, device: str) -> None:
+        self.bound[name] = device
+
+    def run_with_iobinding(self, binding: BoundRun) -> None:
+        self.outputs = self.inner.run_with_ort_values(list(self.bound), self.inputs)
+
+    def get_outputs(self) -> list[Any]:
+        return self.outputs
+
+    def run_with_ort_values(self, names: list[str], feed: dict[str, Any]) -> Any:
+        return self.inner.run_with_ort_values(names, feed)
+
+
+def test_run_ort_keeps_the_outputs_read_again_on_the_gpu() -> None:
+    split = split_fixed_inputs(site_model(), ["adapter_index"])
+    feed = {"adapter_index": ort.OrtValue.ortvalue_from_numpy(np.array([1, -1], dtype=np.int64))}
+    want = [v.numpy() for v in session(split.prologue).run_with_ort_values(split.carried, feed)]
+    recorder = BoundRun(session(split.prologue))
+    got = run_ort(recorder, feed, split.carried, "cuda", on_device={"A_rows"})
+    assert recorder.bound == {"A_rows": "cuda", "B_rows": "cpu"}  # what is not read again comes to the host
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.numpy(), w)
+    recorder.bound.clear()
+    run_ort(recorder, feed, split.carried, "cpu", on_device={"A_rows"})  # on the CPU, a plain run
+    assert recorder.bound == {}
