@@ -119,8 +119,7 @@ class Programs:
             base = (capture if kind is None else kind.capture)(self.tree.source, args, kwargs, training)
             canonicalize(base)
             for evicted in self.captures.add(key, base):
-                self._programs = {k: p for k, p in self._programs.items() if k[0] != id(evicted)}
-                self._under_autocast = {k: p for k, p in self._under_autocast.items() if k[0] != id(evicted)}
+                self._forget(evicted)
         variant = self.variant(mixed)
         self.before_call(variant, training)
         slot = (id(base), variant)
@@ -133,6 +132,12 @@ class Programs:
                 self._under_autocast[slot] = self._lowered(program.captured, autocast=True)
             program = self._under_autocast[slot]
         return program, flat
+
+    def _forget(self, base: CapturedGraph) -> None:
+        """Drop the programs rewritten from an evicted base graph, both lowerings."""
+        for programs in (self._programs, self._under_autocast):
+            for slot in [slot for slot in programs if slot[0] == id(base)]:
+                del programs[slot]
 
     def _lowered(self, captured: CapturedGraph, autocast: bool = False) -> EagerProgram:
         run = eager_lowering(captured.gm, self.remat, captured.training, autocast)
