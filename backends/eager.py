@@ -34,6 +34,7 @@ class EagerProgram:
         self.captured = captured
         self.written = written
         self.run = captured.gm if run is None else run
+        self.boxed = getattr(self.run, "_boxed_call", False)  # run(list) empties the list (`graph.boxed`)
         self.state = [resolve(name) for name in captured.state_names()]
         self.mutated = [resolve(name) for name in captured.mutated_state]
         # read at every call (every decode step), for each of a few hundred tensors: the module's own dicts first,
@@ -41,6 +42,7 @@ class EagerProgram:
         self._where = [(module._parameters, module._buffers, module, attr) for module, attr in self.state]
 
     def __call__(self, flat_inputs: list[Any], extras: dict[str, Any] | None = None) -> Any:
+        """The outputs for the call's flat inputs. A boxed program takes `flat_inputs` over (empties it)."""
         kept = unchanged.region()  # in a generate call the tensors are the same at every step: bound once
         state = None if kept is None else kept.get(id(self))
         if state is None:
@@ -49,7 +51,12 @@ class EagerProgram:
             if kept is not None:
                 kept[id(self)] = state
         extra = [extras[name] for name in self.captured.extra_inputs] if self.captured.extra_inputs else []
-        outputs = self.run(*state, *flat_inputs, *extra)
+        if self.boxed:  # the inputs are handed over: the graph frees each after its last use
+            inputs = [*state, *flat_inputs, *extra]
+            flat_inputs.clear()
+            outputs = self.run(inputs)
+        else:
+            outputs = self.run(*state, *flat_inputs, *extra)
         n = len(self.mutated)
         if n:
             # buffers the model updates in place (BatchNorm running stats) come back as outputs

@@ -205,13 +205,15 @@ Runner = Callable[..., Any]  # run(call kwargs, adapter index or None, kind) -> 
 
 def run_eager(am: Any) -> Runner:
     """Run a generation graph as the adapted model runs its programs (eager), with the model's variant
-    (active / disabled / merged adapters), or the mixed-adapter graph where an index is given."""
+    (active / disabled / merged adapters), or the mixed-adapter graph where an index is given. The call's
+    dict is taken over (emptied), so that the program can free each past once it has read it."""
 
     def run(kwargs: dict[str, Any], index: torch.Tensor | None, kind: ProgramKind) -> Any:
-        if index is None:
-            program, flat = am.programs.program((), kwargs, am.training, kind=kind)
+        mixed = index is not None
+        program, flat = am.programs.program((), kwargs, am.training, mixed=mixed, kind=kind)
+        kwargs.clear()
+        if not mixed:
             return program(flat)
-        program, flat = am.programs.program((), kwargs, am.training, mixed=True, kind=kind)
         return program(flat, {"adapter_index": am.programs.checked_index(index, flat)})
 
     return run
@@ -265,6 +267,10 @@ def graph_forward(am: Any, source: nn.Module, run: Runner, index: torch.Tensor |
             if isinstance(keep, torch.Tensor):
                 raise ConfigError("generate: logits_to_keep as a tensor of positions is not supported (an int is)")
             call["logits_to_keep"] = int(keep)
+        if past_len and use_cache is not False:  # the pasts go to the graph, which frees each after its
+            for layer in cache.layers:  # concatenation, as transformers' own layers do; the presents come back
+                layer.keys = layer.values = None
+        del keys, values  # the call holds them now, and the runner takes it over
         logits, presents_k, presents_v = run(call, _expanded(index, batch), KV)
         if cache is not None and use_cache is not False:
             _write_back(cache, presents_k, presents_v, past_len)

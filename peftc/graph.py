@@ -70,6 +70,18 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
+def boxed(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` called as `gm(inputs)` with one list it empties (fx's boxed calling convention), in place. fx frees
+    each value after its last use, but an input passed as `gm(*inputs)` stays alive in the caller's argument
+    tuple until the call returns: boxed, an input the caller handed over (a decode step's past keys and
+    values) is freed once the graph has read it. A torch without the convention leaves `gm` as it is."""
+    codegen = getattr(torch.fx.graph, "_BoxedCodeGen", None)
+    if codegen is not None:
+        gm.graph.set_codegen(codegen())
+        gm.recompile()
+    return gm
+
+
 def outline(gm: torch.fx.GraphModule, name: str, nodes: list[torch.fx.Node],
             wrap: Callable[[torch.fx.GraphModule], nn.Module], at: torch.fx.Node | None = None) -> torch.fx.Node:
     """Move `nodes` (in graph order) into a sub-GraphModule, wrapped by `wrap` and called from `gm` as `name`

@@ -50,7 +50,7 @@ from peftc.passes.state_writes import WriteBackState
 from .adapters import AdapterSet
 from .capture import STATE, CapturedGraph
 from .errors import ConfigError, PeftcError
-from .graph import copy_graph_module
+from .graph import boxed, copy_graph_module
 from .merge import MergedState
 from .method import Placement
 from .state import ParameterTree
@@ -135,8 +135,9 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     otherwise recompute gated activations; inference graphs add low-rank branches into their linear's
     output in place (not for calls under `autocast`, which picks dtypes per op), and compute what depends
     on the adapters' tensors alone once, not at every call. Last, the most frequent ops are called through
-    torch's Python bindings, as eager code calls them. None of this changes a value: `gm` stays the graph that
-    inspection, torch.compile and ONNX see (torch.compile runs the remat stage alone)."""
+    torch's Python bindings, as eager code calls them, and the program takes its inputs boxed (`graph.boxed`:
+    each freed after its last use). None of this changes a value: `gm` stays the graph that inspection,
+    torch.compile and ONNX see (torch.compile runs the remat stage alone)."""
     stages: list[PassBase] = [ElideAttentionMasks()]
     if training:
         stages.append(CheckpointLayers(remat) if remat is not None else RecomputeGatedActivations())
@@ -144,7 +145,7 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
         if not autocast:
             stages.append(AccumulateLowRankInPlace())
         stages.append(HoistAdapterInvariants())
-    return run_passes(copy_graph_module(gm), [*stages, CallPythonBindings()])
+    return boxed(run_passes(copy_graph_module(gm), [*stages, CallPythonBindings()]))
 
 
 def bind_tree_names(gm: torch.fx.GraphModule, tree: ParameterTree) -> None:

@@ -16,7 +16,7 @@ from torch.testing import FileCheck
 import peftc
 from peftc import pipeline
 from peftc.errors import TargetError
-from peftc.graph import adapter_nodes, copy_graph_module
+from peftc.graph import adapter_nodes, boxed, copy_graph_module
 from tests import zoo
 
 aten = torch.ops.aten
@@ -129,3 +129,11 @@ def test_a_pass_refusing_a_layer_reaches_the_caller_as_itself(mlp) -> None:
     with pytest.raises(Exception, match="'Refuses' pass") as e:
         pipeline.run_passes(fresh(base), [Refuses(RuntimeError("bug"))])
     assert isinstance(e.value.__cause__, RuntimeError)
+
+
+def test_a_boxed_graph_takes_its_inputs_list_over() -> None:
+    gm = boxed(torch.fx.symbolic_trace(lambda a, b: torch.cat([a, b]) * 2))
+    inputs = [torch.ones(2), torch.zeros(1)]
+    assert gm._boxed_call
+    assert torch.equal(gm(inputs), torch.tensor([2.0, 2.0, 0.0]))
+    assert inputs == []  # emptied: the graph's locals were the last references, dropped after their last use
