@@ -17,6 +17,7 @@
                                 not under autocast)
                ──hoist────────▶ adapter-only work computed once (inference)  passes/hoist_invariants.py
                ──bindings─────▶ ops called as eager code calls them         passes/python_bindings.py
+               then boxed ────▶ inputs taken over, each freed after its last use   graph.boxed
 
 Every stage is a torch.fx `PassBase` with the conditions it requires and ensures; each list runs in a
 `PassManager`. `CHECK_PASSES` (set by the test suite) lints the graph after every pass.
