@@ -15,6 +15,8 @@
                or gates ──────▶ gated activations recomputed (train)          passes/recompute_gates.py
                or accumulate ─▶ low-rank branches added in place (inference,  passes/accumulate_in_place.py
                                 not under autocast)
+               ──gqa──────────▶ SDPA reads grouped keys/values unexpanded     passes/grouped_query_attention.py
+                                (inference)
                ──hoist────────▶ adapter-only work computed once (inference)  passes/hoist_invariants.py
                ──bindings─────▶ ops called as eager code calls them         passes/python_bindings.py
                then boxed ────▶ inputs taken over, each freed after its last use   graph.boxed
@@ -38,6 +40,7 @@ from peftc.passes.attention_masks import ElideAttentionMasks
 from peftc.passes.canonical_linear import LinearFromTransposedMatmul
 from peftc.passes.dispatch import DispatchAdapters
 from peftc.passes.fold import FoldAdapters
+from peftc.passes.grouped_query_attention import AttendGroupedQueries
 from peftc.passes.hoist_invariants import HoistAdapterInvariants
 from peftc.passes.lora_params import ParamAdapter, RebindParameters
 from peftc.passes.loss_terms import AddLossTerms, loss_output_index, loss_terms
@@ -134,7 +137,8 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     masks that are trivial at run time are dropped (a choice made from tensor values, which only
     eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
     otherwise recompute gated activations; inference graphs add low-rank branches into their linear's
-    output in place (not for calls under `autocast`, which picks dtypes per op), and compute what depends
+    output in place (not for calls under `autocast`, which picks dtypes per op), attend with grouped
+    keys and values unexpanded, and compute what depends
     on the adapters' tensors alone once, not at every call. Last, the most frequent ops are called through
     torch's Python bindings, as eager code calls them, and the program takes its inputs boxed (`graph.boxed`:
     each freed after its last use). None of this changes a value: `gm` stays the graph that inspection,
@@ -145,7 +149,7 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     else:
         if not autocast:
             stages.append(AccumulateLowRankInPlace())
-        stages.append(HoistAdapterInvariants())
+        stages += [AttendGroupedQueries(), HoistAdapterInvariants()]
     return boxed(run_passes(copy_graph_module(gm), [*stages, CallPythonBindings()]))
 
 

@@ -412,20 +412,21 @@ def decode_peak_bytes(model: Any, ids: torch.Tensor, path: str) -> int:
     return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and e["ts"] > first)
 
 
-def test_a_decode_step_frees_each_past_after_its_concatenation(tmp_path: Any) -> None:
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_decode_step_holds_the_cache_once(tmp_path: Any, kv_heads: int) -> None:
     """The pasts are handed to the graph (boxed inputs) and each is freed once concatenated, as transformers'
-    own cache layers do: a step holds the cache about once, not the pasts and the presents both (2x)."""
+    own cache layers do: a step holds the cache about once, not the pasts and the presents both (2x); and
+    grouped-query attention (2 key/value heads for 4) reads them unexpanded, as HF's unmasked SDPA does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    # no grouped-query attention: the graph expands GQA's keys and values per layer (see the README's limits)
     cfg = LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096)
     base = LlamaForCausalLM(cfg).eval()
     am = peftc.apply(base, lora(["q_proj", "v_proj"])[0])
     randomize_adapters(am, seed=1)
     ids = torch.randint(1, zoo.VOCAB, (4, 2000), generator=torch.Generator().manual_seed(0))
-    cache = 2 * 2 * 4 * 4 * 2002 * 8 * 4  # layers x (keys, values) x batch x kv heads x length x head dim x fp32
+    cache = 2 * 2 * 4 * kv_heads * 2002 * 8 * 4  # layers x (keys, values) x batch x kv heads x length x head dim x 4
     am.generate(input_ids=ids[:, :8], max_new_tokens=2, pad_token_id=PAD)  # capture outside the profile
     ours = decode_peak_bytes(am, ids, str(tmp_path / "peftc.json"))
     theirs = decode_peak_bytes(base, ids, str(tmp_path / "hf.json"))
