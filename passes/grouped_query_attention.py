@@ -51,19 +51,19 @@ def _unexpanded(node: object) -> torch.fx.Node | None:
     if not _op(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
         return None
     expand = node.args[0]
-    if not _op(expand, aten.expand.default) or len(expand.args[1]) != 5 or not isinstance(expand.args[1][2], int):
+    if not _op(expand, aten.expand.default) or len(expand.args[1]) != 5:
         return None
+    heads, n_rep = expand.args[1][1:3]
     source = _through_identity_slices(expand.args[0])
     if not _op(source, aten.unsqueeze.default) or source.args[1] != 2 or len(source.users) != 1:
         return None
-    shape = node.args[1]
-    if len(shape) != 4 or shape[1] != _times(expand.args[1][1], expand.args[1][2]):
+    if not (isinstance(heads, int) and isinstance(n_rep, int)) or len(node.args[1]) != 4 or \
+            node.args[1][1] != heads * n_rep:
         return None
     keys = _through_identity_slices(source.args[0])
     # the expansion repeats heads only: every other dim is the source's own (no broadcast batch)
     before, after = _shape(keys), _shape(expand)
-    if before is None or after is None or len(before) != 4 or [before[i] for i in (0, 1, 2, 3)] != \
-            [after[i] for i in (0, 1, 3, 4)]:
+    if before is None or after is None or before != [after[i] for i in (0, 1, 3, 4)]:
         return None
     return keys
 
@@ -85,10 +85,6 @@ def _whole(node: torch.fx.Node) -> bool:
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
     return start in (None, 0) and (end is None or (isinstance(end, int) and end >= sys.maxsize)) and step == 1
-
-
-def _times(heads: object, n_rep: int) -> object:
-    return heads * n_rep if isinstance(heads, int) else None
 
 
 def _op(node: object, *targets: object) -> bool:
