@@ -246,12 +246,6 @@ def graph_forward(am: Any, source: nn.Module, run: Runner, index: torch.Tensor |
         past_len = cache.get_seq_length() if cache is not None else 0
         batch, seq = input_ids.shape
         device = input_ids.device
-        if past_len:
-            keys = tuple(layer.keys for layer in cache.layers)
-            values = tuple(layer.values for layer in cache.layers)
-        else:
-            empty = tuple(torch.zeros(batch, s.heads, 0, s.head_dim, dtype=s.dtype, device=device) for s in layout)
-            keys = values = empty
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones(batch, past_len + seq, dtype=torch.long, device=device)
@@ -260,17 +254,14 @@ def graph_forward(am: Any, source: nn.Module, run: Runner, index: torch.Tensor |
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(past_len, past_len + seq, device=device).expand(batch, seq)
-        call = {"attention_mask": mask.to(torch.long), "input_ids": input_ids.to(torch.long),
-                "past_keys": keys, "past_values": values, "position_ids": positions.to(torch.long)}
         keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor):
+            raise ConfigError("generate: logits_to_keep as a tensor of positions is not supported (an int is)")
+        call = {"attention_mask": mask.to(torch.long), "input_ids": input_ids.to(torch.long),
+                "position_ids": positions.to(torch.long),
+                **past_inputs(cache.layers if past_len else None, layout, batch, device, use_cache is not False)}
         if keep is not None:
-            if isinstance(keep, torch.Tensor):
-                raise ConfigError("generate: logits_to_keep as a tensor of positions is not supported (an int is)")
             call["logits_to_keep"] = int(keep)
-        if past_len and use_cache is not False:  # the pasts go to the graph, which frees each after its
-            for layer in cache.layers:  # concatenation, as transformers' own layers do; the presents come back
-                layer.keys = layer.values = None
-        del keys, values  # the call holds them now, and the runner takes it over
         logits, presents_k, presents_v = run(call, _expanded(index, batch), KV)
         if cache is not None and use_cache is not False:
             _write_back(cache, presents_k, presents_v, past_len)
@@ -279,6 +270,22 @@ def graph_forward(am: Any, source: nn.Module, run: Runner, index: torch.Tensor |
 
     forward.__signature__ = inspect.signature(source.forward)  # type: ignore[attr-defined]
     return forward
+
+
+def past_inputs(layers: Sequence[Any] | None, layout: Sequence[LayerShape], batch: int, device: torch.device,
+                hand_over: bool) -> dict[str, tuple[torch.Tensor, ...]]:
+    """A graph call's `past_keys` / `past_values`: the cache `layers`' tensors, or empty pasts of `layout` for a
+    prompt. Handed over, they are taken out of the layers (the presents are written back after the call), so
+    that the graph frees each past once it has concatenated it, as transformers' own layers do: a step then
+    holds the cache once, not the pasts and the presents both."""
+    if layers is None:
+        empty = tuple(torch.zeros(batch, s.heads, 0, s.head_dim, dtype=s.dtype, device=device) for s in layout)
+        return {"past_keys": empty, "past_values": empty}
+    keys, values = tuple(layer.keys for layer in layers), tuple(layer.values for layer in layers)
+    if hand_over:
+        for layer in layers:
+            layer.keys = layer.values = None
+    return {"past_keys": keys, "past_values": values}
 
 
 def _write_back(cache: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], past_len: int) -> None:

@@ -37,6 +37,7 @@ from .generation import (
     cache_argument,
     export_as_forward,
     one_token_call,
+    past_inputs,
 )
 
 EXAMPLE_SOURCE = 7  # encoder length of the examples: >= 2, distinct from the others
@@ -218,17 +219,12 @@ def seq2seq_forward(am: Any, source: nn.Module, run: Runner, index: torch.Tensor
                               "holds an EncoderDecoderCache of DynamicCaches")
         batch, device = ids.shape[0], ids.device
         past_len = cache.get_seq_length() if cache is not None else 0
-        if past_len:
-            own = cache.self_attention_cache.layers
-            keys, values = tuple(layer.keys for layer in own), tuple(layer.values for layer in own)
-        else:
-            keys = values = tuple(torch.zeros(batch, s.heads, 0, s.head_dim, dtype=s.dtype, device=device)
-                                  for s in layout)
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=device)
+        own = cache.self_attention_cache.layers if past_len else None
         call = {"attention_mask": mask.to(torch.long), "decoder_input_ids": ids.to(torch.long),
-                "encoder_hidden_states": hidden, "past_keys": keys, "past_values": values}
+                "encoder_hidden_states": hidden, **past_inputs(own, layout, batch, device, use_cache)}
         cross_ready = cache is not None and len(cache.is_updated) == len(layout) and all(cache.is_updated.values())
         if cross_ready:
             cross = cache.cross_attention_cache.layers
