@@ -21,6 +21,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from peftc.graph import example_value
+
 aten = torch.ops.aten
 LINEAR = aten.linear.default
 
@@ -75,7 +77,7 @@ def low_rank_sum(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torc
         if not (_linear(y) and _linear(d) and len(d.args) == 2 and len(y.users) == 1 and len(d.users) == 1):
             continue
         h = d.args[0]
-        x, out = _example(y.args[0]), _example(y)
+        x, out = example_value(y.args[0]), example_value(y)  # None where a rewrite inserted it: not rewritten
         if (_linear(h) and h.args[0] is y.args[0] and len(h.users) == 1 and x is not None and x.dim() >= 2
                 and out is not None and isinstance(out.shape[-1], int)):
             return y, h, d.args[1]
@@ -84,9 +86,3 @@ def low_rank_sum(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torc
 
 def _linear(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is LINEAR
-
-
-def _example(node: torch.fx.Node) -> torch.Tensor | None:
-    """The node's example value from the capture (None where a rewrite inserted it: not rewritten)."""
-    val = node.meta.get("val")
-    return val if isinstance(val, torch.Tensor) else None

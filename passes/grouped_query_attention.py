@@ -20,6 +20,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from peftc.graph import example_value
+
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 aten = torch.ops.aten
 
@@ -69,8 +71,8 @@ def _unexpanded(node: object) -> torch.fx.Node | None:
 
 
 def _shape(node: object) -> list[str] | None:
-    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return [str(d) for d in value.shape] if isinstance(value, torch.Tensor) else None
+    value = example_value(node)
+    return None if value is None else [str(d) for d in value.shape]
 
 
 def _through_identity_slices(node: object) -> object:

@@ -179,9 +179,16 @@ def adapter_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if ADAPTER in n.meta]
 
 
+def example_value(node: object) -> torch.Tensor | None:
+    """A node's example tensor from the capture (`meta["val"]`); None for a non-tensor value, or where a
+    rewrite inserted the node without one."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
 def dtype_of(node: torch.fx.Node) -> torch.dtype | None:
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) else None
+    val = example_value(node)
+    return None if val is None else val.dtype
 
 
 def cast(b: SiteBuilder, x: torch.fx.Node, src: torch.dtype | None, dst: torch.dtype | None) -> torch.fx.Node:

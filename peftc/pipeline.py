@@ -137,12 +137,12 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     masks that are trivial at run time are dropped (a choice made from tensor values, which only
     eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
     otherwise recompute gated activations; inference graphs add low-rank branches into their linear's
-    output in place (not for calls under `autocast`, which picks dtypes per op), attend with grouped
-    keys and values unexpanded, and compute what depends
-    on the adapters' tensors alone once, not at every call. Last, the most frequent ops are called through
-    torch's Python bindings, as eager code calls them, and the program takes its inputs boxed (`graph.boxed`:
-    each freed after its last use). None of this changes a value: `gm` stays the graph that inspection,
-    torch.compile and ONNX see (torch.compile runs the remat stage alone)."""
+    output in place (not for calls under `autocast`, which picks dtypes per op), attend with grouped keys and
+    values unexpanded, and compute what depends on the adapters' tensors alone once, not at every call.
+    Last, the most frequent ops are called through torch's Python bindings, as eager code calls them, and the
+    program takes its inputs boxed (`graph.boxed`: each freed after its last use). None of this changes a
+    value: `gm` stays the graph that inspection, torch.compile and ONNX see (torch.compile runs the remat
+    stage alone)."""
     stages: list[PassBase] = [ElideAttentionMasks()]
     if training:
         stages.append(CheckpointLayers(remat) if remat is not None else RecomputeGatedActivations())
