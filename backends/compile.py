@@ -37,7 +37,7 @@ from peftc.passes.remat import CheckpointLayers
 
 from peftc.capture import CapturedGraph, leading_size
 from peftc.errors import ConfigError
-from peftc.graph import copy_graph_module
+from peftc.graph import boxed, copy_graph_module
 
 WRAP_GRAD = torch.ops.higher_order.wrap_with_set_grad_enabled
 
@@ -80,6 +80,7 @@ class CompiledModel:
         slot = self._whole_batch_slot() if adapter_index is None else None
         mixed = adapter_index is not None or slot is not None
         program, flat = am.programs.program(args, kwargs, am.training, mixed=mixed, kind=kind)
+        kwargs.clear()  # taken over, as `generation.run_eager` does: the program frees each past once read
         extras = None
         if mixed:
             if adapter_index is None:
@@ -109,8 +110,8 @@ class CompiledModel:
         if program.captured.training and self.model.programs.remat is not None:
             CheckpointLayers(self.model.programs.remat)(gm)  # as the eager program does (dynamo traces checkpoint)
         prologue = None if program.captured.training else split_hoisted(gm)
-        gm.forward = _compiled_forward(gm, program.captured, self.options, prologue)
-        compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model.parameter_tree.resolve)
+        run = _compiled_forward(gm, program.captured, self.options, prologue)
+        compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model.parameter_tree.resolve, run)
         self._compiled[id(program)] = (program, compiled)
         return compiled
 
@@ -123,8 +124,9 @@ def compile_model(model: Any, **compile_options: Any) -> CompiledModel:
 
 def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options: dict[str, Any],
                       prologue: Prologue | None) -> Callable:
-    """`gm` compiled, called with the program's inputs; an inference graph's adapter invariants (LoRA's
-    stacked and gathered weights) are computed eagerly by `prologue`, kept across calls, and passed in."""
+    """`gm` compiled, called with the program's inputs as one list it takes over; an inference graph's adapter
+    invariants (LoRA's stacked and gathered weights) are computed eagerly by `prologue`, kept across calls,
+    and passed in."""
     n_state = len(captured.state_names())
     dynamic = {}  # input position -> the dims the captured graph keeps symbolic
     for i, check in enumerate(captured.input_checks):
@@ -145,14 +147,17 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
     # value is the same tensor at every decode step, and keeps its mark)
     dynamic_calls = {used.index(i): dims for i, dims in dynamic.items() if i in used and i < n_inputs}
     dynamic_kept = {used.index(i): dims for i, dims in dynamic.items() if i in used and i >= n_inputs}
+    steal = hand_over_inputs(inner)
     compiled = torch.compile(inner.forward, **options)
     last_kept: tuple[Any, ...] = ()
 
-    def forward(*inputs: Any) -> Any:
+    def forward(inputs: list[Any]) -> Any:
         nonlocal last_kept
         kept = prologue(inputs) if prologue is not None else ()
         every = (*inputs, *kept)
+        inputs.clear()  # taken over: the compiled graph frees each (a decode step's pasts) after its last use
         inputs = [every[i] for i in used]
+        del every
         if not (captured.training and torch.is_grad_enabled()):
             # requires_grad is guarded on and set_adapter flips it: state that needs no grad goes in detached
             inputs = [t.detach() if k in detached else t for k, t in enumerate(inputs)]
@@ -162,9 +167,21 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
             last_kept = kept
         for position, dims in marks:
             torch._dynamo.maybe_mark_dynamic(inputs[position], dims)
-        return compiled(*inputs)
+        return compiled(inputs) if steal else compiled(*inputs)
 
+    forward._boxed_call = True  # the program hands its list over
     return forward
+
+
+def hand_over_inputs(gm: torch.fx.GraphModule) -> bool:
+    """Make `gm` take its inputs as one list that dynamo hands to the compiled graph and empties, as it does
+    for compiled autograd's graphs: a compiled frame otherwise keeps every input alive until it returns, so a
+    decode step would hold its pasts and presents together. False (nothing changed) where torch lacks it."""
+    steal = getattr(torch._dynamo.utils, "set_locals_to_steal", None)
+    if steal is None or not boxed(gm)._boxed_call:
+        return False
+    steal(gm, ["args_list"])  # `graph.boxed`'s code names its list `args_list`
+    return True
 
 
 def drop_unused_inputs(gm: torch.fx.GraphModule) -> list[int]:

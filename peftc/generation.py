@@ -279,8 +279,9 @@ def past_inputs(layers: Sequence[Any] | None, layout: Sequence[LayerShape], batc
     that the graph frees each past once it has concatenated it, as transformers' own layers do: a step then
     holds the cache once, not the pasts and the presents both."""
     if layers is None:
-        empty = tuple(torch.zeros(batch, s.heads, 0, s.head_dim, dtype=s.dtype, device=device) for s in layout)
-        return {"past_keys": empty, "past_values": empty}
+        def empty() -> tuple[torch.Tensor, ...]:  # distinct tensors: a compiled graph's inputs may not repeat
+            return tuple(torch.zeros(batch, s.heads, 0, s.head_dim, dtype=s.dtype, device=device) for s in layout)
+        return {"past_keys": empty(), "past_values": empty()}
     keys, values = tuple(layer.keys for layer in layers), tuple(layer.values for layer in layers)
     if hand_over:
         for layer in layers:

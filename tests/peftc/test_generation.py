@@ -20,6 +20,7 @@ import peftc
 from peftc import generation
 from peftc.graph import adapter_nodes
 from tests import zoo
+from tests.memory import decode_peak_bytes, long_context
 from tests.oracle import make_pair, randomize_adapters
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -397,38 +398,14 @@ def test_encoder_decoder_matches_peft(name: str) -> None:
     assert kinds.count("encoder") == 1 and kinds.count("seq2seq") == 2
 
 
-def decode_peak_bytes(model: Any, ids: torch.Tensor, path: str) -> int:
-    """The most CPU memory allocated at once during the decode steps of a greedy generate (after its first
-    argmax: the prompt step's activations excluded), from the profiler's memory events."""
-    import json
-
-    from torch.profiler import profile
-
-    with profile(profile_memory=True) as prof:
-        model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=PAD)
-    prof.export_chrome_trace(path)
-    events = json.load(open(path))["traceEvents"]
-    first = min(e["ts"] for e in events if e.get("name") == "aten::argmax")
-    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and e["ts"] > first)
-
-
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_a_decode_step_holds_the_cache_once(tmp_path: Any, kv_heads: int) -> None:
     """The pasts are handed to the graph (boxed inputs) and each is freed once concatenated, as transformers'
     own cache layers do: a step holds the cache about once, not the pasts and the presents both (2x); and
     grouped-query attention (2 key/value heads for 4) reads them unexpanded, as HF's unmasked SDPA does."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096)
-    base = LlamaForCausalLM(cfg).eval()
-    am = peftc.apply(base, lora(["q_proj", "v_proj"])[0])
-    randomize_adapters(am, seed=1)
-    ids = torch.randint(1, zoo.VOCAB, (4, 2000), generator=torch.Generator().manual_seed(0))
-    cache = 2 * 2 * 4 * kv_heads * 2002 * 8 * 4  # layers x (keys, values) x batch x kv heads x length x head dim x 4
-    am.generate(input_ids=ids[:, :8], max_new_tokens=2, pad_token_id=PAD)  # capture outside the profile
-    ours = decode_peak_bytes(am, ids, str(tmp_path / "peftc.json"))
-    theirs = decode_peak_bytes(base, ids, str(tmp_path / "hf.json"))
-    assert ours < 1.6 * cache, (ours, cache)  # pasts and presents alive together would be >= 2x
+    case = long_context(kv_heads)
+    case.adapted.generate(input_ids=case.ids[:, :8], max_new_tokens=2, pad_token_id=PAD)  # capture outside the profile
+    ours = decode_peak_bytes(case.adapted, case.ids, str(tmp_path / "peftc.json"))
+    theirs = decode_peak_bytes(case.base, case.ids, str(tmp_path / "hf.json"))
+    assert ours < 1.6 * case.cache_bytes, (ours, case.cache_bytes)  # pasts and presents alive together: >= 2x
     assert ours <= 1.05 * theirs, (ours, theirs)
