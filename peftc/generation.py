@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
+from .cache_room import room_for
 from .capture import CapturedGraph, lift, module_mode, progress, traced_as_forward
 from .errors import CaptureError, ConfigError
 from .unchanged import state_unchanged
@@ -290,11 +291,10 @@ def past_inputs(layers: Sequence[Any] | None, layout: Sequence[LayerShape], batc
 
 
 def _write_back(cache: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], past_len: int) -> None:
-    if not past_len:  # an empty cache: let it create and initialise its layers
+    if not past_len:  # an empty cache: let it create and initialise its layers (with nothing, not a copy)
         for i, (k, v) in enumerate(zip(keys, values)):
-            cache.update(k, v, i)
-        return
-    for layer, k, v in zip(cache.layers, keys, values):
+            cache.update(k[..., :0, :], v[..., :0, :], i)
+    for layer, k, v in zip(cache.layers, keys, values):  # the presents themselves: the next step writes after them
         layer.keys, layer.values = k, v
 
 
@@ -356,9 +356,9 @@ def generate(am: Any, args: tuple, kwargs: dict, adapter_names: Sequence[str] | 
             raise ConfigError("adapter_names must be a list with one adapter name per sample")
         adapter_index = am.adapter_index(adapter_names)
     if adapter_index is not None:
-        prompts = _prompt_batch(args, kwargs)
-        if prompts is not None and adapter_index.dim() == 1 and adapter_index.shape[0] != prompts:
-            raise ConfigError(f"adapter_index has {adapter_index.shape[0]} entries for a batch of {prompts}")
+        prompts = _prompt_ids(args, kwargs)
+        if prompts is not None and adapter_index.dim() == 1 and adapter_index.shape[0] != prompts.shape[0]:
+            raise ConfigError(f"adapter_index has {adapter_index.shape[0]} entries for a batch of {prompts.shape[0]}")
     run = run_eager(am) if run is None else run
     am.parameter_tree.sync_source()
     proxy = copy.copy(source)  # the model's class, config and generation config; forward runs the graph
@@ -370,10 +370,23 @@ def generate(am: Any, args: tuple, kwargs: dict, adapter_names: Sequence[str] | 
         proxy.forward = seq2seq_forward(am, source, run, adapter_index)
     else:
         proxy.forward = graph_forward(am, source, run, adapter_index)
-    with state_unchanged():  # nothing changes the model's tensors between tokens: they are bound and checked once
+    # nothing changes the model's tensors between tokens: they are bound and checked once; and the cache's
+    # buffers are made with room for the tokens to come, which the decode steps write in place
+    with state_unchanged(), room_for(_tokens_to_come(config, args, kwargs, source.config)):
         return proxy.generate(*args, **kwargs)
 
 
-def _prompt_batch(args: tuple, kwargs: dict) -> int | None:
+def _prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
     ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    return ids.shape[0] if isinstance(ids, torch.Tensor) and ids.dim() >= 1 else None
+    return ids if isinstance(ids, torch.Tensor) and ids.dim() >= 1 else None
+
+
+def _tokens_to_come(config: Any, args: tuple, kwargs: dict, model_config: Any) -> int:
+    """How many positions a generation adds to its cache after the prompt, as transformers' generate counts
+    them: `max_new_tokens`, else `max_length` less the prompt (an encoder-decoder's decoder starts empty)."""
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is not None:
+        return int(new)
+    prompt = _prompt_ids(args, kwargs)
+    before = 0 if getattr(model_config, "is_encoder_decoder", False) or prompt is None else prompt.shape[-1]
+    return int(kwargs.get("max_length", getattr(config, "max_length", None) or 0)) - before

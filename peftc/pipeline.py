@@ -17,6 +17,8 @@
                                 not under autocast)
                ──gqa──────────▶ SDPA reads grouped keys/values unexpanded     passes/grouped_query_attention.py
                                 (inference)
+               ──cache────────▶ KV cache written in place, not concatenated  passes/write_cache_in_place.py
+                                (inference)
                ──hoist────────▶ adapter-only work computed once (inference)  passes/hoist_invariants.py
                ──bindings─────▶ ops called as eager code calls them         passes/python_bindings.py
                then boxed ────▶ inputs taken over, each freed after its last use   graph.boxed
@@ -50,6 +52,7 @@ from peftc.passes.rebind import Binding, RebindToTensors, partition
 from peftc.passes.recompute_gates import RecomputeGatedActivations
 from peftc.passes.remat import CheckpointLayers, RematPlan
 from peftc.passes.state_writes import WriteBackState
+from peftc.passes.write_cache_in_place import WriteCacheInPlace
 
 from .adapters import AdapterSet
 from .capture import STATE, CapturedGraph
@@ -138,7 +141,8 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     eager code can hold); train graphs then checkpoint whole layers where `remat` asks for it, and
     otherwise recompute gated activations; inference graphs add low-rank branches into their linear's
     output in place (not for calls under `autocast`, which picks dtypes per op), attend with grouped keys and
-    values unexpanded, and compute what depends on the adapters' tensors alone once, not at every call.
+    values unexpanded, write the KV cache in place, and compute what depends on the adapters' tensors alone
+    once, not at every call.
     Last, the most frequent ops are called through torch's Python bindings, as eager code calls them, and the
     program takes its inputs boxed (`graph.boxed`: each freed after its last use). None of this changes a
     value: `gm` stays the graph that inspection, torch.compile and ONNX see (torch.compile runs the remat
@@ -149,7 +153,7 @@ def eager_lowering(gm: torch.fx.GraphModule, remat: RematPlan | None, training: 
     else:
         if not autocast:
             stages.append(AccumulateLowRankInPlace())
-        stages += [AttendGroupedQueries(), HoistAdapterInvariants()]
+        stages += [AttendGroupedQueries(), WriteCacheInPlace(), HoistAdapterInvariants()]
     return boxed(run_passes(copy_graph_module(gm), [*stages, CallPythonBindings()]))
 
 

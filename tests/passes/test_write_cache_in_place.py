@@ -1,0 +1,74 @@
+"""Inference programs write each step's keys and values in place after the past
+(passes/write_cache_in_place.py): on small exported graphs (a cache layer's concatenation, and those the pass
+must leave alone), and in a Llama's generation graph (whose tokens and logits test_generation.py compares
+with PEFT's)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from peftc.passes.write_cache_in_place import CAT, WriteCacheInPlace
+
+import peftc
+from peftc.cache_room import appended, room_for
+from tests import zoo
+
+
+class CacheLayer(nn.Module):
+    """A layer's cache update as transformers' DynamicLayer makes it: the present is returned."""
+
+    def forward(self, past: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = torch.cat([past, x * 2], dim=-2)
+        return present.sum(-1), present
+
+
+class NotACache(nn.Module):
+    """Concatenations the pass must keep: an input read twice, along another dim, a result not returned."""
+
+    def forward(self, past: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        twice = torch.cat([past, past[:, :, :1]], dim=-2)
+        wide = torch.cat([x, x], dim=-1)
+        return twice, torch.cat([x, wide[..., :4]], dim=-2).sum()
+
+
+def lowered(module: nn.Module, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, bool]:
+    gm = torch.export.export(module, args).module()
+    for guard in gm.graph.find_nodes(op="call_module", target="_guards_fn"):  # as a capture drops it
+        gm.graph.erase_node(guard)
+    gm = torch.fx.GraphModule(gm, gm.graph)
+    return gm, WriteCacheInPlace()(gm).modified
+
+
+def test_the_cache_concatenation_becomes_an_append_in_place() -> None:
+    past, x = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 1, 4)
+    gm, modified = lowered(CacheLayer(), past, x)
+    assert modified
+    assert gm.graph.find_nodes(op="call_function", target=CAT) == []
+    assert len(gm.graph.find_nodes(op="call_function", target=appended)) == 1
+    with room_for(3):
+        summed, present = gm(past, x)
+        want = CacheLayer()(past, x)
+        assert torch.equal(summed, want[0]) and torch.equal(present, want[1])  # bit-equal
+        _, grown = gm(present, x)  # the next step writes into the room after `present`
+    assert grown._base is present._base and torch.equal(grown[..., :6, :], want[1])
+
+
+def test_other_concatenations_are_left_alone() -> None:
+    gm, modified = lowered(NotACache(), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 1, 4))
+    assert not modified
+    assert len(gm.graph.find_nodes(op="call_function", target=CAT)) == 3
+
+
+def test_a_llama_generation_graph_appends_every_layer_in_place() -> None:
+    am = peftc.apply(zoo.llama().model, {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj"]})
+    ids = torch.randint(1, zoo.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = am.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                      return_dict_in_generate=True)
+    programs = am.programs.live()  # the forward's and the KV-cache graph's
+    layers = len(out.past_key_values.layers)
+    appends = [n for p in programs for n in p.run.graph.find_nodes(op="call_function", target=appended)]
+    assert len(appends) == 2 * layers
+    captured = [n for p in programs for n in p.captured.gm.graph.find_nodes(op="call_function", target=CAT)]
+    assert sum(n.args[1] == -2 for n in captured) == 2 * layers  # what torch.compile and ONNX see
+    for layer in out.past_key_values.layers:  # the 3 decode steps wrote into the prompt step's buffers
+        assert layer.keys.shape[2] == 8 and layer.keys._base.shape[2] == 9
