@@ -30,11 +30,21 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from peftc.backends.eager import EagerProgram
 from peftc.passes.dispatch import BASE_ONLY
 from peftc.passes.hoist_invariants import Prologue, split_hoisted
 from peftc.passes.remat import CheckpointLayers
+from peftc.passes.write_cache_in_place import (
+    NEW_LENGTH,
+    PAST_LENGTH,
+    PRESENT,
+    SLOT,
+    WriteCacheIntoSlots,
+    past_length_input,
+)
 
+from peftc.cache_room import mark_latest, room_after
 from peftc.capture import CapturedGraph, leading_size
 from peftc.errors import ConfigError
 from peftc.graph import boxed, copy_graph_module
@@ -109,7 +119,10 @@ class CompiledModel:
         inline_grad_blocks(gm)
         if program.captured.training and self.model.programs.remat is not None:
             CheckpointLayers(self.model.programs.remat)(gm)  # as the eager program does (dynamo traces checkpoint)
-        prologue = None if program.captured.training else split_hoisted(gm)
+        prologue = None
+        if not program.captured.training:
+            WriteCacheIntoSlots()(gm)  # a KV graph writes the cache in place: no copy of it per step
+            prologue = split_hoisted(gm)
         run = _compiled_forward(gm, program.captured, self.options, prologue)
         compiled = EagerProgram(dataclasses.replace(program.captured, gm=gm), self.model.parameter_tree.resolve, run)
         self._compiled[id(program)] = (program, compiled)
@@ -137,6 +150,10 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
     n_inputs = n_state + len(captured.input_checks) + len(captured.extra_inputs)
     for i, _ in enumerate(captured.extra_inputs):  # adapter_index: one entry per sample
         dynamic[n_state + len(captured.input_checks) + i] = [0]
+    cache = CacheSlots.of(gm)
+    if cache is not None:  # the past's length, an input after the call's own
+        dynamic[cache.past_length] = [0]
+        n_inputs += 1
     for k, per_sample in enumerate(prologue.per_sample if prologue is not None else []):
         if per_sample:
             dynamic[n_inputs + k] = [0]
@@ -153,6 +170,8 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
 
     def forward(inputs: list[Any]) -> Any:
         nonlocal last_kept
+        if cache is not None:
+            cache.fill(inputs)
         kept = prologue(inputs) if prologue is not None else ()
         every = (*inputs, *kept)
         inputs.clear()  # taken over: the compiled graph frees each (a decode step's pasts) after its last use
@@ -167,10 +186,49 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
             last_kept = kept
         for position, dims in marks:
             torch._dynamo.maybe_mark_dynamic(inputs[position], dims)
-        return compiled(inputs) if steal else compiled(*inputs)
+        outputs = compiled(inputs) if steal else compiled(*inputs)
+        if cache is not None:
+            cache.mark_presents(outputs)
+        return outputs
 
     forward._boxed_call = True  # the program hands its list over
     return forward
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSlots:
+    """The cache inputs and outputs of a graph `WriteCacheIntoSlots` rewrote: which inputs take slot buffers,
+    where the new tokens' count is read, and which outputs are presents."""
+
+    slots: list[int]  # input positions
+    past_length: int  # input position
+    new_length: tuple[int, int]  # (input position, dim)
+    presents: list[int]  # output positions
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule) -> CacheSlots | None:
+        if NEW_LENGTH not in gm.meta:
+            return None
+        inputs = list(gm.graph.find_nodes(op="placeholder"))
+        slots = [i for i, node in enumerate(inputs) if node.meta.get(SLOT)]
+        (past_length,) = [i for i, node in enumerate(inputs) if node.meta.get(PAST_LENGTH)]
+        outputs = pytree.tree_leaves(gm.graph.output_node().args[0])
+        presents = [i for i, node in enumerate(outputs) if isinstance(node, torch.fx.Node) and node.meta.get(PRESENT)]
+        return cls(slots, past_length, gm.meta[NEW_LENGTH], presents)
+
+    def fill(self, inputs: list[Any]) -> None:
+        """Each past in `inputs` replaced by a slot buffer holding it with room for the new tokens, and the
+        past's length appended."""
+        position, dim = self.new_length
+        count, past = inputs[position].shape[dim], inputs[self.slots[0]]
+        length = past.shape[2]
+        for i in self.slots:
+            inputs[i] = room_after(inputs[i], count)
+        inputs.insert(self.past_length, past_length_input(length, past))
+
+    def mark_presents(self, outputs: Sequence[Any]) -> None:
+        for i in self.presents:
+            mark_latest(outputs[i])
 
 
 def hand_over_inputs(gm: torch.fx.GraphModule) -> bool:

@@ -35,22 +35,37 @@ def room_for(tokens: int) -> Iterator[None]:
         _ROOM.reset(token)
 
 
-def appended(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """`torch.cat([past, new], dim=-2)`, written into the room after `past` where `past` is the latest view
-    of a buffer this function made and the room suffices, else into a new buffer with room."""
+def room_after(past: torch.Tensor, count: int) -> torch.Tensor:
+    """A buffer whose first positions (dim -2) hold `past` and that has room for `count` more: past's own
+    buffer where past is the latest view of it and the room suffices (nothing copied, and past is no longer
+    the latest: one step grows it), else a new buffer with room for the tokens to come, past copied in."""
     dim = past.dim() - 2
-    length, count = past.shape[dim], new.shape[dim]
+    length = past.shape[dim]
     latest = _latest.pop(id(past), None)
     buffer = past._base
+    if latest is not None and latest() is past and buffer is not None and buffer.shape[dim] >= length + count:
+        return buffer
+    size = list(past.shape)
+    size[dim] = length + count + _ROOM.get()
+    buffer = past.new_empty(size)
+    buffer.narrow(dim, 0, length).copy_(past)
+    return buffer
+
+
+def mark_latest(view: torch.Tensor) -> None:
+    """`view` (of a buffer from `room_after`) is the one the next step may grow in place."""
+    key = id(view)
+    _latest[key] = weakref.ref(view, lambda ref: _latest.pop(key) if _latest.get(key) is ref else None)
+
+
+def appended(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`torch.cat([past, new], dim=-2)`, written into the room after `past` where `past` is the latest view
+    of a buffer and the room suffices, else into a new buffer with room."""
+    dim = past.dim() - 2
     if new.dtype != past.dtype:
         return torch.cat([past, new], dim=dim)  # promotes, as the graph's concatenation does
-    if latest is None or latest() is not past or buffer is None or buffer.shape[dim] < length + count:
-        size = list(new.shape)
-        size[dim] = length + count + _ROOM.get()
-        buffer = new.new_empty(size)
-        buffer.narrow(dim, 0, length).copy_(past)
-    grown = buffer.narrow(dim, 0, length + count)
+    length, count = past.shape[dim], new.shape[dim]
+    grown = room_after(past, count).narrow(dim, 0, length + count)
     grown.narrow(dim, length, count).copy_(new)
-    key = id(grown)
-    _latest[key] = weakref.ref(grown, lambda ref: _latest.pop(key) if _latest.get(key) is ref else None)
+    mark_latest(grown)
     return grown

@@ -242,3 +242,24 @@ def embedding_model() -> Case:
 FACTORIES = {f.__name__: f for f in (llama, gpt2, bert, bert_seq_cls, minilm, mlp, chain, cnn, conv1d_seq, conv3d_net,
                                       embedding_model,
                                       electra, albert, falcon)}
+
+
+def bart_lm() -> nn.Module:
+    """A BART for generation (generate captures its own graphs: no example inputs)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def t5_lm() -> nn.Module:
+    """A T5 for generation."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()

@@ -90,3 +90,38 @@ def test_a_compiled_decode_step_holds_the_cache_once(tmp_path) -> None:
         assert ours <= 1.1 * theirs, (ours, theirs)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_compiled_generate_grows_one_buffer_per_layer() -> None:
+    """A compiled decode step writes its keys and values into the room after the past, in place
+    (passes/write_cache_in_place.py: WriteCacheIntoSlots): the returned cache's layers are views of the
+    buffers the prompt step made."""
+    torch._dynamo.reset()
+    am = peftc.apply(zoo.llama().model, {"peft_type": "LORA", "r": 4, "target_modules": TARGETS})
+    try:
+        with torch.no_grad():
+            out = compile_model(am).generate(input_ids=ids(2, 5), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                             return_dict_in_generate=True)
+            assert torch.equal(out.sequences, am.generate(input_ids=ids(2, 5), max_new_tokens=4, do_sample=False,
+                                                          pad_token_id=0))
+    finally:
+        torch._dynamo.reset()
+    for layer in out.past_key_values.layers:  # the 3 decode steps wrote into the prompt step's buffers
+        assert layer.keys.shape[2] == 8 and layer.keys._base.shape[2] == 9
+
+
+def test_a_compiled_encoder_decoder_generates_as_the_eager_one() -> None:
+    """BART: the encoder graph and the decoder graphs (first step, later steps: their self-attention cache
+    written into slots) compiled; greedy and beam search give the eager program's tokens."""
+    torch._dynamo.reset()
+    am = peftc.apply(zoo.bart_lm(), {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj", "fc1"]})
+    randomize_adapters(am, seed=1)
+    prompts = torch.randint(3, zoo.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    compiled = compile_model(am)
+    try:
+        with torch.no_grad():
+            for beams in (1, 2):
+                options = {"max_new_tokens": 5, "min_new_tokens": 5, "num_beams": beams, "pad_token_id": 1}
+                assert torch.equal(generate(compiled, prompts, **options), generate(am, prompts, **options))
+    finally:
+        torch._dynamo.reset()

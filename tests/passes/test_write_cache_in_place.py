@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from peftc.passes.write_cache_in_place import CAT, WriteCacheInPlace
+from peftc.passes.write_cache_in_place import (
+    CAT,
+    NEW_LENGTH,
+    SLOT,
+    WriteCacheInPlace,
+    WriteCacheIntoSlots,
+    past_length_input,
+)
+from torch.export import Dim
 
 import peftc
-from peftc.cache_room import appended, room_for
+from peftc.cache_room import appended, room_after, room_for
 from tests import zoo
 
 
@@ -31,11 +39,24 @@ class NotACache(nn.Module):
         return twice, torch.cat([x, wide[..., :4]], dim=-2).sum()
 
 
-def lowered(module: nn.Module, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, bool]:
-    gm = torch.export.export(module, args).module()
+class CacheStep(nn.Module):
+    """A step that also reads the past's length and the new tokens' count (as the mask's length is read)."""
+
+    def forward(self, ids: torch.Tensor, past: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = torch.cat([past, x * 2], dim=-2)
+        return present.sum(-1) * (past.shape[2] + ids.shape[1]), present
+
+
+def exported(module: nn.Module, *args: torch.Tensor, dynamic: dict | None = None) -> torch.fx.GraphModule:
+    gm = torch.export.export(module, args, dynamic_shapes=dynamic).module()
     for guard in gm.graph.find_nodes(op="call_module", target="_guards_fn"):  # as a capture drops it
         gm.graph.erase_node(guard)
-    gm = torch.fx.GraphModule(gm, gm.graph)
+    gm.graph.set_codegen(torch.fx.graph.CodeGen())  # positional inputs, as a capture's graph takes them
+    return torch.fx.GraphModule(gm, gm.graph)
+
+
+def lowered(module: nn.Module, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, bool]:
+    gm = exported(module, *args)
     return gm, WriteCacheInPlace()(gm).modified
 
 
@@ -72,3 +93,23 @@ def test_a_llama_generation_graph_appends_every_layer_in_place() -> None:
     assert sum(n.args[1] == -2 for n in captured) == 2 * layers  # what torch.compile and ONNX see
     for layer in out.past_key_values.layers:  # the 3 decode steps wrote into the prompt step's buffers
         assert layer.keys.shape[2] == 8 and layer.keys._base.shape[2] == 9
+
+
+def test_compiled_programs_write_into_slot_buffers() -> None:
+    """The torch.compile lowering: the past input becomes a slot buffer with room, its length a last input,
+    and the step writes its keys into the room; the outputs equal the concatenating step's."""
+    ids, past, x = torch.ones(2, 3, dtype=torch.long), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 3, 4)
+    seq = Dim("seq")
+    gm = exported(CacheStep(), ids, past, x, dynamic={"ids": {1: seq}, "past": {2: Dim("past")}, "x": {2: seq}})
+    assert WriteCacheIntoSlots()(gm).modified
+    assert [n.args[1] for n in gm.graph.find_nodes(op="call_function", target=CAT)] == []
+    assert [n.name for n in gm.graph.find_nodes(op="placeholder") if n.meta.get(SLOT)] == ["past"]
+    assert gm.meta[NEW_LENGTH] == (0, 1)  # the new tokens' count is the ids' length
+    with room_for(2):
+        slot = room_after(past, 3)
+    assert slot.shape[2] == 10 and torch.equal(slot[:, :, :5], past)
+    got = gm(ids, slot, x, past_length_input(5, past))
+    want = CacheStep()(ids, past, x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[1].data_ptr() == slot.data_ptr() and torch.equal(slot[:, :, :8], want[1])  # written in place
+

@@ -346,26 +346,7 @@ def test_not_a_generative_model() -> None:
 # -- encoder-decoder ---------------------------------------------------------------------------------------
 
 
-def bart() -> torch.nn.Module:
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    cfg = BartConfig(vocab_size=zoo.VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
-                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
-    return BartForConditionalGeneration(cfg).eval()
-
-
-def t5() -> torch.nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=zoo.VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return T5ForConditionalGeneration(cfg).eval()
-
-
-SEQ2SEQ = {"bart": (bart, ["q_proj", "v_proj", "fc1"], 1), "t5": (t5, ["q", "v", "wi"], 0)}
+SEQ2SEQ = {"bart": (zoo.bart_lm, ["q_proj", "v_proj", "fc1"], 1), "t5": (zoo.t5_lm, ["q", "v", "wi"], 0)}
 
 
 @pytest.mark.parametrize("name", list(SEQ2SEQ))
