@@ -33,6 +33,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from peftc.backends.eager import EagerProgram
 from peftc.passes.dispatch import BASE_ONLY
+from peftc.passes.grouped_query_attention import AttendGroupedQueries
 from peftc.passes.hoist_invariants import Prologue, split_hoisted
 from peftc.passes.remat import CheckpointLayers
 from peftc.passes.write_cache_in_place import (
@@ -121,6 +122,7 @@ class CompiledModel:
             CheckpointLayers(self.model.programs.remat)(gm)  # as the eager program does (dynamo traces checkpoint)
         prologue = None
         if not program.captured.training:
+            AttendGroupedQueries()(gm)  # grouped keys and values read unexpanded: no copy per query head
             WriteCacheIntoSlots()(gm)  # a KV graph writes the cache in place: no copy of it per step
             prologue = split_hoisted(gm)
         run = _compiled_forward(gm, program.captured, self.options, prologue)

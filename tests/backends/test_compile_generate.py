@@ -74,16 +74,20 @@ def test_compiled_generate_never_recompiles_after_warmup() -> None:
         torch._dynamo.reset()
 
 
-def test_a_compiled_decode_step_holds_the_cache_once(tmp_path) -> None:
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_compiled_decode_step_holds_the_cache_once(tmp_path, kv_heads: int) -> None:
     """The compiled program takes its inputs over as the eager one does (dynamo hands the list to the compiled
-    graph, which frees each past once concatenated): a step holds the cache about once, as HF's does, where
-    the compiled frame used to keep the pasts alive beside the presents (2x the cache)."""
+    graph) and writes each step into the room after the past: a step holds the cache about once, as HF's
+    does, where the compiled frame used to keep the pasts alive beside the presents (2x the cache); and
+    grouped-query attention (2 key/value heads for 4) reads the cache unexpanded."""
     torch._dynamo.reset()
-    case = long_context(kv_heads=4)  # grouped queries stay expanded under compile: a full-head model
+    case = long_context(kv_heads)
     compiled = compile_model(case.adapted)
     try:
         with torch.no_grad():
-            generate(compiled, case.ids[:, :8], max_new_tokens=3)  # compile outside the profile
+            prompts = case.ids[:, :8]  # compile outside the profile, and compare with the eager program
+            assert torch.equal(generate(compiled, prompts, max_new_tokens=3), generate(case.adapted, prompts,
+                                                                                     max_new_tokens=3))
             ours = decode_peak_bytes(compiled, case.ids, str(tmp_path / "compiled.json"))
             theirs = decode_peak_bytes(case.base, case.ids, str(tmp_path / "hf.json"))
         assert ours < 1.6 * case.cache_bytes, (ours, case.cache_bytes)
