@@ -13,6 +13,10 @@ call with one active adapter runs it with that adapter's index for every sample;
 disabled, with index -1 (base only). Batch and sequence dims are marked dynamic where the
 captured graph has them symbolic.
 
+Inference graphs are lowered before compiling, as the eager ones are where dynamo can trace it: grouped
+keys and values read unexpanded, a KV graph's cache written into slot inputs in place (a decode step copies
+its new keys, not the cache), and the adapters' invariants computed eagerly and passed in.
+
 What still compiles: a new call signature or mode (it is a new graph), adding or deleting an
 adapter (the mixed graph gains or loses inputs), and the states the mixed graph cannot express,
 several active adapters summed or merged adapters, which compile their own graph once each.
