@@ -3,8 +3,12 @@ past, where transformers' DynamicCache concatenates and so copies the whole cach
 bench model at a 512-token prompt and batch 8, about a third of a CPU decode step).
 
 `appended(past, new)` equals `torch.cat([past, new], dim=-2)`. Its result is a view of a buffer with room
-for the tokens still to come (`room_for`, set by generate); when that view comes back as the next step's
-past, the step's keys are written into the room and a longer view of the same buffer is returned. Nothing
+after it; when that view comes back as the next step's past, the step's keys are written into the room and
+a longer view of the same buffer is returned. The room is a quarter of what the buffer holds, at least 64
+positions, and never more than the generation's tokens to come (`room_for`, set by generate): a buffer
+outgrown is copied into a larger one (a few copies over a long generation, where transformers copies at
+every step), and memory stays within 1.25x of the cache plus 64 positions when a generation stops early,
+not the static cache's reservation for `max_new_tokens`. Nothing
 visible through a view is ever written: only the room after the latest view of a buffer, and only by the
 step given that very view (the registry below keeps one latest view per buffer, by identity, and a step
 takes it out). Any other past, a reordered beam, a cropped cache or a caller's own tensors, is copied into
@@ -21,13 +25,14 @@ from contextvars import ContextVar
 import torch
 
 _ROOM: ContextVar[int] = ContextVar("peftc_cache_room", default=0)
+MIN_ROOM = 64  # positions: a buffer's room is at least this, a quarter of what it holds otherwise
 _latest: dict[int, weakref.ref] = {}  # id(view) -> the view: the latest view of its buffer, free to grow
 
 
 @contextlib.contextmanager
 def room_for(tokens: int) -> Iterator[None]:
-    """Within: a new buffer has room for `tokens` more positions than the call needs (a generation's new
-    tokens), so that the steps after it write in place."""
+    """Within: a new buffer has room for up to `tokens` more positions than the call needs (a generation's
+    new tokens), so that the steps after it write in place."""
     token = _ROOM.set(max(int(tokens), 0))
     try:
         yield
@@ -46,7 +51,7 @@ def room_after(past: torch.Tensor, count: int) -> torch.Tensor:
     if latest is not None and latest() is past and buffer is not None and buffer.shape[dim] >= length + count:
         return buffer
     size = list(past.shape)
-    size[dim] = length + count + _ROOM.get()
+    size[dim] = length + count + min(_ROOM.get(), max(MIN_ROOM, (length + count) // 4))
     buffer = past.new_empty(size)
     buffer.narrow(dim, 0, length).copy_(past)
     return buffer

@@ -3,9 +3,11 @@ of a buffer it made, and never into anything a view already shows."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from peftc.cache_room import appended, room_for
+from peftc.cache_room import MIN_ROOM, appended, room_for
 
 
 def layer(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -59,3 +61,27 @@ def test_without_room_each_step_copies_and_dtypes_promote() -> None:
     assert grown._base is not cache._base and torch.equal(grown[..., :3, :], cache)
     half = appended(cache, layer(1, 1, 1).half())
     assert half.dtype == torch.float32 and torch.equal(half, torch.cat([cache, layer(1, 1, 1).half()], dim=-2))
+
+
+def test_the_room_is_bounded_and_an_outgrown_buffer_is_replaced() -> None:
+    """A long generation does not reserve its whole length: the room is a quarter of the buffer's contents,
+    at least MIN_ROOM positions; past it, the next step copies into a larger buffer."""
+    with room_for(10_000):
+        cache = appended(layer(1, 0), layer(1, 300))
+        assert cache._base.shape[2] == 300 + 75
+        first = cache._base
+        for seed in range(75):
+            cache = appended(cache, layer(1, 1, seed))
+        assert cache._base is first
+        cache = appended(cache, layer(1, 1, 75))
+        assert cache._base is not first and cache._base.shape[2] == 376 + 94
+    with room_for(10_000):
+        assert appended(layer(1, 0), layer(1, 8))._base.shape[2] == 8 + MIN_ROOM
+
+
+def test_a_buffer_goes_with_its_last_view() -> None:
+    with room_for(4):
+        cache = appended(layer(1, 0), layer(1, 3))
+    buffer = weakref.ref(cache._base)
+    del cache
+    assert buffer() is None  # the registry keeps no buffer alive
