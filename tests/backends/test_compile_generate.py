@@ -114,18 +114,21 @@ def test_a_compiled_generate_grows_one_buffer_per_layer() -> None:
         assert layer.keys.shape[2] == 8 and layer.keys._base.shape[2] == 9
 
 
-def test_a_compiled_encoder_decoder_generates_as_the_eager_one() -> None:
-    """BART: the encoder graph and the decoder graphs (first step, later steps: their self-attention cache
-    written into slots) compiled; greedy and beam search give the eager program's tokens."""
+@pytest.mark.parametrize(("build", "targets", "pad"), [(zoo.bart_lm, ["q_proj", "v_proj", "fc1"], 1),
+                                                     (zoo.t5_lm, ["q", "v", "wi"], 0)], ids=["bart", "t5"])
+def test_a_compiled_encoder_decoder_generates_as_the_eager_one(build, targets: list[str], pad: int) -> None:
+    """BART and T5: the encoder graph and the decoder graphs (first step, later steps: their self-attention
+    cache written into slots) compiled; greedy and beam search give the eager program's tokens."""
     torch._dynamo.reset()
-    am = peftc.apply(zoo.bart_lm(), {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj", "fc1"]})
-    randomize_adapters(am, seed=1)
     prompts = torch.randint(3, zoo.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    am = peftc.apply(build(), {"peft_type": "LORA", "r": 4, "target_modules": targets},
+                     example_inputs={"input_ids": prompts, "decoder_input_ids": prompts})
+    randomize_adapters(am, seed=1)
     compiled = compile_model(am)
     try:
         with torch.no_grad():
             for beams in (1, 2):
-                options = {"max_new_tokens": 5, "min_new_tokens": 5, "num_beams": beams, "pad_token_id": 1}
+                options = {"max_new_tokens": 5, "min_new_tokens": 5, "num_beams": beams, "pad_token_id": pad}
                 assert torch.equal(generate(compiled, prompts, **options), generate(am, prompts, **options))
     finally:
         torch._dynamo.reset()
