@@ -57,14 +57,16 @@ class WriteCacheInPlace(PassBase):
 
 
 def _is_cache_concatenation(node: torch.fx.Node) -> bool:
-    """cat([past, new], -2) of a 4-d input `past` whose values nothing else reads: a cache layer's update."""
+    """cat([past, new], -2) of a 4-d input `past` whose values nothing else reads, `new` of its dtype: a cache
+    layer's update."""
     tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if len(tensors) != 2 or not isinstance(tensors[0], torch.fx.Node):
+    if len(tensors) != 2 or not all(isinstance(t, torch.fx.Node) for t in tensors):
         return False
-    past = tensors[0]
-    value = example_value(past)
+    past, new = tensors
+    value, added = example_value(past), example_value(new)
     sizes_only = all(user is node or user.target == SIZE for user in past.users)
-    return past.op == "placeholder" and sizes_only and value is not None and value.dim() == 4 and dim in (-2, 2)
+    return (past.op == "placeholder" and sizes_only and value is not None and value.dim() == 4 and dim in (-2, 2)
+            and added is not None and added.dtype == value.dtype)
 
 
 class WriteCacheIntoSlots(PassBase):
