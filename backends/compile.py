@@ -34,22 +34,13 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
 from peftc.backends.eager import EagerProgram
 from peftc.passes.dispatch import BASE_ONLY
 from peftc.passes.grouped_query_attention import AttendGroupedQueries
 from peftc.passes.hoist_invariants import Prologue, split_hoisted
 from peftc.passes.remat import CheckpointLayers
-from peftc.passes.write_cache_in_place import (
-    NEW_LENGTH,
-    PAST_LENGTH,
-    PRESENT,
-    SLOT,
-    WriteCacheIntoSlots,
-    past_length_input,
-)
+from peftc.passes.write_cache_in_place import CacheSlots, WriteCacheIntoSlots
 
-from peftc.cache_room import mark_latest, room_after
 from peftc.capture import CapturedGraph, leading_size
 from peftc.errors import ConfigError
 from peftc.graph import boxed, copy_graph_module
@@ -199,42 +190,6 @@ def _compiled_forward(gm: torch.fx.GraphModule, captured: CapturedGraph, options
 
     forward._boxed_call = True  # the program hands its list over
     return forward
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheSlots:
-    """The cache inputs and outputs of a graph `WriteCacheIntoSlots` rewrote: which inputs take slot buffers,
-    where the new tokens' count is read, and which outputs are presents."""
-
-    slots: list[int]  # input positions
-    past_length: int  # input position
-    new_length: tuple[int, int]  # (input position, dim)
-    presents: list[int]  # output positions
-
-    @classmethod
-    def of(cls, gm: torch.fx.GraphModule) -> CacheSlots | None:
-        if NEW_LENGTH not in gm.meta:
-            return None
-        inputs = list(gm.graph.find_nodes(op="placeholder"))
-        slots = [i for i, node in enumerate(inputs) if node.meta.get(SLOT)]
-        (past_length,) = [i for i, node in enumerate(inputs) if node.meta.get(PAST_LENGTH)]
-        outputs = pytree.tree_leaves(gm.graph.output_node().args[0])
-        presents = [i for i, node in enumerate(outputs) if isinstance(node, torch.fx.Node) and node.meta.get(PRESENT)]
-        return cls(slots, past_length, gm.meta[NEW_LENGTH], presents)
-
-    def fill(self, inputs: list[Any]) -> None:
-        """Each past in `inputs` replaced by a slot buffer holding it with room for the new tokens, and the
-        past's length appended."""
-        position, dim = self.new_length
-        count, past = inputs[position].shape[dim], inputs[self.slots[0]]
-        length = past.shape[2]
-        for i in self.slots:
-            inputs[i] = room_after(inputs[i], count)
-        inputs.insert(self.past_length, past_length_input(length, past))
-
-    def mark_presents(self, outputs: Sequence[Any]) -> None:
-        for i in self.presents:
-            mark_latest(outputs[i])
 
 
 def hand_over_inputs(gm: torch.fx.GraphModule) -> bool:

@@ -15,13 +15,17 @@ onnxruntime-genai expects), and training keeps the autograd of the concatenation
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from peftc.cache_room import appended
+from peftc.cache_room import appended, mark_latest, room_after
 from peftc.graph import example_value
 
 CAT = torch.ops.aten.cat.default
@@ -77,9 +81,10 @@ class WriteCacheIntoSlots(PassBase):
 
     For torch.compile: dynamo traces the write into an input and inductor performs it in place, writing n
     positions where the concatenation copies L + n. The caller passes `cache_room.room_after(past, n)` for
-    each past, and a tensor of size [L] (`past_length_input`), the last input; it finds the positions by the
-    meta tags, and n as the size of the input dim in `gm.meta[NEW_LENGTH]`. A graph whose layers' pasts or
-    new keys differ in length, or whose new length is not an input's size, is left as it is."""
+    each past, and a tensor of size [L] (`past_length_input`), the last input: `CacheSlots.of(gm)` reads
+    where from the meta tags, and n is the size of the input dim in `gm.meta[NEW_LENGTH]`. A graph whose
+    layers' pasts or new keys differ in length, or whose new length is not an input's size, is left as it
+    is."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -137,3 +142,39 @@ def _input_dim(placeholders: list[torch.fx.Node], size: object) -> tuple[int, in
             if _size(node, dim) == size:
                 return position, dim
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSlots:
+    """The cache inputs and outputs of a graph `WriteCacheIntoSlots` rewrote: which inputs take slot buffers,
+    where the new tokens' count is read, and which outputs are presents."""
+
+    slots: list[int]  # input positions
+    past_length: int  # input position
+    new_length: tuple[int, int]  # (input position, dim)
+    presents: list[int]  # output positions
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule) -> CacheSlots | None:
+        if NEW_LENGTH not in gm.meta:
+            return None
+        inputs = list(gm.graph.find_nodes(op="placeholder"))
+        slots = [i for i, node in enumerate(inputs) if node.meta.get(SLOT)]
+        (past_length,) = [i for i, node in enumerate(inputs) if node.meta.get(PAST_LENGTH)]
+        outputs = pytree.tree_leaves(gm.graph.output_node().args[0])
+        presents = [i for i, node in enumerate(outputs) if isinstance(node, torch.fx.Node) and node.meta.get(PRESENT)]
+        return cls(slots, past_length, gm.meta[NEW_LENGTH], presents)
+
+    def fill(self, inputs: list[Any]) -> None:
+        """A call's inputs made the rewritten graph's: each past replaced by a slot buffer holding it with room
+        for the new tokens, and the past's length inserted."""
+        position, dim = self.new_length
+        count, past = inputs[position].shape[dim], inputs[self.slots[0]]
+        length = past.shape[2]
+        for i in self.slots:
+            inputs[i] = room_after(inputs[i], count)
+        inputs.insert(self.past_length, past_length_input(length, past))
+
+    def mark_presents(self, outputs: Sequence[Any]) -> None:
+        for i in self.presents:
+            mark_latest(outputs[i])

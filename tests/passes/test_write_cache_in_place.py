@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 from peftc.passes.write_cache_in_place import (
     CAT,
-    NEW_LENGTH,
-    SLOT,
+    CacheSlots,
     WriteCacheInPlace,
     WriteCacheIntoSlots,
     past_length_input,
@@ -103,8 +102,9 @@ def test_compiled_programs_write_into_slot_buffers() -> None:
     gm = exported(CacheStep(), ids, past, x, dynamic={"ids": {1: seq}, "past": {2: Dim("past")}, "x": {2: seq}})
     assert WriteCacheIntoSlots()(gm).modified
     assert [n.args[1] for n in gm.graph.find_nodes(op="call_function", target=CAT)] == []
-    assert [n.name for n in gm.graph.find_nodes(op="placeholder") if n.meta.get(SLOT)] == ["past"]
-    assert gm.meta[NEW_LENGTH] == (0, 1)  # the new tokens' count is the ids' length
+    # the past is a slot, the past's length a last input, the new tokens' count the ids' length, and the
+    # second output a present
+    assert CacheSlots.of(gm) == CacheSlots(slots=[1], past_length=3, new_length=(0, 1), presents=[1])
     with room_for(2):
         slot = room_after(past, 3)
     assert slot.shape[2] == 10 and torch.equal(slot[:, :, :5], past)
