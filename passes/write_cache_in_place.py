@@ -39,25 +39,27 @@ NEW_LENGTH = "peftc_new_length"  # graph meta: (input position, dim) whose size 
 
 
 class WriteCacheInPlace(PassBase):
-    """before: present = cat([past, new], -2)      (past an input read by nothing else, present an output)
+    """before: present = cat([past, new], -2)    (past an input nothing else reads but its sizes; present an output)
     after:  present = appended(past, new)"""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        outputs = set(gm.graph.output_node().all_input_nodes)
-        changed = False
-        for node in list(gm.graph.find_nodes(op="call_function", target=CAT)):
-            if node in outputs and _is_cache_concatenation(node):
-                node.target, node.args, node.kwargs = appended, tuple(node.args[0]), {}
-                changed = True
-        if changed:
+        cats = cache_concatenations(gm)
+        for node in cats:
+            node.target, node.args, node.kwargs = appended, tuple(node.args[0]), {}
+        if cats:
             gm.recompile()
-        return PassResult(gm, changed)
+        return PassResult(gm, bool(cats))
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
-        outputs = set(gm.graph.output_node().all_input_nodes)
-        for node in gm.graph.find_nodes(op="call_function", target=CAT):
-            if node in outputs and _is_cache_concatenation(node):
-                raise AssertionError(f"{node.name} still concatenates the past {node.args[0][0].name}")
+        for node in cache_concatenations(gm):
+            raise AssertionError(f"{node.name} still concatenates the past {node.args[0][0].name}")
+
+
+def cache_concatenations(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The graph's cache layer updates: each cat([past, new], -2) the graph returns (`_is_cache_concatenation`)."""
+    outputs = set(gm.graph.output_node().all_input_nodes)
+    return [n for n in gm.graph.find_nodes(op="call_function", target=CAT)
+            if n in outputs and _is_cache_concatenation(n)]
 
 
 def _is_cache_concatenation(node: torch.fx.Node) -> bool:
@@ -88,9 +90,7 @@ class WriteCacheIntoSlots(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
-        outputs = set(graph.output_node().all_input_nodes)
-        cats = [n for n in graph.find_nodes(op="call_function", target=CAT)
-                if n in outputs and _is_cache_concatenation(n)]
+        cats = cache_concatenations(gm)
         pasts, news = {_size(n.args[0][0], 2) for n in cats}, {_size(n.args[0][1], 2) for n in cats}
         placeholders = list(graph.find_nodes(op="placeholder"))
         new_length = _input_dim(placeholders, next(iter(news))) if len(news) == 1 else None
