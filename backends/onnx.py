@@ -40,6 +40,7 @@ from peftc.errors import CheckpointError, ConfigError
 from peftc.graph import copy_graph_module
 from peftc.state import set_tensor
 
+from . import onnx_fusions
 from .compile import batch_size, inline_grad_blocks
 from .onnx_prologue import INDEX, FixedInputPrologue, run_ort, split_fixed_inputs
 
@@ -76,11 +77,13 @@ def export_onnx(
 
 def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, kwargs: dict,
                    adapter_names: Sequence[str] | None = None, kind: Any = None, rename: Any = None,
-                   metadata: dict[str, Any] | None = None, **export_options: Any) -> str:
+                   metadata: dict[str, Any] | None = None, ort_fusions: str | None = None,
+                   **export_options: Any) -> str:
     """Export the program of kind `kind` (None: the forward; see `peftc.generation.ProgramKind`) for the call
     (`args`, `kwargs`) in `mode` to `path`: the piece `export_onnx` and the decoder export share.
     `rename(name) -> name` renames inputs and outputs from their defaults (keyword names, output fields);
-    `metadata` is stored beside the runner's own."""
+    `metadata` is stored beside the runner's own; `ort_fusions` (None, or a provider of
+    `onnx_fusions.PROVIDERS`) fuses the exported graph into ONNX Runtime's operators for that provider."""
     if mode not in MODES:
         raise ConfigError(f"export mode {mode!r}: choose one of {', '.join(MODES)}")
     if adapter_names is not None and mode != "merged":
@@ -115,6 +118,7 @@ def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, 
         "inputs": user_names,
         "adapter_inputs": {key: list(t.shape) for key, t in adapter_values.items()},
         "outputs": output_names,
+        **({"ort_fusions": ort_fusions} if ort_fusions else {}),
         **(metadata or {}),
     }
     external_data = export_options.pop("external_data", None)  # None: only past ONNX's 2 GB limit
@@ -124,6 +128,8 @@ def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, 
             entry, tuple(example), dynamo=True, input_names=[*user_names, *index_names, *adapter_values],
             output_names=output_names, dynamic_shapes={"inputs": tuple(dynamic)}, **export_options,
         )
+    if ort_fusions is not None:  # before the adapter inputs get their initializers: none is fused as a constant
+        onnx_fusions.fuse(program_onnx.model, ort_fusions)
     _overridable(program_onnx.model.graph, adapter_values)
     program_onnx.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
     program_onnx.save(os.fspath(path), external_data=external_data)

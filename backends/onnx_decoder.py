@@ -31,6 +31,7 @@ import torch
 from peftc import generation
 from peftc.errors import ConfigError
 
+from . import onnx_fusions
 from .onnx import ORT_ADAPTER_SUFFIX, OnnxAdapterSession, export_program, save_onnx_adapter
 
 TASK = "text-generation"
@@ -46,13 +47,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def export_onnx_decoder(model: Any, path: str | os.PathLike, mode: str = "merged",
                         adapter_names: Sequence[str] | None = None, logits: str = "last",
-                        **export_options: Any) -> str:
+                        ort_fusions: str | None = "auto", **export_options: Any) -> str:
     """Export the adapted causal LM `model` as an ONNX decoder with a KV cache to `path` (returned), in
     `mode` as `export_onnx` does ("merged", "switch" with `adapter_index`, "inputs" with the active
     adapter's tensors as inputs, defaulting to that adapter). `logits="last"` computes the logits of each
     row's last position only (`logits` [batch, 1, vocab]), as transformers' generate asks for them
     (`logits_to_keep=1`): a prompt's step then skips the LM head on every other position, which at a
-    512-token prompt costs more than the rest of the step. `logits="all"` keeps [batch, new, vocab]."""
+    512-token prompt costs more than the rest of the step. `logits="all"` keeps [batch, new, vocab].
+
+    `ort_fusions` fuses the graph into ONNX Runtime's own operators for a provider ("cpu", "cuda", "webgpu",
+    "dml"; `backends.onnx_fusions`): RMS norms with their residual adds, rotary embeddings, q/k/v and gate/up
+    projections packed into one MatMul each, attention reading its keys transposed in place (a decode step no
+    longer copies the key cache twice). "auto" (default): "cpu" where the installed transformers has the
+    fusions (>= 5.23). None: standard ONNX operators only, for runtimes other than ONNX Runtime. Adapters are
+    not fused: each LoRA site keeps its MatMuls, and "inputs" mode its adapter inputs."""
     if logits not in LOGITS:
         raise ConfigError(f"logits={logits!r}: choose one of {', '.join(LOGITS)}")
     layout = generation.cache_layout(model)
@@ -62,7 +70,7 @@ def export_onnx_decoder(model: Any, path: str | os.PathLike, mode: str = "merged
     metadata = {"task": TASK, "logits": logits, "cache": [[s.heads, s.head_dim] for s in layout],
                 "cache_dtype": str(layout[0].dtype).removeprefix("torch.")}
     return export_program(model, path, mode, (), call, adapter_names, kind=generation.KV, rename=_genai_name,
-                          metadata=metadata, **export_options)
+                          metadata=metadata, ort_fusions=onnx_fusions.provider_for(ort_fusions), **export_options)
 
 
 def _genai_name(name: str) -> str:
@@ -77,14 +85,17 @@ def _genai_name(name: str) -> str:
 
 
 def export_genai(model: Any, folder: str | os.PathLike, mode: str = "merged", tokenizer_from: str | None = None,
-                 adapter_names: Sequence[str] | None = None, **export_options: Any) -> str:
+                 adapter_names: Sequence[str] | None = None, ort_fusions: str | None = "auto",
+                 **export_options: Any) -> str:
     """Write a folder onnxruntime-genai loads (`og.Model(folder)`): the decoder, `genai_config.json`, the
     tokenizer files found in `tokenizer_from` (a model folder) and, in mode "inputs", every loaded adapter
     as `<name>.onnx_adapter` for `og.Adapters.load`, zero-padded to the exported (active) adapter's rank.
-    Returns the folder."""
+    `ort_fusions` as `export_onnx_decoder`'s. Returns the folder."""
     folder = os.fspath(folder)
+    ort_fusions = onnx_fusions.provider_for(ort_fusions)  # a bad value fails before the folder is made
     os.makedirs(folder, exist_ok=True)
-    export_onnx_decoder(model, os.path.join(folder, DECODER_FILE), mode, adapter_names, **export_options)
+    export_onnx_decoder(model, os.path.join(folder, DECODER_FILE), mode, adapter_names, ort_fusions=ort_fusions,
+                        **export_options)
     source = model.parameter_tree.source
     with open(os.path.join(folder, GENAI_CONFIG), "w", encoding="utf-8") as f:
         json.dump(genai_config(source.config, source.generation_config, generation.cache_layout(model)), f, indent=2)

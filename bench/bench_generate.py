@@ -7,7 +7,8 @@ exported ONNX decoders (bench_generate_ort.py): merged and switch through onnxru
     python bench/bench_generate.py --prompts 16 --batches 8 --rounds 2 --no-compile --no-ort
     python bench/bench_generate.py --compile-options '{"options": {"cpp_wrapper": true}}'
     python bench/bench_generate.py --only "ORT merged,ORT switch" --rounds 15 --no-compile   # one goal's ratio
-    python bench/bench_generate.py --device cuda            # torch on the GPU, ORT through its CUDA provider
+    python bench/bench_generate.py --device cuda --ort-fusions cuda   # torch on the GPU, ORT's CUDA provider
+    python bench/bench_generate.py --only "ORT merged,ORT switch" --ort-fusions none   # standard ONNX decoders
 
 All-linear LoRA r=16 (random non-zero B), greedy, `min_new_tokens = max_new_tokens` so every call
 generates the same number of tokens. Candidates run interleaved in rounds with a rotating order after a
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--compile-options", default="{}", metavar="JSON",
                         help='compile_model keyword arguments, e.g. \'{"options": {"cpp_wrapper": true}}\'')
     parser.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime decoders")
+    parser.add_argument("--ort-fusions", default="auto", metavar="PROVIDER",
+                        help="the ONNX decoders fused into this provider's ONNX Runtime operators "
+                        "(export_onnx_decoder's ort_fusions: auto, cpu, cuda; none: standard ONNX operators)")
     parser.add_argument("--device", default="cpu",
                         help="cuda: the torch rows on the GPU, the ORT rows through onnxruntime-gpu's CUDA provider")
     parser.add_argument("--only", default=None, metavar="LABELS",
@@ -47,6 +51,7 @@ def main() -> None:
                              "more rounds in the same time for the ratios of one goal")
     args = parser.parse_args()
     only = None if args.only is None else set(args.only.split(","))
+    fusions = None if args.ort_fusions == "none" else args.ort_fusions
     torch.set_num_threads(args.threads)
     base = build_model(tie=True)
     n = args.new_tokens
@@ -58,7 +63,7 @@ def main() -> None:
         from bench_generate_ort import exported
 
         for mode in ("merged", "switch"):
-            exported(am, mode)
+            exported(am, mode, fusions)
     for model in (am, pm, base):
         model.to(args.device)
     done = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None  # a call's GPU work in its time
@@ -93,7 +98,8 @@ def main() -> None:
             if with_ort:
                 from bench_generate_ort import ort_candidates
 
-                candidates.update(ort_candidates(am, ids, n, names, threads=args.threads, device=args.device))
+                candidates.update(ort_candidates(am, ids, n, names, threads=args.threads, device=args.device,
+                                                 ort_fusions=fusions))
             start = time.time()
             single, mixed = candidates["peftc eager"](), candidates["peftc mixed"]()
             same = torch.equal(single, candidates["PEFT"]())

@@ -28,26 +28,29 @@ from peftc.backends.onnx import OnnxAdapterSession
 
 import peftc
 
-_FOLDERS: dict[tuple[int, str], str] = {}  # (id of the adapted model, mode) -> its exported folder
+_FOLDERS: dict[tuple[int, str, str | None], str] = {}  # (id of the adapted model, mode, fusions) -> its folder
 
 
-def exported(am: Any, mode: str) -> str:
-    """The genai folder of `am`'s decoder in `mode` ("merged": its first adapter folded), exported once."""
-    key = (id(am), mode)
+def exported(am: Any, mode: str, ort_fusions: str | None = "auto") -> str:
+    """The genai folder of `am`'s decoder in `mode` ("merged": its first adapter folded), exported once, fused for
+    ONNX Runtime as `export_onnx_decoder`'s `ort_fusions` says."""
+    key = (id(am), mode, ort_fusions)
     if key not in _FOLDERS:
         folder = tempfile.mkdtemp(prefix=f"peftc-ort-{mode}-")
         names = am.adapter_order[:1] if mode == "merged" else None
         start = time.perf_counter()
-        peftc.export_genai(am, folder, mode=mode, adapter_names=names)
-        print(f"  exported the {mode} decoder in {time.perf_counter() - start:.0f} s", flush=True)
+        peftc.export_genai(am, folder, mode=mode, adapter_names=names, ort_fusions=ort_fusions)
+        print(f"  exported the {mode} decoder (ort_fusions={ort_fusions}) in {time.perf_counter() - start:.0f} s",
+              flush=True)
         _FOLDERS[key] = folder
     return _FOLDERS[key]
 
 
 def ort_candidates(am: Any, ids: torch.Tensor, new_tokens: int, names: Sequence[str], threads: int = 0,
-                   genai: bool = True, device: str = "cpu") -> dict[str, Callable[[], Any]]:
+                   genai: bool = True, device: str = "cpu",
+                   ort_fusions: str | None = "auto") -> dict[str, Callable[[], Any]]:
     """Label -> a call generating `new_tokens` greedily for the prompts `ids` (no padding); on "cuda" through
-    onnxruntime-gpu's CUDA provider."""
+    onnxruntime-gpu's CUDA provider; the decoders fused as `ort_fusions` says."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -59,7 +62,7 @@ def ort_candidates(am: Any, ids: torch.Tensor, new_tokens: int, names: Sequence[
         providers.insert(0, "CUDAExecutionProvider")
 
     def session(mode: str) -> OnnxAdapterSession:
-        s = OnnxAdapterSession(os.path.join(exported(am, mode), "decoder.onnx"), providers, options)
+        s = OnnxAdapterSession(os.path.join(exported(am, mode, ort_fusions), "decoder.onnx"), providers, options)
         if s.session.get_providers()[0] != providers[0]:
             raise RuntimeError(f"onnxruntime did not take {providers[0]} (available: {ort.get_available_providers()})")
         return s
@@ -74,8 +77,8 @@ def ort_candidates(am: Any, ids: torch.Tensor, new_tokens: int, names: Sequence[
            "ORT switch mixed": run(switch, list(names))}
     if genai and importlib.util.find_spec("onnxruntime_genai") is not None:
         index = [switch.exported_adapters.index(n) for n in names]
-        out["genai merged"] = _genai(exported(am, "merged"), ids, new_tokens, None)
-        out["genai switch mixed"] = _genai(exported(am, "switch"), ids, new_tokens, index)
+        out["genai merged"] = _genai(exported(am, "merged", ort_fusions), ids, new_tokens, None)
+        out["genai switch mixed"] = _genai(exported(am, "switch", ort_fusions), ids, new_tokens, index)
     return out
 
 

@@ -409,7 +409,8 @@ def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
           flush=True)
     start = time.perf_counter()
     try:
-        peftc.export_genai(am, args.output, mode=args.mode, tokenizer_from=model_path)
+        peftc.export_genai(am, args.output, mode=args.mode, tokenizer_from=model_path,
+                           ort_fusions=None if args.ort_fusions == "none" else args.ort_fusions)
     except OSError as e:
         raise UserError(f"{args.output}: cannot write the decoder folder ({e.strerror or e})") from None
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s: {', '.join(sorted(os.listdir(args.output)))}")
@@ -475,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward: one call's outputs (a .onnx FILE); text-generation: a causal LM's decoder with a "
                    "KV cache, written to the folder FILE with genai_config.json, the model folder's tokenizer files "
                    "and (--mode inputs) one .onnx_adapter per adapter, for onnxruntime-genai (default: %(default)s)")
+    p.add_argument("--ort-fusions", default="auto", metavar="PROVIDER",
+                   help="--task text-generation: fuse the decoder into ONNX Runtime's operators for PROVIDER "
+                   "(cpu, cuda, webgpu, dml; transformers' fusions: norms, rotary, packed projections, attention); "
+                   "auto: cpu where the installed transformers has them; none: standard ONNX operators "
+                   "(default: %(default)s)")
     p.add_argument("-o", "--output", metavar="FILE", required=True,
                    help="the .onnx file to write (a folder with --task text-generation)")
     _overwrite_arg(p, "FILE (and, with --mode inputs, the adapter files beside it)")

@@ -8,11 +8,13 @@ An export costs ~10-15 s, so the file's time is mostly its six exports."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import onnxruntime_genai as og
 import pytest
@@ -216,6 +218,45 @@ def test_cli_writes_the_genai_folder(decoders, capsys) -> None:
              "--task", "text-generation", "-o", folder]
     assert main(again) == 2  # an earlier export is not replaced without --overwrite
     assert f"{folder}/decoder.onnx and {folder}/genai_config.json already exist" in capsys.readouterr().err
+    elsewhere = os.path.join(dec.root, "never")
+    assert main([*again[:-1], elsewhere, "--ort-fusions", "tpu"]) == 2
+    assert "ort_fusions='tpu': choose auto, None or one of cpu, cuda" in capsys.readouterr().err
+    assert not os.path.exists(elsewhere)
+
+
+def _ops(path: str) -> tuple[collections.Counter, dict[str, Any]]:
+    """(op type -> count, with ONNX Runtime's as "com.microsoft.<op>"; peftc's metadata) of an exported decoder."""
+    model = onnx.load(path, load_external_data=False)
+    ops = collections.Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+    return ops, json.loads({p.key: p.value for p in model.metadata_props}["peftc"])
+
+
+@pytest.mark.xdist_group("onnx-decoder-llama")
+def test_decoders_fused_for_onnxruntime_by_default(decoders, tmp_path) -> None:
+    """By default a decoder is fused into ONNX Runtime's operators (transformers' fusions): each RMS norm with its
+    residual add, q/k/v and gate/up packed into one MatMul each, the rotary embeddings where torch.onnx's optimizer
+    ran (its default); ort_fusions=None keeps standard ONNX operators. Every one generates as torch does."""
+    llama = decoders("llama")
+    layers = llama.am.parameter_tree.source.config.num_hidden_layers
+    inputs = prompts()
+    want = llama.torch_generate(inputs, "default")
+    plain = peftc.export_onnx_decoder(llama.am, tmp_path / "plain.onnx", adapter_names=["default"], ort_fusions=None,
+                                      **OPTIONS)
+    optimized = peftc.export_onnx_decoder(llama.am, tmp_path / "optimized.onnx", adapter_names=["default"])
+    fused, fused_meta = _ops(os.path.join(llama.folder("merged"), "decoder.onnx"))
+    unfused, plain_meta = _ops(plain)
+    assert fused_meta["ort_fusions"] == "cpu" and "ort_fusions" not in plain_meta
+    assert fused["com.microsoft.SkipSimplifiedLayerNormalization"] == 2 * layers
+    assert not [op for op in unfused if op.startswith("com.microsoft")]
+    # 7 projections per layer, q/k/v and gate/up packed: 4 MatMuls (the attention's own and the LM head besides)
+    assert unfused["MatMul"] - fused["MatMul"] == 3 * layers and fused["Split"] - unfused["Split"] == 2 * layers
+    assert _ops(optimized)[0]["com.microsoft.RotaryEmbedding"] == 2 * layers  # query and key
+    for path in (plain, optimized):
+        session = OnnxAdapterSession(path, providers=["CPUExecutionProvider"])
+        assert_tokens(ort_generate(session, inputs), want)
+    with pytest.raises(peftc.ConfigError, match="ort_fusions='tpu'"):
+        peftc.export_genai(llama.am, tmp_path / "never", ort_fusions="tpu")
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.xdist_group("onnx-decoder-llama")
