@@ -26,13 +26,13 @@ ATTENTIONS = ("MultiHeadAttention", "GroupQueryAttention", "Attention")  # ONNX 
 
 
 def provider_for(requested: str | None) -> str | None:
-    """The provider an export fuses for, given the `ort_fusions` a user asked for: None (standard ONNX operators
-    only), one of `PROVIDERS`, or "auto": "cpu" where the installed transformers has the fusions, else None with
-    a warning. A provider named explicitly that transformers cannot fuse for is an error."""
-    if requested is None:
+    """The provider an export fuses for, given the `ort_fusions` a user asked for: None or "none" (standard ONNX
+    operators only), one of `PROVIDERS`, or "auto": "cpu" where the installed transformers has the fusions, else
+    None with a warning. A provider named explicitly that transformers cannot fuse for is an error."""
+    if requested is None or requested == "none":
         return None
     if requested != "auto" and requested not in PROVIDERS:
-        raise ConfigError(f"ort_fusions={requested!r}: choose auto, None or one of {', '.join(PROVIDERS)}")
+        raise ConfigError(f"ort_fusions={requested!r}: choose auto, none or one of {', '.join(PROVIDERS)}")
     try:
         import transformers.exporters.onnxruntime_fusions  # noqa: F401
     except ImportError:

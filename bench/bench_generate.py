@@ -51,7 +51,6 @@ def main() -> None:
                              "more rounds in the same time for the ratios of one goal")
     args = parser.parse_args()
     only = None if args.only is None else set(args.only.split(","))
-    fusions = None if args.ort_fusions == "none" else args.ort_fusions
     torch.set_num_threads(args.threads)
     base = build_model(tie=True)
     n = args.new_tokens
@@ -63,7 +62,7 @@ def main() -> None:
         from bench_generate_ort import exported
 
         for mode in ("merged", "switch"):
-            exported(am, mode, fusions)
+            exported(am, mode, args.ort_fusions)
     for model in (am, pm, base):
         model.to(args.device)
     done = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None  # a call's GPU work in its time
@@ -99,7 +98,7 @@ def main() -> None:
                 from bench_generate_ort import ort_candidates
 
                 candidates.update(ort_candidates(am, ids, n, names, threads=args.threads, device=args.device,
-                                                 ort_fusions=fusions))
+                                                 ort_fusions=args.ort_fusions))
             start = time.time()
             single, mixed = candidates["peftc eager"](), candidates["peftc mixed"]()
             same = torch.equal(single, candidates["PEFT"]())

@@ -358,6 +358,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     names = list(adapters)
     if args.task == TEXT_GENERATION:
         return _export_decoder(args, adapters)
+    if args.ort_fusions is not None:
+        raise UserError(f"--ort-fusions {args.ort_fusions}: fuses decoders (--task {TEXT_GENERATION}) only; "
+                        "a --task forward export has standard ONNX operators")
     refuse_existing([args.output, f"{args.output}.data"]  # (.data: ONNX external data, for files past 2 GB)
                     + ([_onnx_adapter_path(args.output, n) for n in names] if args.mode == "inputs" else []),
                     args.overwrite)
@@ -410,7 +413,7 @@ def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
     start = time.perf_counter()
     try:
         peftc.export_genai(am, args.output, mode=args.mode, tokenizer_from=model_path,
-                           ort_fusions=None if args.ort_fusions == "none" else args.ort_fusions)
+                           ort_fusions=args.ort_fusions or "auto")
     except OSError as e:
         raise UserError(f"{args.output}: cannot write the decoder folder ({e.strerror or e})") from None
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s: {', '.join(sorted(os.listdir(args.output)))}")
@@ -476,11 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward: one call's outputs (a .onnx FILE); text-generation: a causal LM's decoder with a "
                    "KV cache, written to the folder FILE with genai_config.json, the model folder's tokenizer files "
                    "and (--mode inputs) one .onnx_adapter per adapter, for onnxruntime-genai (default: %(default)s)")
-    p.add_argument("--ort-fusions", default="auto", metavar="PROVIDER",
+    p.add_argument("--ort-fusions", metavar="PROVIDER",
                    help="--task text-generation: fuse the decoder into ONNX Runtime's operators for PROVIDER "
                    "(cpu, cuda, webgpu, dml; transformers' fusions: norms, rotary, packed projections, attention); "
                    "auto: cpu where the installed transformers has them; none: standard ONNX operators "
-                   "(default: %(default)s)")
+                   "(default: auto)")
     p.add_argument("-o", "--output", metavar="FILE", required=True,
                    help="the .onnx file to write (a folder with --task text-generation)")
     _overwrite_arg(p, "FILE (and, with --mode inputs, the adapter files beside it)")

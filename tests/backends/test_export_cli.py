@@ -60,6 +60,7 @@ def test_export_switch(saved, capsys) -> None:
     (["--adapter", "/nonexistent/adapter"], "/nonexistent/adapter: --adapter takes an adapter folder"),
     (["--adapter", "{alpha}", "--adapter", "x={alpha}", "--adapter", "x={beta}"], "two adapters named 'x'"),
     (["--adapter", "{root}"], "adapter_config.json"),
+    (["--adapter", "{alpha}", "--ort-fusions", "cpu"], "--ort-fusions cpu: fuses decoders (--task text-generation)"),
 ])
 def test_bad_input(saved, capsys, args: list[str], message: str) -> None:
     args = [a.format(**saved) for a in args]

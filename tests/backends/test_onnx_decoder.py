@@ -220,7 +220,7 @@ def test_cli_writes_the_genai_folder(decoders, capsys) -> None:
     assert f"{folder}/decoder.onnx and {folder}/genai_config.json already exist" in capsys.readouterr().err
     elsewhere = os.path.join(dec.root, "never")
     assert main([*again[:-1], elsewhere, "--ort-fusions", "tpu"]) == 2
-    assert "ort_fusions='tpu': choose auto, None or one of cpu, cuda" in capsys.readouterr().err
+    assert "ort_fusions='tpu': choose auto, none or one of cpu, cuda" in capsys.readouterr().err
     assert not os.path.exists(elsewhere)
 
 

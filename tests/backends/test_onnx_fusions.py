@@ -18,10 +18,10 @@ BATCH, TOKENS, HEADS, HIDDEN, OUT = 2, 3, 2, 8, 5
 
 
 def test_provider_for() -> None:
-    assert onnx_fusions.provider_for(None) is None
+    assert onnx_fusions.provider_for(None) is None and onnx_fusions.provider_for("none") is None
     assert onnx_fusions.provider_for("auto") == "cpu"
     assert onnx_fusions.provider_for("cuda") == "cuda"
-    with pytest.raises(peftc.ConfigError, match=r"ort_fusions='tpu': choose auto, None or one of cpu, cuda"):
+    with pytest.raises(peftc.ConfigError, match=r"ort_fusions='tpu': choose auto, none or one of cpu, cuda"):
         onnx_fusions.provider_for("tpu")
 
 
