@@ -42,7 +42,7 @@ from peftc.state import set_tensor
 
 from . import onnx_fusions
 from .compile import batch_size, inline_grad_blocks
-from .onnx_prologue import INDEX, FixedInputPrologue, run_ort, split_fixed_inputs
+from .onnx_prologue import INDEX, BoundRuns, FixedInputPrologue, split_fixed_inputs
 
 MODES = ("merged", "switch", "inputs")
 METADATA_KEY = "peftc"
@@ -267,10 +267,12 @@ class OnnxAdapterSession:
         return {name: value.numpy() for name, value in self.run_values(inputs, adapter_names, adapter_index).items()}
 
     def run_values(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None = None,
-                   adapter_index: Any = None, on_device: Collection[str] = ()) -> dict[str, Any]:
+                   adapter_index: Any = None, on_device: Collection[str] = (),
+                   runs: BoundRuns | None = None) -> dict[str, Any]:
         """As `run`, with ONNX Runtime's own `OrtValue`s out (and accepted in): a decode loop feeds the
         present KV cache back as the next past without copying it into numpy and back, and names it in
-        `on_device` so that on a GPU it stays there too."""
+        `on_device` so that on a GPU it stays there too. A loop passes the same `runs` (`bound_runs()`) at
+        every step, so that the inputs that stay the same (the adapter rows) are bound once."""
         import onnxruntime as ort
 
         feed = self._feed(inputs, adapter_names, adapter_index)
@@ -278,7 +280,12 @@ class OnnxAdapterSession:
             feed = self._prologue(feed)
         feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v, self._device, 0)
                 for k, v in feed.items()}
-        return dict(zip(self.output_names, run_ort(self.session, feed, self.output_names, self._device, on_device)))
+        runs = runs or self.bound_runs()
+        return dict(zip(self.output_names, runs.run(feed, self.output_names, on_device)))
+
+    def bound_runs(self) -> BoundRuns:
+        """An IO binding of this session for one loop of `run_values` calls."""
+        return BoundRuns(self.session, self._device)
 
     def _feed(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None,
               adapter_index: Any) -> dict[str, Any]:
