@@ -59,8 +59,8 @@ def export_onnx_decoder(model: Any, path: str | os.PathLike, mode: str = "merged
     "dml"; `backends.onnx_fusions`): RMS norms with their residual adds, rotary embeddings, q/k/v and gate/up
     projections packed into one MatMul each, attention reading its keys transposed in place (a decode step no
     longer copies the key cache twice). "auto" (default): "cpu" where the installed transformers has the
-    fusions (>= 5.23). None: standard ONNX operators only, for runtimes other than ONNX Runtime. Adapters are
-    not fused: each LoRA site keeps its MatMuls, and "inputs" mode its adapter inputs."""
+    fusions (>= 5.23). None or "none": standard ONNX operators only, for runtimes other than ONNX Runtime.
+    Adapters are not fused: each LoRA site keeps its MatMuls, and "inputs" mode its adapter inputs."""
     if logits not in LOGITS:
         raise ConfigError(f"logits={logits!r}: choose one of {', '.join(LOGITS)}")
     layout = generation.cache_layout(model)
