@@ -263,3 +263,7 @@ def t5_lm() -> nn.Module:
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     return T5ForConditionalGeneration(cfg).eval()
+
+
+# encoder-decoder generation models: name -> (builder, LoRA targets, pad token id)
+SEQ2SEQ_LMS = {"bart": (bart_lm, ["q_proj", "v_proj", "fc1"], 1), "t5": (t5_lm, ["q", "v", "wi"], 0)}

@@ -114,11 +114,11 @@ def test_a_compiled_generate_grows_one_buffer_per_layer() -> None:
         assert layer.keys.shape[2] == 8 and layer.keys._base.shape[2] == 9
 
 
-@pytest.mark.parametrize(("build", "targets", "pad"), [(zoo.bart_lm, ["q_proj", "v_proj", "fc1"], 1),
-                                                     (zoo.t5_lm, ["q", "v", "wi"], 0)], ids=["bart", "t5"])
-def test_a_compiled_encoder_decoder_generates_as_the_eager_one(build, targets: list[str], pad: int) -> None:
+@pytest.mark.parametrize("name", list(zoo.SEQ2SEQ_LMS))
+def test_a_compiled_encoder_decoder_generates_as_the_eager_one(name: str) -> None:
     """BART and T5: the encoder graph and the decoder graphs (first step, later steps: their self-attention
     cache written into slots) compiled; greedy and beam search give the eager program's tokens."""
+    build, targets, pad = zoo.SEQ2SEQ_LMS[name]
     torch._dynamo.reset()
     prompts = torch.randint(3, zoo.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     am = peftc.apply(build(), {"peft_type": "LORA", "r": 4, "target_modules": targets},

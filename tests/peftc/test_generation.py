@@ -346,14 +346,11 @@ def test_not_a_generative_model() -> None:
 # -- encoder-decoder ---------------------------------------------------------------------------------------
 
 
-SEQ2SEQ = {"bart": (zoo.bart_lm, ["q_proj", "v_proj", "fc1"], 1), "t5": (zoo.t5_lm, ["q", "v", "wi"], 0)}
-
-
-@pytest.mark.parametrize("name", list(SEQ2SEQ))
+@pytest.mark.parametrize("name", list(zoo.SEQ2SEQ_LMS))
 def test_encoder_decoder_matches_peft(name: str) -> None:
     """BART and T5: the encoder graph, then the decoder graph with self- and cross-attention caches (one
     signature without the cross cache for the first step, one with it after), greedy and mixed beam search."""
-    build, targets, pad = SEQ2SEQ[name]
+    build, targets, pad = zoo.SEQ2SEQ_LMS[name]
     config, peft_config = lora(targets)
     ids = torch.randint(3, zoo.VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
