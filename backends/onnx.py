@@ -42,7 +42,7 @@ from peftc.state import set_tensor
 
 from . import onnx_fusions
 from .compile import batch_size, inline_grad_blocks
-from .onnx_prologue import INDEX, BoundRuns, FixedInputPrologue, split_fixed_inputs
+from .onnx_prologue import INDEX, BoundRuns, FixedInputPrologue, ort_values, split_fixed_inputs
 
 MODES = ("merged", "switch", "inputs")
 METADATA_KEY = "peftc"
@@ -271,42 +271,49 @@ class OnnxAdapterSession:
                    runs: BoundRuns | None = None) -> dict[str, Any]:
         """As `run`, with ONNX Runtime's own `OrtValue`s out (and accepted in): a decode loop feeds the
         present KV cache back as the next past without copying it into numpy and back, and names it in
-        `on_device` so that on a GPU it stays there too. A loop passes the same `runs` (`bound_runs()`) at
-        every step, so that the inputs that stay the same (the adapter rows) are bound once."""
-        import onnxruntime as ort
-
-        feed = self._feed(inputs, adapter_names, adapter_index)
-        if self._prologue is not None:
-            feed = self._prologue(feed)
-        feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v, self._device, 0)
-                for k, v in feed.items()}
-        runs = runs or self.bound_runs()
+        `on_device` so that on a GPU it stays there too. A loop passes the same `runs`
+        (`bound_runs(adapter_names, ...)`, which carries the adapter choice) at every step instead of the
+        adapter arguments, so that the choice is resolved and its inputs (the adapter rows) bound once."""
+        feed = self._inputs(inputs)
+        if runs is None:
+            batch = next(_shape(a)[0] for a in feed.values() if len(_shape(a)) > 0)
+            runs = self.bound_runs(adapter_names, adapter_index, batch)
+        elif adapter_names is not None or adapter_index is not None:
+            raise ConfigError("run_values: the adapter choice of a loop is given to bound_runs, not with its runs")
         return dict(zip(self.output_names, runs.run(feed, self.output_names, on_device)))
 
-    def bound_runs(self) -> BoundRuns:
-        """An IO binding of this session for one loop of `run_values` calls."""
-        return BoundRuns(self.session, self._device)
+    def bound_runs(self, adapter_names: str | Sequence[str] | None = None, adapter_index: Any = None,
+                   batch: int = 1) -> BoundRuns:
+        """An IO binding of this session for a loop of `run_values` calls on batches of `batch` samples, all
+        with one adapter choice (as `run` takes it): the adapter inputs, or what the prologue computes from
+        them, are bound once."""
+        fixed = self._adapter_feed(adapter_names, adapter_index, batch)
+        if self._prologue is not None:
+            fixed = self._prologue(fixed)
+        return BoundRuns(self.session, self._device, ort_values(fixed, self._device))
 
-    def _feed(self, inputs: dict[str, Any], adapter_names: str | Sequence[str] | None,
-              adapter_index: Any) -> dict[str, Any]:
-        """The session's feed: the user's inputs (numpy, torch or OrtValue) and the adapter inputs."""
+    def _inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The user's inputs (numpy, torch or OrtValue) as OrtValues, checked against the model's."""
         unknown = sorted(set(inputs) - set(self.input_names))
         missing = [n for n in self.input_names if n not in inputs]
         if unknown or missing:
             raise ConfigError(f"inputs: expected {self.input_names}; missing {missing}, unknown {unknown}")
-        feed = {name: _numpy(inputs[name]) for name in self.input_names}
-        batch = next(_shape(a)[0] for a in feed.values() if len(_shape(a)) > 0)
+        return ort_values({name: _numpy(inputs[name]) for name in self.input_names}, self._device)
+
+    def _adapter_feed(self, adapter_names: str | Sequence[str] | None, adapter_index: Any,
+                      batch: int) -> dict[str, Any]:
+        """The adapter inputs for a batch of `batch` samples: a switch model's `adapter_index`, an inputs
+        model's adapter tensors, none for a merged model."""
         if adapter_index is not None:
             if adapter_names is not None or self.mode != "switch":
                 raise ConfigError("adapter_index is for mode='switch' models, instead of adapter_names")
-            feed[INDEX] = self._checked_index(_numpy(adapter_index), batch)
-        else:
-            wanted = self._names_for(adapter_names, batch)
-            if self.mode == "switch":
-                feed[INDEX] = np.array(slot_indices(wanted, self.exported_adapters), dtype=np.int64)
-            elif self.mode == "inputs":
-                feed.update(self._adapters[wanted[0]])
-        return feed
+            return {INDEX: self._checked_index(_numpy(adapter_index), batch)}
+        wanted = self._names_for(adapter_names, batch)
+        if self.mode == "switch":
+            return {INDEX: np.array(slot_indices(wanted, self.exported_adapters), dtype=np.int64)}
+        if self.mode == "inputs":
+            return dict(self._adapters[wanted[0]])
+        return {}
 
     def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 20,
                  adapter_names: str | Sequence[str] | None = None, **options: Any) -> np.ndarray:

@@ -195,11 +195,10 @@ def generate(session: Any, input_ids: Any, attention_mask: Any = None, max_new_t
     presents = {present % i for i in range(len(session.cache)) for present in PRESENT}
     finished = torch.zeros(batch, dtype=torch.bool)
     sequences = ids
-    runs = session.bound_runs()  # the adapter rows, the same at every step, stay bound
+    runs = session.bound_runs(adapter_names, adapter_index, batch)  # the adapter choice, bound for every step
     for step in range(max_new_tokens):
         # OrtValues: the presents go back in as the next step's past without a copy through numpy
-        out = session.run_values(feed, adapter_names=adapter_names, adapter_index=adapter_index, on_device=presents,
-                                 runs=runs)
+        out = session.run_values(feed, on_device=presents, runs=runs)
         scores = processors(sequences, torch.from_numpy(out["logits"].numpy()[:, -1, :]).float())
         if do_sample:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

@@ -25,7 +25,7 @@ file's weights would have to be rewritten into two new files.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -153,29 +153,32 @@ class FixedInputPrologue:
         self._key: list[Any] | None = None
         self._values: dict[str, Any] = {}
 
-    def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
-        """`feed` less its fixed inputs, plus the carried values."""
-        import onnxruntime as ort
-
-        fixed = {name: feed.pop(name) for name in self.fixed}
+    def __call__(self, fixed: dict[str, Any]) -> dict[str, Any]:
+        """The carried values (OrtValues) for the fixed inputs `fixed` (numpy arrays or OrtValues)."""
         index = fixed.get(INDEX)
         if index is not None and self.one_row_broadcasts and len(index) > 1 and (index == index[0]).all():
-            fixed[INDEX] = index[:1]  # one adapter for the whole batch: its rows once
+            fixed = {**fixed, INDEX: index[:1]}  # one adapter for the whole batch: its rows once
         key = [fixed[name] for name in self.fixed]
         if self._key is None or not all(map(_same_value, key, self._key)):
-            values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
-                      for k, v in fixed.items()}
-            carried = run_ort(self.session, values, self.carried, self.device, on_device=self.carried)
+            carried = run_ort(self.session, ort_values(fixed, self.device), self.carried, self.device,
+                              on_device=self.carried)
             self._values = dict(zip(self.carried, carried))
             self._key = key
-        feed.update(self._values)
-        return feed
+        return self._values
 
 
 def _same_value(new: Any, old: Any) -> bool:
     if isinstance(new, np.ndarray) and isinstance(old, np.ndarray):
         return new.shape == old.shape and new.dtype == old.dtype and bool(np.array_equal(new, old))
     return new is old
+
+
+def ort_values(values: Mapping[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """`values` (numpy arrays or OrtValues) as OrtValues; the arrays copied to `device`."""
+    import onnxruntime as ort
+
+    return {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v, device, 0)
+            for k, v in values.items()}
 
 
 def run_ort(session: Any, feed: dict[str, Any], outputs: Sequence[str], device: str = "cpu",
@@ -185,23 +188,34 @@ def run_ort(session: Any, feed: dict[str, Any], outputs: Sequence[str], device: 
 
 
 class BoundRuns:
-    """Runs of one session through one IO binding, kept for a loop: an input given the same OrtValue as in the
-    previous run (a decode loop's adapter rows, 2 per LoRA site) is not bound again. On a GPU (`device`
-    "cuda") the outputs named in `on_device` (a decode loop's presents, a prologue's values: read again by the
-    next run) are bound to stay in device memory, the rest come to the host. On the CPU too a binding is
-    faster than `run_with_ort_values`: a 64-token generate of the bench's 42M Llama took 0.93x the time
-    (paired), and 0.91x for a switch decoder whose rows stay bound. Outputs are bound anew for each run, so
-    that a run never writes into what an earlier one returned. One loop's: not shared between threads."""
+    """Runs of one session through one IO binding, kept for a loop. The inputs `fixed` (a decode loop's
+    adapter choice: the rows its prologue gathered, 2 per LoRA site) are bound once, when the binding is
+    made; of the inputs each run gives, one given the same OrtValue as in the previous run is not bound again.
+    On a GPU (`device` "cuda") the outputs named in `on_device` (a decode loop's presents, a prologue's values:
+    read again by the next run) are bound to stay in device memory, the rest come to the host. On the CPU too
+    a binding is faster than `run_with_ort_values`: a 64-token generate of the bench's 42M Llama took 0.93x
+    the time (paired), and 0.91x for a switch decoder whose rows stay bound. Outputs are bound anew for each
+    run, so that a run never writes into what an earlier one returned. One loop's: not shared between threads."""
 
-    def __init__(self, session: Any, device: str = "cpu") -> None:
+    def __init__(self, session: Any, device: str = "cpu", fixed: Mapping[str, Any] | None = None) -> None:
         self.session = session
         self.device = device
         self.binding = session.io_binding()
-        self._bound: dict[str, Any] = {}  # input name -> the OrtValue bound to it
+        self.fixed = dict(fixed or {})
+        self._bound: dict[str, Any] | None = None  # input name -> the OrtValue of the last run bound to it
+        self._bind_fixed()
 
-    def run(self, feed: dict[str, Any], outputs: Sequence[str], on_device: Collection[str] = ()) -> list[Any]:
-        if self._bound.keys() != feed.keys():  # other inputs than the last run's: none of those stays bound
+    def _bind_fixed(self) -> None:
+        for name, value in self.fixed.items():
+            self.binding.bind_ortvalue_input(name, value)
+
+    def run(self, feed: Mapping[str, Any], outputs: Sequence[str], on_device: Collection[str] = ()) -> list[Any]:
+        """`outputs` (OrtValues) of a run on the inputs `feed` (OrtValues) and the fixed ones."""
+        if self._bound is None:  # the first run
+            self._bound = {}
+        elif self._bound.keys() != feed.keys():  # other inputs than the last run's: none of those stays bound
             self.binding.clear_binding_inputs()
+            self._bind_fixed()
             self._bound = {}
         for name, value in feed.items():
             if self._bound.get(name) is not value:

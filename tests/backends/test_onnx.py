@@ -196,6 +196,13 @@ def test_bad_input(exports, tmp_path) -> None:
         switch.load_adapter(ex.adapter_files["safetensors"], "x")
     with pytest.raises(peftc.ConfigError, match="missing"):
         switch.run({})
+    runs = switch.bound_runs(["default", "other", "other", "default"], batch=4)  # a loop's choice, bound once
+    with pytest.raises(peftc.ConfigError, match="given to bound_runs"):
+        switch.run_values(inputs, adapter_names="other", runs=runs)
+    got, want = switch.run_values(inputs, runs=runs), switch.run(inputs, adapter_names=["default", "other", "other",
+                                                                                        "default"])
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key].numpy(), value)
 
     merged = OnnxAdapterSession(ex.file("merged"), providers=["CPUExecutionProvider"])
     with pytest.raises(peftc.ConfigError, match="merged into its weights"):

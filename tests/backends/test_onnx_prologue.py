@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from peftc.backends.onnx_prologue import BoundRuns, FixedInputPrologue, run_ort, split_fixed_inputs
 
@@ -112,9 +113,8 @@ def test_prologue_runs_once_per_index_and_once_per_sample_for_one_adapter() -> N
     x = np.random.default_rng(1).standard_normal((4, 3, IN)).astype(np.float32)
 
     def run(index: list[int]) -> np.ndarray:
-        feed = prologue({"x": x, "adapter_index": np.array(index, dtype=np.int64)})
-        feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
-        (got,) = step.run_with_ort_values(["out"], feed)
+        rows = prologue({"adapter_index": np.array(index, dtype=np.int64)})
+        (got,) = step.run_with_ort_values(["out"], {"x": ort.OrtValue.ortvalue_from_numpy(x), **rows})
         (want,) = whole.run(["out"], {"x": x, "adapter_index": np.array(index, dtype=np.int64)})
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
         return want
@@ -179,13 +179,17 @@ class CountedBinding:
         self.inner.run_with_iobinding(self.binding)
 
 
+def prologue_rows(split: Any, index: list[int]) -> dict[str, Any]:
+    """The split's carried values (OrtValues) for `adapter_index`."""
+    feed = {"adapter_index": ort.OrtValue.ortvalue_from_numpy(np.array(index, dtype=np.int64))}
+    return dict(zip(split.carried, session(split.prologue).run_with_ort_values(split.carried, feed)))
+
+
 def test_bound_runs_bind_a_repeated_input_once_and_keep_each_runs_outputs() -> None:
-    """A decode loop's runs: the adapter rows, the same OrtValues at every step, are bound once; each run's
-    outputs are its own, not written over by the next run's."""
+    """Runs given the same OrtValue for an input bind it once; each run's outputs are its own, not written
+    over by the next run's."""
     split = split_fixed_inputs(site_model(), ["adapter_index"])
-    index = ort.OrtValue.ortvalue_from_numpy(np.array([1, 0], dtype=np.int64))
-    prologue = session(split.prologue)
-    rows = dict(zip(split.carried, prologue.run_with_ort_values(split.carried, {"adapter_index": index})))
+    rows = prologue_rows(split, [1, 0])
     xs = [np.random.default_rng(seed).standard_normal((2, 3, IN)).astype(np.float32) for seed in (1, 2)]
     step = CountedBinding(session(split.step))
     runs = BoundRuns(step)
@@ -201,3 +205,23 @@ def test_bound_runs_bind_a_repeated_input_once_and_keep_each_runs_outputs() -> N
     runs.run({"x": ort.OrtValue.ortvalue_from_numpy(xs[0]), "A_rows": rows["A_rows"],
               "B_rows": ort.OrtValue.ortvalue_from_numpy(rows["B_rows"].numpy())}, ["out"])
     assert step.binds[4:] == ["x", "B_rows"]  # only what changed
+
+
+def test_bound_runs_bind_the_fixed_inputs_once_for_every_run() -> None:
+    """A decode loop's runs: the adapter rows, fixed when the binding is made, are bound once, also when the
+    other inputs change names (bound again after the binding is cleared)."""
+    split = split_fixed_inputs(site_model(), ["adapter_index"])
+    rows = prologue_rows(split, [1, 0])
+    step = CountedBinding(session(split.step))
+    runs = BoundRuns(step, fixed=rows)
+    assert step.binds == ["A_rows", "B_rows"]
+    plain = session(split.step)
+    for seed in (1, 2):
+        x = np.random.default_rng(seed).standard_normal((2, 3, IN)).astype(np.float32)
+        (got,) = runs.run({"x": ort.OrtValue.ortvalue_from_numpy(x)}, ["out"])
+        (want,) = plain.run(["out"], {"x": x, **{name: value.numpy() for name, value in rows.items()}})
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    assert step.binds == ["A_rows", "B_rows", "x", "x"]
+    with pytest.raises(Exception, match="x"):  # other inputs: the binding is cleared, the rows bound again
+        runs.run({}, ["out"])
+    assert step.binds[4:] == ["A_rows", "B_rows"]
