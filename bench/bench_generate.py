@@ -7,6 +7,7 @@ exported ONNX decoders (bench_generate_ort.py): merged and switch through onnxru
     python bench/bench_generate.py --prompts 16 --batches 8 --rounds 2 --no-compile --no-ort
     python bench/bench_generate.py --compile-options '{"options": {"cpp_wrapper": true}}'
     python bench/bench_generate.py --only "ORT merged,ORT switch" --rounds 15 --no-compile   # one goal's ratio
+    python bench/bench_generate.py --only "ORT merged,ORT switch" --settle 1 --no-compile   # caches warm
     python bench/bench_generate.py --device cuda --ort-fusions cuda   # torch on the GPU, ORT's CUDA provider
     python bench/bench_generate.py --only "ORT merged,ORT switch" --ort-fusions none   # standard ONNX decoders
 
@@ -46,6 +47,9 @@ def main() -> None:
                         "(export_onnx_decoder's ort_fusions: auto, cpu, cuda; none: standard ONNX operators)")
     parser.add_argument("--device", default="cpu",
                         help="cuda: the torch rows on the GPU, the ORT rows through onnxruntime-gpu's CUDA provider")
+    parser.add_argument("--settle", type=int, default=0,
+                        help="untimed calls of a candidate right before each timed one: its caches warm, as in "
+                             "steady serving (0: each timed call follows another candidate's)")
     parser.add_argument("--only", default=None, metavar="LABELS",
                         help='time these candidates alone (comma-separated labels, e.g. "base HF,peftc eager"): '
                              "more rounds in the same time for the ratios of one goal")
@@ -110,7 +114,7 @@ def main() -> None:
                 checks += f"; ORT switch's equal peftc's: {ort_single}, mixed: {ort_mixed}"
             if only is not None:
                 candidates = {label: call for label, call in candidates.items() if label in only}
-            samples = interleaved_samples(candidates, args.rounds, args.iters, args.warmup)
+            samples = interleaved_samples(candidates, args.rounds, args.iters, args.warmup, args.settle)
             t = {name: statistics.median(s) for name, s in samples.items()}
             noise = noise_of(samples)
 

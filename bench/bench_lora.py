@@ -78,9 +78,10 @@ def noise_of(samples: dict[str, list[float]]) -> float:
 
 
 def interleaved_samples(
-    candidates: dict[str, Callable[[], object]], rounds: int, iters: int, warmup: int
+    candidates: dict[str, Callable[[], object]], rounds: int, iters: int, warmup: int, settle: int = 0
 ) -> dict[str, list[float]]:
-    """Seconds of each call of each candidate, `iters` per round, in rounds with a rotating order."""
+    """Seconds of each call of each candidate, `iters` per round, in rounds with a rotating order; each
+    candidate's turn starts with `settle` untimed calls."""
     names = list(candidates)
     for name in names:
         for _ in range(warmup):
@@ -89,6 +90,8 @@ def interleaved_samples(
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            for _ in range(settle):
+                candidates[name]()
             for _ in range(iters):
                 samples[name].append(timed(candidates[name]))
     return samples
