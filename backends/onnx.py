@@ -40,7 +40,7 @@ from peftc.errors import CheckpointError, ConfigError
 from peftc.graph import copy_graph_module
 from peftc.state import set_tensor
 
-from . import onnx_fusions
+from . import onnx_fusions, onnx_nan_guards
 from .compile import batch_size, inline_grad_blocks
 from .onnx_prologue import INDEX, BoundRuns, FixedInputPrologue, ort_values, split_fixed_inputs
 
@@ -128,6 +128,7 @@ def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, 
             entry, tuple(example), dynamo=True, input_names=[*user_names, *index_names, *adapter_values],
             output_names=output_names, dynamic_shapes={"inputs": tuple(dynamic)}, **export_options,
         )
+    onnx_nan_guards.drop_softmax_nan_guards(program_onnx.model.graph)
     if ort_fusions is not None:  # before the adapter inputs get their initializers: none is fused as a constant
         onnx_fusions.fuse(program_onnx.model, ort_fusions)
     _overridable(program_onnx.model.graph, adapter_values)

@@ -251,6 +251,7 @@ def test_decoders_fused_for_onnxruntime_by_default(decoders, tmp_path) -> None:
     # 7 projections per layer, q/k/v and gate/up packed: 4 MatMuls (the attention's own and the LM head besides)
     assert unfused["MatMul"] - fused["MatMul"] == 3 * layers and fused["Split"] - unfused["Split"] == 2 * layers
     assert _ops(optimized)[0]["com.microsoft.RotaryEmbedding"] == 2 * layers  # query and key
+    assert fused["IsNaN"] == unfused["IsNaN"] == 0  # torch.onnx's guards after the masked softmaxes, dropped
     for path in (plain, optimized):
         session = OnnxAdapterSession(path, providers=["CPUExecutionProvider"])
         assert_tokens(ort_generate(session, inputs), want)
