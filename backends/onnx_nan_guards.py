@@ -7,8 +7,9 @@ torch.onnx translates `scaled_dot_product_attention` with a boolean mask so (onn
 becomes an additive one, and a guard turns the softmax's NaNs (a row masked to -inf everywhere: 0/0) into
 zeros. But the additive mask it writes holds the dtype's smallest finite value, not -inf, so a fully masked
 row is a finite uniform softmax and the guard never changes a value: the softmax is NaN only where its input
-is, where torch's attention would be NaN too. The guard still costs two passes over [batch, heads, new, past + new] per layer, read and written: at a
-512-token prompt on the bench model, 33 ms of a 168 ms step (ONNX Runtime's profiler).
+is, where torch's attention would be NaN too. The guard still costs two passes over [batch, heads, new,
+past + new] per layer, read and written: at a 512-token prompt on the bench model, 33 ms of a 168 ms step
+(ONNX Runtime's profiler).
 """
 
 from __future__ import annotations
