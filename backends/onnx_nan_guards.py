@@ -19,12 +19,12 @@ from typing import Any
 
 
 def drop_softmax_nan_guards(graph: Any) -> int:
-    """Remove from the onnx_ir `graph` each `Where(IsNaN(s), c, s)` whose `s` is a Softmax of `Add(x, Where(mask,
-    a, b))` with `a` and `b` finite constants: its readers read `s`. Returns how many it removed."""
+    """Remove from the onnx_ir `graph` each `Where(IsNaN(s), c, s)` whose `s` is a Softmax of `Add(MatMul(q, k),
+    Where(mask, a, b))` with `a` and `b` finite constants: its readers read `s`. Returns how many it removed."""
     dropped = 0
     for guard in list(graph):
         softmax = _guarded_softmax(guard)
-        if softmax is None or not _adds_a_finite_mask(softmax.inputs[0]):
+        if softmax is None or not _scores_with_a_finite_mask(softmax.inputs[0]):
             continue
         guard.outputs[0].replace_all_uses_with(softmax.outputs[0], replace_graph_outputs=True)
         is_nan = guard.inputs[0].producer()
@@ -40,23 +40,29 @@ def _guarded_softmax(node: Any) -> Any:
     if node.op_type != "Where" or node.domain != "" or len(node.inputs) != 3:
         return None
     condition, _, value = node.inputs
-    is_nan = condition.producer() if condition is not None else None
-    softmax = value.producer() if value is not None else None
-    if is_nan is None or is_nan.op_type != "IsNaN" or softmax is None or softmax.op_type != "Softmax":
-        return None
-    return softmax if is_nan.inputs[0] is value else None
+    is_nan = _producer(condition, "IsNaN")
+    softmax = _producer(value, "Softmax")
+    return softmax if is_nan is not None and softmax is not None and is_nan.inputs[0] is value else None
 
 
-def _adds_a_finite_mask(value: Any) -> bool:
-    """`value` is `Add(x, Where(mask, a, b))` (either order) with `a` and `b` finite constants."""
-    add = value.producer() if value is not None else None
-    if add is None or add.op_type != "Add":
+def _scores_with_a_finite_mask(value: Any) -> bool:
+    """`value` is `Add(MatMul(q, k), Where(mask, a, b))` (either order), `a` and `b` finite constants: the
+    attention's scores (no -inf of their own) plus a mask that adds none."""
+    add = _producer(value, "Add")
+    if add is None or len(add.inputs) != 2:
         return False
-    for operand in add.inputs:
-        where = operand.producer() if operand is not None else None
-        if where is not None and where.op_type == "Where" and all(_finite_constant(v) for v in where.inputs[1:]):
+    for scores, mask in (add.inputs, reversed(add.inputs)):
+        where = _producer(mask, "Where")
+        if _producer(scores, "MatMul") is not None and where is not None and \
+                all(_finite_constant(v) for v in where.inputs[1:]):
             return True
     return False
+
+
+def _producer(value: Any, op_type: str) -> Any:
+    """The standard-domain node of type `op_type` that produces `value`, else None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain == "" else None
 
 
 def _finite_constant(value: Any) -> bool:
