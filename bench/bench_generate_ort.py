@@ -16,6 +16,7 @@ bench_generate.py's torch rows do.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tempfile
 import time
@@ -77,15 +78,21 @@ def ort_candidates(am: Any, ids: torch.Tensor, new_tokens: int, names: Sequence[
            "ORT switch mixed": run(switch, list(names))}
     if genai and importlib.util.find_spec("onnxruntime_genai") is not None:
         index = [switch.exported_adapters.index(n) for n in names]
-        out["genai merged"] = _genai(exported(am, "merged", ort_fusions), ids, new_tokens, None)
-        out["genai switch mixed"] = _genai(exported(am, "switch", ort_fusions), ids, new_tokens, index)
+        out["genai merged"] = _genai(exported(am, "merged", ort_fusions), ids, new_tokens, None, threads)
+        out["genai switch mixed"] = _genai(exported(am, "switch", ort_fusions), ids, new_tokens, index, threads)
     return out
 
 
-def _genai(folder: str, ids: torch.Tensor, new_tokens: int, index: list[int] | None) -> Callable[[], Any]:
+def _genai(folder: str, ids: torch.Tensor, new_tokens: int, index: list[int] | None,
+           threads: int = 0) -> Callable[[], Any]:
+    """onnxruntime-genai's own loop on `folder`, its session on `threads` intra-op threads as the ORT rows'
+    (0: genai's default, which was one thread on the 2-core machine: a generate took twice as long)."""
     import onnxruntime_genai as og
 
-    model = og.Model(folder)
+    config = og.Config(folder)
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     length = ids.shape[1] + new_tokens
     tokens = ids.numpy().astype(np.int32)
 
