@@ -232,7 +232,6 @@ class OnnxAdapterSession:
     def load_adapter(self, source: str | os.PathLike, adapter_name: str) -> None:
         """Load an adapter file written by `save_onnx_adapter` (mode="inputs" exports only). A tensor
         smaller than the input it feeds (a lower rank) is zero-padded, as in `hotswap_adapter`."""
-        import onnxruntime as ort
 
         if self.mode != "inputs":
             raise ConfigError(f"this model was exported with mode={self.mode!r}: its adapters "
@@ -243,11 +242,8 @@ class OnnxAdapterSession:
         if missing or extra:
             raise CheckpointError(f"{source}: not an adapter for this model: missing {missing[:3]}, "
                                   f"unexpected {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
-        values = {}
-        for key, shape in self.adapter_inputs.items():
-            array = _fit(tensors[key], shape, f"{source}: {key}")
-            values[key] = ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
-        self._adapters[adapter_name] = values
+        fitted = {key: _fit(tensors[key], shape, f"{source}: {key}") for key, shape in self.adapter_inputs.items()}
+        self._adapters[adapter_name] = ort_values(fitted, self._device)
 
     def save_adapter(self, adapter_name: str, path: str | os.PathLike) -> str:
         """Write a loaded adapter as this model's inputs take it (a lower rank zero-padded to the export's)
