@@ -11,10 +11,11 @@ Training, as PEFT's AdaLoraModel:
   - the orthogonal regularisation orth_reg_weight * mean(‖AAᵀ - I‖, ‖BᵀB - I‖) over the trainable
     adapter's modules is added to the model's loss (`loss_term`, placed by passes/loss_terms.py) when the
     config has a task_type, as PEFT does (its PeftModel for a task type adds it; without one it does not);
-  - `AdaptedModel.update_and_allocate(global_step)` (or `AdaLoraCallback` in a transformers Trainer), after
-    each optimizer step, runs PEFT's RankAllocator: importance |p · ∂L/∂p| smoothed by two EMAs, a cubic
-    budget from init_r to target_r per module between tinit and total_step - tfinal, and the least important
-    triplets' E masked to zero; the kept triplets are the config's `rank_pattern`.
+  - `AdaptedModel.update_and_allocate(global_step)` (or peftc.trainer_callbacks' `AdaLoraCallback` in a
+    transformers Trainer), after each optimizer step, runs PEFT's RankAllocator: importance |p · ∂L/∂p|
+    smoothed by two EMAs, a cubic budget from init_r to target_r per module between tinit and
+    total_step - tfinal, and the least important triplets' E masked to zero;
+    the kept triplets are the config's `rank_pattern`.
 Checkpoints hold only the triplets `rank_pattern` keeps (PEFT's `resize_state_dict_by_rank_pattern`), and
 a config with a `rank_pattern` creates each module at its kept rank (PEFT's resize when it loads one).
 
@@ -33,7 +34,6 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 import torch.nn as nn
-from transformers import TrainerCallback
 
 from peftc.config import AdapterConfig, LoraConfig, check_layer_replication, check_probability, check_targets
 from peftc.errors import ConfigError
@@ -350,11 +350,3 @@ def rank_allocator(model: Any) -> RankAllocator:
                                 for mas in model.targeted_modules.values() for ma in mas
                                 if ma.adapter == name and isinstance(ma.method, AdaLora)}
     return allocators[name]
-
-
-class AdaLoraCallback(TrainerCallback):
-    """A transformers Trainer callback: AdaLoRA's rank allocation after every optimizer step
-    (`Trainer(model=am, callbacks=[AdaLoraCallback()])`), with the step PEFT's loop passes (0 first)."""
-
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        kwargs["model"].update_and_allocate(state.global_step)

@@ -12,12 +12,13 @@ from typing import Any
 import peft
 import pytest
 import torch
-from peftc.passes.adalora import AdaLora, AdaLoraCallback
+from peftc.passes.adalora import AdaLora
 from safetensors.torch import load_file
 
 import peftc
 from peftc.errors import ConfigError
 from peftc.graph import eager
+from peftc.trainer_callbacks import AdaLoraCallback
 from tests import zoo
 from tests.oracle import check_checkpoints, check_eval, check_fold, check_train, make_pair, saved_shapes
 
