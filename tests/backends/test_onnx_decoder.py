@@ -342,6 +342,8 @@ def test_bad_input(decoders, tmp_path, monkeypatch) -> None:
     assert session.adapter_names == []
     with pytest.raises(peftc.ConfigError, match="pass pad_token_id with eos_token_id"):
         dec.session("switch").generate(prompts()["input_ids"], adapter_names=["default"] * 3, eos_token_id=5)
+    with pytest.raises(peftc.ConfigError, match="max_new_tokens must be greater than 0, got 0"):
+        dec.session("switch").generate(prompts()["input_ids"], max_new_tokens=0)
     # a method that cannot be merged: merged mode names the adapter and method before exporting anything
     method = next(ma for mas in dec.am.targeted_modules.values() for ma in mas).method
     monkeypatch.setattr(method, "mergeable", False)
