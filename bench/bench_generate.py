@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from bench_lora import build_model, interleaved_samples, noise_of, paired_ratios, same_random_adapters, timing_parser
 
@@ -112,6 +113,9 @@ def main() -> None:
                 ort_single, ort_mixed = (torch.equal(torch.as_tensor(candidates[label]()), ours.cpu())
                                          for label, ours in (("ORT switch", single), ("ORT switch mixed", mixed)))
                 checks += f"; ORT switch's equal peftc's: {ort_single}, mixed: {ort_mixed}"
+                if "genai adapters" in candidates:  # its first sequence, on the first adapter as peftc's single
+                    same_genai = np.array_equal(candidates["genai adapters"](), single[0].cpu().numpy())
+                    checks += f"; genai adapters' equal peftc's: {same_genai}"
             if only is not None:
                 candidates = {label: call for label, call in candidates.items() if label in only}
             samples = interleaved_samples(candidates, args.rounds, args.iters, args.warmup, args.settle)

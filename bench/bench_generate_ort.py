@@ -7,8 +7,10 @@
 Candidates: "ORT merged" (the first adapter folded into the weights), "ORT switch" (every adapter stacked,
 all samples on the first adapter), "ORT switch mixed" (one adapter per sample, `names`), each through
 `OnnxAdapterSession.generate` (CPU provider, greedy, fixed new tokens); and "genai merged" / "genai switch
-mixed", onnxruntime-genai's own loop on the same folders (`adapter_index` through `set_model_input`) when
-onnxruntime-genai is installed. Each decoder is exported once per adapted model (into a temporary folder).
+mixed", onnxruntime-genai's own loop on the same folders (`adapter_index` through `set_model_input`), and
+"genai adapters", its own adapter switching (the `inputs` folder, the first adapter's `.onnx_adapter` file
+through `og.Adapters` and `set_active_adapter`, one adapter per generator), when onnxruntime-genai is
+installed. Each decoder is exported once per adapted model (into a temporary folder).
 Tokens/s counts generated tokens (batch x new) over the whole call (prompt step included), as
 bench_generate.py's torch rows do.
 """
@@ -80,19 +82,25 @@ def ort_candidates(am: Any, ids: torch.Tensor, new_tokens: int, names: Sequence[
         index = [switch.exported_adapters.index(n) for n in names]
         out["genai merged"] = _genai(exported(am, "merged", ort_fusions), ids, new_tokens, None, threads)
         out["genai switch mixed"] = _genai(exported(am, "switch", ort_fusions), ids, new_tokens, index, threads)
+        out["genai adapters"] = _genai(exported(am, "inputs", ort_fusions), ids, new_tokens, None, threads, first)
     return out
 
 
 def _genai(folder: str, ids: torch.Tensor, new_tokens: int, index: list[int] | None,
-           threads: int = 0) -> Callable[[], Any]:
+           threads: int = 0, adapter: str | None = None) -> Callable[[], Any]:
     """onnxruntime-genai's own loop on `folder`, its session on `threads` intra-op threads as the ORT rows'
-    (0: genai's default, which was one thread on the 2-core machine: a generate took twice as long)."""
+    (0: genai's default, which was one thread on the 2-core machine: a generate took twice as long); with
+    `adapter`, that adapter's file loaded into `og.Adapters` and active in every generator."""
     import onnxruntime_genai as og
 
     config = og.Config(folder)
     if threads:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
+    adapters = None
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(os.path.join(folder, f"{adapter}.onnx_adapter"), adapter)
     length = ids.shape[1] + new_tokens
     tokens = ids.numpy().astype(np.int32)
 
@@ -100,6 +108,8 @@ def _genai(folder: str, ids: torch.Tensor, new_tokens: int, index: list[int] | N
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=ids.shape[0])
         generator = og.Generator(model, params)
+        if adapter is not None:
+            generator.set_active_adapter(adapters, adapter)
         if index is not None:
             generator.set_model_input("adapter_index", np.array(index, dtype=np.int64))
         generator.append_tokens(tokens)
