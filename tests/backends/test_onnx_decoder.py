@@ -146,6 +146,21 @@ def test_ort_greedy_equals_torch(decoders, name: str, mode: str) -> None:
 
 
 @pytest.mark.xdist_group("onnx-decoder-llama")
+def test_ort_greedy_with_a_logits_processor_equals_torch(decoders) -> None:
+    """A processor reads the tokens so far (here the left-padded batch's, a view of the loop's buffer) and the
+    step's scores, as in transformers' generate; it changes this model's greedy tokens."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
+
+    dec = decoders("llama")
+    session, inputs = dec.session("switch"), prompts()
+    names = ["other", "default", "__base__"]
+    processors = LogitsProcessorList([NoRepeatNGramLogitsProcessor(2)])
+    got = ort_generate(session, inputs, adapter_names=names, logits_processor=processors)
+    assert_tokens(got, dec.torch_generate(inputs, adapter_names=names, logits_processor=processors))
+    assert not np.array_equal(got, ort_generate(session, inputs, adapter_names=names))
+
+
+@pytest.mark.xdist_group("onnx-decoder-llama")
 def test_ort_sampling_equals_torch_under_one_seed(decoders) -> None:
     """Sampling uses transformers' warpers and torch's global generator as transformers does: same seed, same
     tokens (the logits agree to ~1e-6, far below any sampling threshold here)."""
