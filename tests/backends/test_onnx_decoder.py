@@ -276,6 +276,22 @@ def test_decoders_fused_for_onnxruntime_by_default(decoders, tmp_path) -> None:
 
 
 @pytest.mark.xdist_group("onnx-decoder-llama")
+def test_decoder_fused_for_cuda_generates_as_torch(decoders, tmp_path) -> None:
+    """ort_fusions="cuda" fuses the attention too (ONNX Runtime's MultiHeadAttention, which its CPU provider also
+    runs): a switch decoder fused so generates torch's tokens for a left-padded batch on three adapter choices."""
+    llama = decoders("llama")
+    layers = llama.am.parameter_tree.source.config.num_hidden_layers
+    path = peftc.export_onnx_decoder(llama.am, tmp_path / "cuda.onnx", mode="switch", ort_fusions="cuda", **OPTIONS)
+    ops, meta = _ops(path)
+    assert meta["ort_fusions"] == "cuda" and ops["com.microsoft.MultiHeadAttention"] == layers
+    assert "Softmax" not in ops
+    inputs, names = prompts(), ["other", "__base__", "default"]
+    session = OnnxAdapterSession(path, providers=["CPUExecutionProvider"])
+    assert_tokens(ort_generate(session, inputs, adapter_names=names),
+                  llama.torch_generate(inputs, adapter_names=names))
+
+
+@pytest.mark.xdist_group("onnx-decoder-llama")
 def test_adapter_saved_after_export_runs_without_reexport(decoders, tmp_path) -> None:
     """A new adapter trained after the export, saved as a file, runs in the inputs-mode decoder: in peftc's
     session and in onnxruntime-genai."""
