@@ -174,11 +174,12 @@ def _same_value(new: Any, old: Any) -> bool:
 
 
 def ort_values(values: Mapping[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """`values` (numpy arrays or OrtValues) as OrtValues; the arrays copied to `device`."""
+    """`values` (numpy arrays or OrtValues) as OrtValues; the arrays copied to `device` (C-ordered first: a
+    decode loop feeds slices of its token and mask buffers)."""
     import onnxruntime as ort
 
-    return {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v, device, 0)
-            for k, v in values.items()}
+    return {k: v if isinstance(v, ort.OrtValue)
+            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), device, 0) for k, v in values.items()}
 
 
 def run_ort(session: Any, feed: dict[str, Any], outputs: Sequence[str], device: str = "cpu",

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from peftc.backends.onnx_prologue import BoundRuns, FixedInputPrologue, run_ort, split_fixed_inputs
+from peftc.backends.onnx_prologue import BoundRuns, FixedInputPrologue, ort_values, run_ort, split_fixed_inputs
 
 SLOTS, IN, R, OUT = 3, 4, 2, 5  # slot 0: the zero adapter of base-only samples
 
@@ -225,3 +225,12 @@ def test_bound_runs_bind_the_fixed_inputs_once_for_every_run() -> None:
     with pytest.raises(Exception, match="x"):  # other inputs: the binding is cleared, the rows bound again
         runs.run({}, ["out"])
     assert step.binds[4:] == ["A_rows", "B_rows"]
+
+
+def test_ort_values_take_slices_of_a_buffer() -> None:
+    """A decode loop feeds column slices of its token and mask buffers (not C-ordered for a batch above one)."""
+    buffer = np.arange(12, dtype=np.int64).reshape(3, 4)
+    values = ort_values({"mask": buffer[:, :2], "ids": buffer[:, 3:]})
+    assert np.array_equal(values["mask"].numpy(), buffer[:, :2])
+    assert np.array_equal(values["ids"].numpy(), buffer[:, 3:])
+    assert ort_values({"kept": values["ids"]})["kept"] is values["ids"]  # an OrtValue stays itself
