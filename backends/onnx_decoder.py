@@ -193,7 +193,7 @@ def generate(session: Any, input_ids: Any, attention_mask: Any = None, max_new_t
         raise ConfigError("generate: pass pad_token_id with eos_token_id (what finished rows continue with)")
     batch, prompt = ids.shape
     # the loop's state is numpy: its small ops cost a few microseconds there, several times that in torch (an
-    # argmax over [8, 32000]: 0.35 ms against 0.013), and each step's weights stream leaves them cold caches
+    # argmax over [8, 32000]: 0.35 ms against 0.013), and after each step's stream of weights the caches are cold
     sequences = np.zeros((batch, prompt + max_new_tokens), np.int64)
     sequences[:, :prompt] = ids.numpy()
     masks = np.ones_like(sequences)  # the attention mask of every step: the prompt's, then ones
