@@ -26,7 +26,18 @@ from peftc.passes.modules_to_save import CopyAdapter, excluded_by_copies
 from . import names
 from .config import AdapterConfig, load_config
 from .errors import ConfigError, TargetError
-from .method import PARTS, Method, ModuleAdapter, Placed, Target, TensorKey, correct_fan_in_fan_out, methods_for
+from .method import (
+    PARTS,
+    Method,
+    ModuleAdapter,
+    Placed,
+    Target,
+    TensorKey,
+    as_peft_stores,
+    base_weight,
+    correct_fan_in_fan_out,
+    methods_for,
+)
 from .state import ParameterTree, group_leaf
 from .targets import select_targets
 
@@ -161,14 +172,18 @@ class AdapterSet:
     def _place(self, adapter: str, config: AdapterConfig, method: Method, targets: list[Target]) -> None:
         """One method's adapters at its targets, named as PEFT names them."""
         # tensors the method shares across this adapter's modules (VeRA's projections), at the tuner level
-        shared = {key: (names.shared_live_key(*group_leaf(key, adapter)), t) for key, t in
-                  method.create_shared(config, {t.path: (t.module, t.kind) for t in targets}).items()}
+        created_shared = method.create_shared(config, {t.path: (t.module, t.kind) for t in targets})
+        first_weight = base_weight(targets[0].module) if targets else None
+        shared = {key: (names.shared_live_key(*group_leaf(key, adapter)), as_peft_stores(t, first_weight))
+                  for key, t in created_shared.items()}
         for fqn, t in shared.values():
             self.tree.set(fqn, t, persistent=method.saves_shared(config))
         registered: dict[str, dict[TensorKey, tuple[str, torch.Tensor]]] = {}
         for target in targets:
             if target.tied is None:
                 created = method.create(config, target.module_name, target.module, target.kind)
+                weight = base_weight(target.module)
+                created.params = {key: as_peft_stores(t, weight) for key, t in created.params.items()}
                 tensors = self.tree.register_created(target.names_at, adapter, created, not config.inference_mode)
                 self._alias_shared(target.names_at, adapter, tensors, shared)
                 for leaf, value in created.base.items():

@@ -43,6 +43,23 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if base_weight.dtype == torch.float64 else torch.float32
 
 
+def base_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight whose device and dtype PEFT gives a layer's adapter (an nn.MultiheadAttention's out_proj's)."""
+    if isinstance(module, nn.MultiheadAttention):
+        module = module.out_proj
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def as_peft_stores(value: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """A created adapter tensor as PEFT holds it over a layer whose base `weight` is given: PEFT initialises in
+    fp32, moves the adapter to that weight's dtype (`_move_adapter_to_device_of_base_layer`) and casts it back
+    (`autocast_adapter_dtype`), so over a bf16/fp16 base it keeps that dtype's rounding of the drawn value."""
+    if weight is not None and weight.dtype in (torch.bfloat16, torch.float16) and value.is_floating_point():
+        return value.to(weight.dtype).to(value.dtype)
+    return value
+
+
 def layer_type(module: nn.Module) -> str | None:
     """The layer kinds methods share, by module type: "linear", "conv1d" (transformers' Conv1D, a Linear
     stored transposed), "nn_conv1d", "conv2d", "conv3d", "embedding"; None for any other module."""

@@ -8,6 +8,7 @@ the casts in. Outputs and adapter gradients are compared with PEFT on the same w
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import peft
 import pytest
@@ -145,3 +146,43 @@ def test_an_adapted_layer_reading_another_casts_its_input():
     theirs = dict(pm.named_parameters())
     for name, p in am.adapter_parameters():
         assert_close_relative(p.grad, theirs[name].grad, BF16_REL, name)
+
+
+TARGETS = ["q_proj", "v_proj"]
+SEEDED = {  # one config per method (and LoRA's inits that compute from the base weight, and DoRA's magnitude)
+    "LORA": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": TARGETS},
+    "LORA gaussian + DoRA": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": TARGETS,
+                             "init_lora_weights": "gaussian", "use_dora": True},
+    "LORA pissa": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": TARGETS,
+                   "init_lora_weights": "pissa"},
+    "ADALORA": {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "target_modules": TARGETS, "total_step": 10},
+    "LOHA": {"peft_type": "LOHA", "r": 4, "alpha": 8, "target_modules": TARGETS},
+    "LOKR": {"peft_type": "LOKR", "r": 4, "alpha": 8, "target_modules": TARGETS},
+    "VERA": {"peft_type": "VERA", "r": 4, "target_modules": TARGETS},
+    "HRA": {"peft_type": "HRA", "r": 4, "target_modules": TARGETS},
+    "OFT": {"peft_type": "OFT", "r": 4, "oft_block_size": 0, "target_modules": TARGETS, "init_weights": False},
+    "BOFT": {"peft_type": "BOFT", "boft_block_size": 4, "target_modules": TARGETS, "init_weights": False},
+}
+
+
+@pytest.mark.parametrize(("name", "dtype"), [pytest.param(n, torch.bfloat16, id=f"{n} bf16") for n in SEEDED]
+                         + [pytest.param("LORA", torch.float16, id="LORA fp16")])
+def test_initial_adapter_equals_peft_from_one_seed(name: str, dtype: torch.dtype) -> None:
+    """From the same seed over a bf16/fp16 base, the adapter starts with PEFT's values to the bit: PEFT draws in
+    fp32, moves the adapter to the base dtype and casts it back to fp32, so its values are rounded to the base
+    dtype (the residual base weights of PiSSA, and DoRA's magnitude, follow)."""
+    config = SEEDED[name]
+    base = zoo.llama().model.to(dtype)
+    ref = zoo.llama().model.to(dtype)
+    torch.manual_seed(0)
+    am = peftc.apply(base, copy.deepcopy(config))
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(ref, peft.get_peft_config(copy.deepcopy(config)))
+    theirs = pm.state_dict()
+    ours = {k: t for k, t in am.state_dict().items() if k in theirs}
+    rounded = 0
+    for key, t in ours.items():
+        assert t.dtype == theirs[key].dtype and torch.equal(t, theirs[key]), key
+        rounded += t.dtype == torch.float32 and not torch.equal(t, t.to(dtype).float())
+    assert len(ours) > 2 * len(TARGETS)
+    assert rounded == 0  # every fp32 adapter value is one of the base dtype's (none escaped the rounding)
