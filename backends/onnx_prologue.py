@@ -203,7 +203,7 @@ class BoundRuns:
         self.device = device
         self.binding = session.io_binding()
         self.fixed = dict(fixed or {})
-        self._bound: dict[str, Any] | None = None  # input name -> the OrtValue of the last run bound to it
+        self._bound: dict[str, Any] = {}  # input name -> the OrtValue of the last run bound to it
         self._bind_fixed()
 
     def _bind_fixed(self) -> None:
@@ -212,9 +212,7 @@ class BoundRuns:
 
     def run(self, feed: Mapping[str, Any], outputs: Sequence[str], on_device: Collection[str] = ()) -> list[Any]:
         """`outputs` (OrtValues) of a run on the inputs `feed` (OrtValues) and the fixed ones."""
-        if self._bound is None:  # the first run
-            self._bound = {}
-        elif self._bound.keys() != feed.keys():  # other inputs than the last run's: none of those stays bound
+        if self._bound and self._bound.keys() != feed.keys():  # other inputs than the last run's: unbind them
             self.binding.clear_binding_inputs()
             self._bind_fixed()
             self._bound = {}
