@@ -232,7 +232,6 @@ class OnnxAdapterSession:
     def load_adapter(self, source: str | os.PathLike, adapter_name: str) -> None:
         """Load an adapter file written by `save_onnx_adapter` (mode="inputs" exports only). A tensor
         smaller than the input it feeds (a lower rank) is zero-padded, as in `hotswap_adapter`."""
-
         if self.mode != "inputs":
             raise ConfigError(f"this model was exported with mode={self.mode!r}: its adapters "
                               f"{self.exported_adapters} are built in; export mode='inputs' to load adapters")
