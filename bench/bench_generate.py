@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=8, help="adapters of the mixed batch")
+    parser.add_argument("--hidden", type=int, default=512, help="the model's width (bench_lora.build_model)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-options", default="{}", metavar="JSON",
                         help='compile_model keyword arguments, e.g. \'{"options": {"cpp_wrapper": true}}\'')
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     only = None if args.only is None else set(args.only.split(","))
     torch.set_num_threads(args.threads)
-    base = build_model(tie=True)
+    base = build_model(tie=True, hidden=args.hidden)
     n = args.new_tokens
     print(f"model: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params; {n} new tokens; "
           f"{args.threads} threads; {args.rounds} rounds, medians; LoRA r=16 all-linear", flush=True)

@@ -37,11 +37,13 @@ CONFIGS = {
 }
 
 
-def build_model(tie: bool) -> LlamaForCausalLM:
+def build_model(tie: bool, hidden: int = 512) -> LlamaForCausalLM:
+    """The bench model (seeded): 8 Llama layers; `hidden` 512 (41.7M parameters tied) unless a wider one is asked
+    for, its MLP and heads scaled with it (intermediate 2.6875x hidden, 64-wide heads)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
-                      tie_word_embeddings=tie)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 43 // 16, num_hidden_layers=8,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      max_position_embeddings=1024, tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
 
 
