@@ -10,6 +10,7 @@ exported ONNX decoders (bench_generate_ort.py): merged and switch through onnxru
     python bench/bench_generate.py --only "ORT merged,ORT switch" --settle 1 --no-compile   # caches warm
     python bench/bench_generate.py --device cuda --ort-fusions cuda   # torch on the GPU, ORT's CUDA provider
     python bench/bench_generate.py --only "ORT merged,ORT switch" --ort-fusions none   # standard ONNX decoders
+    python bench/bench_generate.py --hidden 1024 --only "base HF,ORT merged,ORT switch" --no-compile   # 134M model
 
 All-linear LoRA r=16 (random non-zero B), greedy, `min_new_tokens = max_new_tokens` so every call
 generates the same number of tokens. Candidates run interleaved in rounds with a rotating order after a
