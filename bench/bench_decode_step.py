@@ -31,8 +31,10 @@ from peftc.backends.onnx_decoder import DECODER_FILE
 from peftc.backends.onnx_prologue import split_fixed_inputs
 
 
-def step_call(model: onnx.ModelProto | str, feed: dict[str, np.ndarray], threads: int) -> Callable[[], Any]:
-    """One decode step of `model` on `feed`, bound once (inputs and outputs stay where they are between calls)."""
+def step_call(model: onnx.ModelProto | str, feed: dict[str, np.ndarray],
+              threads: int) -> tuple[Callable[[], None], Callable[[], np.ndarray]]:
+    """One decode step of `model` on `feed`, bound once (inputs and outputs stay where they are between calls),
+    and a reader of its last logits (kept out of the timed call: a copy of [batch, 1, vocab])."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     source = model if isinstance(model, str) else model.SerializeToString()
@@ -44,12 +46,7 @@ def step_call(model: onnx.ModelProto | str, feed: dict[str, np.ndarray], threads
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
     for output in session.get_outputs():
         binding.bind_output(output.name, "cpu")
-
-    def call() -> np.ndarray:
-        session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
-
-    return call
+    return (lambda: session.run_with_iobinding(binding)), (lambda: binding.get_outputs()[0].numpy())
 
 
 def with_constant_rows(step: onnx.ModelProto, rows: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -76,12 +73,17 @@ def candidates(merged: str, switch: str, batch: int, past: int, threads: int) ->
     prologue = ort.InferenceSession(split.prologue.SerializeToString(), providers=["CPUExecutionProvider"])
     index = np.zeros(1 if split.one_row_broadcasts else batch, np.int64)  # as the session gathers one adapter's rows
     rows = dict(zip(split.carried, prologue.run(split.carried, {"adapter_index": index})))
-    calls = {"ORT merged": step_call(merged, feed, threads),
+    steps = {"ORT merged": step_call(merged, feed, threads),
              "ORT switch": step_call(split.step, {**feed, **rows}, threads),
              "LoRA constants": step_call(with_constant_rows(split.step, {k: v[0] for k, v in rows.items()}),
                                          feed, threads)}
-    if not np.allclose(calls["ORT switch"](), calls["LoRA constants"](), atol=1e-4):
-        raise RuntimeError("the step with constant rows does not compute the switch step's logits")
+    calls = {label: run for label, (run, _) in steps.items()}
+    for run in calls.values():
+        run()
+    switch_logits = steps["ORT switch"][1]()
+    for label, (_, logits) in steps.items():  # merged differs by the rounding of its folded weights only
+        if not np.allclose(logits(), switch_logits, atol=1e-3):
+            raise RuntimeError(f"{label}'s step does not compute the switch step's logits")
     return calls
 
 
