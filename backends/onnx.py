@@ -20,9 +20,11 @@ adapter order, which inputs are adapter tensors) is stored in the model's metada
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Collection, Sequence
+import re
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 from peftc.passes.dispatch import BASE_NAME, BASE_ONLY, slot_indices
+from peftc.passes.fold_adapter_constants import FoldAdapterConstants
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.export import Dim
@@ -37,7 +40,7 @@ from torch.export import Dim
 from peftc import names
 from peftc.capture import CapturedGraph, split_inputs, synthesize_inputs
 from peftc.errors import CheckpointError, ConfigError
-from peftc.graph import copy_graph_module
+from peftc.graph import ADDED_STATE, copy_graph_module
 from peftc.state import set_tensor
 
 from . import onnx_fusions, onnx_nan_guards
@@ -100,7 +103,8 @@ def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, 
     adapter_keys = {fqn: key for fqn, key in _adapter_input_keys(model).items() if fqn in state} if mode == "inputs" \
         else {}
 
-    entry = _Entry(captured, model, flat, adapter_keys).eval()  # the graph's own mode was fixed at capture
+    # the graph's own mode was fixed at capture
+    entry = _Entry(captured, model, flat, adapter_keys, fold_adapters=mode == "switch").eval()
     rename = rename or (lambda name: name)
     user_names = [rename(n) for n in _user_input_names(args, kwargs, flat)]
     index_names = [INDEX] if mode == "switch" else []
@@ -123,7 +127,7 @@ def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, 
     }
     external_data = export_options.pop("external_data", None)  # None: only past ONNX's 2 GB limit
     export_options.setdefault("verbose", False)
-    with torch.no_grad():
+    with torch.no_grad(), _untranslatable_ops_named(mode):
         program_onnx = torch.onnx.export(
             entry, tuple(example), dynamo=True, input_names=[*user_names, *index_names, *adapter_values],
             output_names=output_names, dynamic_shapes={"inputs": tuple(dynamic)}, **export_options,
@@ -135,6 +139,21 @@ def export_program(model: Any, path: str | os.PathLike, mode: str, args: tuple, 
     program_onnx.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
     program_onnx.save(os.fspath(path), external_data=external_data)
     return os.fspath(path)
+
+
+@contextlib.contextmanager
+def _untranslatable_ops_named(mode: str) -> Iterator[None]:
+    """torch.onnx's failure to translate an op (its message buried in a report) as a ConfigError naming the op."""
+    try:
+        yield
+    except Exception as error:
+        found = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(error))
+        if found is None:
+            raise
+        hint = (" from the adapter tensors it takes as inputs (BOFT's rotation, for one); mode='switch' and "
+                "mode='merged' compute what depends on the adapters alone in torch") if mode == "inputs" else ""
+        raise ConfigError(f"mode={mode!r}: ONNX has no operator for {found.group(1)}, which this graph "
+                          f"computes{hint}") from error
 
 
 def _overridable(graph: Any, values: dict[str, torch.Tensor]) -> None:
@@ -360,11 +379,17 @@ class _Entry(nn.Module):
     """Tensors in, tensors out: calls a lifted graph with the model's state as buffers (initializers),
     the call's constants fixed, and the adapter tensors of `adapter_keys` taken as inputs."""
 
-    def __init__(self, captured: CapturedGraph, model: Any, flat: list[Any], adapter_keys: dict[str, str]):
+    def __init__(self, captured: CapturedGraph, model: Any, flat: list[Any], adapter_keys: dict[str, str],
+                 fold_adapters: bool = False):
         super().__init__()
         self.gm = copy_graph_module(captured.gm)
         inline_grad_blocks(self.gm)  # torch.export would keep the block as a subgraph the exporter cannot lower
         self.state = captured.state_names()
+        if fold_adapters:  # the adapters are constants of the file: so is what the graph computes from them alone
+            placeholders = self.gm.graph.find_nodes(op="placeholder")
+            values = {node: model.parameter_tree.tensor(fqn).detach()
+                      for node, fqn in zip(placeholders, self.state) if node.meta.get(ADDED_STATE)}
+            FoldAdapterConstants(values)(self.gm)
         self.constants = [None if isinstance(v, torch.Tensor) else v for v in flat]
         self.adapter_fqns = list(adapter_keys)
         self.adapter_shapes = {fqn: model.parameter_tree.tensor(fqn).shape for fqn in adapter_keys}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -99,14 +99,16 @@ def _same_integers(new: list[torch.Tensor], old: list[torch.Tensor]) -> bool:
                                         for a, b in zip(new, old))
 
 
-def invariant_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
-    """Nodes (in graph order) computed from added state tensors and the adapter index alone: calls of
-    deterministic ops with tensor outputs whose inputs are such roots or such nodes."""
+def invariant_nodes(graph: torch.fx.Graph, index: bool = True,
+                    roots: Collection[torch.fx.Node] | None = None) -> list[torch.fx.Node]:
+    """Nodes (in graph order) computed from added state tensors and the adapter index alone (without `index`:
+    from added state tensors alone; with `roots`: from those of them alone): calls of deterministic ops with
+    tensor outputs whose inputs are such roots or such nodes."""
     invariant: set[torch.fx.Node] = set()
     order = []
     for node in graph.nodes:
         if node.op == "placeholder":
-            if node.meta.get(ADDED_STATE) or node.meta.get(INDEX):
+            if (node.meta.get(ADDED_STATE) and (roots is None or node in roots)) or (index and node.meta.get(INDEX)):
                 invariant.add(node)
             continue
         if (node.op == "call_function" and node.all_input_nodes and not node.is_impure()

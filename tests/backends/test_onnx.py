@@ -235,3 +235,30 @@ def test_bad_input(exports, tmp_path) -> None:
         del plain.metadata_props[:]
         onnx.save(plain, tmp_path / "plain.onnx")
         OnnxAdapterSession(tmp_path / "plain.onnx")
+
+
+@pytest.mark.xdist_group("onnx-boft")
+def test_switch_holds_what_the_adapters_compute_alone(tmp_path) -> None:
+    """BOFT builds its rotations by solving a linear system (its Cayley transform), which no standard ONNX operator
+    does: a switch export holds the rotations, computed in torch, and serves a mixed batch; an inputs export, which
+    would compute them from its inputs, names the op and writes nothing."""
+    case = zoo.llama()
+    spec = {"peft_type": "BOFT", "boft_block_size": 4, "target_modules": ["q_proj", "v_proj"]}
+    am = peftc.apply(case.model, spec, example_inputs=case.inputs)
+    am.add_adapter("other", spec)
+    am.set_adapter(["default", "other"])
+    randomize_adapters(am, seed=2)  # rotations other than the identity
+    am.set_adapter("default")
+    path = export_onnx(am, tmp_path / "s.onnx", mode="switch", example_inputs=case.inputs, **EXPORT_OPTIONS)
+    session = OnnxAdapterSession(path, providers=["CPUExecutionProvider"])
+    ids = torch.randint(1, zoo.VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        want = am(input_ids=ids, adapter_names=names).logits
+        assert not torch.allclose(want[0], am(input_ids=ids[:1], adapter_names=["default"]).logits[0], **TOL)
+    torch.testing.assert_close(torch.from_numpy(session.run({"input_ids": ids}, adapter_names=names)["logits"]),
+                               want, **TOL)
+    with pytest.raises(peftc.ConfigError, match=r"mode='inputs': ONNX has no operator for aten\._linalg_solve_ex, "
+                       r"which this graph computes from the adapter tensors it takes as inputs"):
+        export_onnx(am, tmp_path / "i.onnx", mode="inputs", example_inputs=case.inputs, **EXPORT_OPTIONS)
+    assert not (tmp_path / "i.onnx").exists()
