@@ -139,7 +139,7 @@ class HoistAdapterInvariants(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         nodes = invariant_nodes(gm.graph)
-        if not any(not _is_view(n) for n in nodes):  # views alone cost nothing to recompute
+        if not any(not is_view(n) for n in nodes):  # views alone cost nothing to recompute
             return PassResult(gm, False)
         last_input = list(gm.graph.find_nodes(op="placeholder"))[-1]  # inputs need not all come first
         outline(gm, HOISTED, nodes, KeptWhileInputsUnchanged, at=last_input.next)
@@ -148,12 +148,12 @@ class HoistAdapterInvariants(PassBase):
         return PassResult(gm, True)
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
-        left = [n.name for n in invariant_nodes(gm.graph) if not _is_view(n)]
+        left = [n.name for n in invariant_nodes(gm.graph) if not is_view(n)]
         if left:
             raise AssertionError(f"adapter invariants still computed at every call: {left[:4]}")
 
 
-def _is_view(node: torch.fx.Node) -> bool:
+def is_view(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
 
 
