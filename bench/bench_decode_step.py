@@ -28,7 +28,7 @@ from bench_generate_ort import exported
 from bench_lora import build_model, interleaved_samples, noise_of, paired_ratios, same_random_adapters, timing_parser
 from onnx import numpy_helper
 from peftc.backends.onnx_decoder import DECODER_FILE
-from peftc.backends.onnx_prologue import split_fixed_inputs
+from peftc.backends.onnx_prologue import FixedInputSplit, split_fixed_inputs
 
 
 def step_call(model: onnx.ModelProto | str, feed: dict[str, np.ndarray],
@@ -60,17 +60,15 @@ def with_constant_rows(step: onnx.ModelProto, rows: dict[str, np.ndarray]) -> on
     return constant
 
 
-def candidates(merged: str, switch: str, batch: int, past: int, threads: int) -> dict[str, Callable[[], Any]]:
-    """Label -> one warm decode step at `past` cached positions for `batch` rows (all on adapter 0)."""
+def candidates(merged: str, split: FixedInputSplit, prologue: Any, pasts: dict[str, tuple[int, int]], batch: int,
+               past: int, threads: int) -> dict[str, Callable[[], Any]]:
+    """Label -> one warm decode step at `past` cached positions for `batch` rows (all on adapter 0); `split` the
+    switch decoder cut at its adapter index, `prologue` its session, `pasts` the cache inputs' [kv heads, head dim]."""
     rng = np.random.default_rng(0)
     feed = {"input_ids": np.full((batch, 1), 5, np.int64), "attention_mask": np.ones((batch, past + 1), np.int64),
             "position_ids": np.full((batch, 1), past, np.int64)}
-    for declared in onnx.load(merged).graph.input:
-        if declared.name.startswith("past_key_values"):  # [batch, kv heads, past, head dim]
-            dims = declared.type.tensor_type.shape.dim
-            feed[declared.name] = rng.standard_normal((batch, dims[1].dim_value, past, dims[3].dim_value), np.float32)
-    split = split_fixed_inputs(onnx.load(switch), ["adapter_index"])
-    prologue = ort.InferenceSession(split.prologue.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed.update({name: rng.standard_normal((batch, heads, past, head_dim), np.float32)
+                 for name, (heads, head_dim) in pasts.items()})
     index = np.zeros(1 if split.one_row_broadcasts else batch, np.int64)  # as the session gathers one adapter's rows
     rows = dict(zip(split.carried, prologue.run(split.carried, {"adapter_index": index})))
     steps = {"ORT merged": step_call(merged, feed, threads),
@@ -99,12 +97,19 @@ def main() -> None:
     am, _ = same_random_adapters(build_model(tie=True, hidden=args.hidden), SPEC, 8)
     merged = os.path.join(exported(am, "merged"), DECODER_FILE)
     switch = os.path.join(exported(am, "switch"), DECODER_FILE)
+    pasts = {}  # each cache input's [kv heads, head dim] ([batch, kv heads, past, head dim] declared)
+    for declared in onnx.load(merged, load_external_data=False).graph.input:
+        if declared.name.startswith("past_key_values"):
+            dims = declared.type.tensor_type.shape.dim
+            pasts[declared.name] = (dims[1].dim_value, dims[3].dim_value)
+    split = split_fixed_inputs(onnx.load(switch), ["adapter_index"])  # read and cut once for every row
+    prologue = ort.InferenceSession(split.prologue.SerializeToString(), providers=["CPUExecutionProvider"])
     print("| batch | past | merged ms | switch / merged | LoRA constants / merged | switch / LoRA constants | noise |")
     print("|---|---|---|---|---|---|---|")
     for batch in map(int, args.batches.split(",")):
         for past in map(int, args.pasts.split(",")):
-            samples = interleaved_samples(candidates(merged, switch, batch, past, args.threads), args.rounds,
-                                          args.iters, args.warmup, args.settle)
+            samples = interleaved_samples(candidates(merged, split, prologue, pasts, batch, past, args.threads),
+                                          args.rounds, args.iters, args.warmup, args.settle)
             to_merged = paired_ratios(samples, "ORT merged")
             to_constants = paired_ratios(samples, "LoRA constants")
             print(f"| {batch} | {past} | {np.median(samples['ORT merged']) * 1e3:.2f} | {to_merged['ORT switch']:.3f} "
